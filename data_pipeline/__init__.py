@@ -1,0 +1,1 @@
+"""MIDI corpus -> tokens -> WebDataset shards on disk or object storage."""

@@ -1,0 +1,131 @@
+"""Typed configs of the data pipeline, registered with Hydra's ConfigStore.
+
+Every YAML file under ``conf/`` merges onto these dataclasses, so an unknown key or a value
+of the wrong type is rejected by Hydra before any work starts, with the full key named.
+"""
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from hydra.core.config_store import ConfigStore
+
+
+class TokenizerKind(Enum):
+    REMI = "REMI"
+    TSD = "TSD"
+    Structured = "Structured"
+    MIDILike = "MIDILike"
+
+
+class LearnedVocabKind(Enum):
+    none = "none"
+    bpe = "bpe"
+    unigram = "unigram"
+
+
+@dataclass
+class LearnedVocabConfig:
+    """A sentencepiece vocabulary learned over the base-token stream (one char per token)."""
+
+    kind: LearnedVocabKind = LearnedVocabKind.none
+    size: int = 1000
+    # Pieces of the train split the vocabulary is learned from; all of them when None.
+    max_pieces: int | None = 20000
+    # Sentencepiece splits input into sentences; bars keep each sentence musically whole.
+    max_tokens_per_sentence: int = 512
+
+
+@dataclass
+class TokenizerConfig:
+    """MidiTok base vocabulary. Programs are kept in one stream so a multi-instrument
+    piece (drums included) trains as one sequence."""
+
+    kind: TokenizerKind = TokenizerKind.REMI
+    pitch_range: list[int] = field(default_factory=lambda: [21, 109])
+    # Positions per beat for notes starting in beats [0, 4) and [4, 12) of a duration.
+    beat_resolution: int = 8
+    num_velocities: int = 32
+    use_tempos: bool = True
+    num_tempos: int = 32
+    use_time_signatures: bool = True
+    use_programs: bool = True
+    learned: LearnedVocabConfig = field(default_factory=LearnedVocabConfig)
+
+
+@dataclass
+class SplitConfig:
+    """Fractions of pieces that go to val and test; the rest is train. Assignment is by
+    content hash, so it is the same on every machine and every run."""
+
+    val: float = 0.05
+    test: float = 0.05
+
+
+@dataclass
+class LimitsConfig:
+    """Pieces outside these bounds are quarantined, not tokenized."""
+
+    min_notes: int = 8
+    max_notes: int = 100_000
+    max_duration_s: float = 3600.0
+    max_tracks: int = 64
+    # A file that takes longer than this to parse and tokenize is quarantined (worker killed).
+    timeout_s: float = 120.0
+
+
+@dataclass
+class ShardConfig:
+    max_bytes: int = 256 * 1024 * 1024
+    max_pieces: int = 1_000_000
+
+
+@dataclass
+class LabelConfig:
+    """Where conditioning labels come from for file sources: the i-th directory level below
+    the source root names the i-th key (``[collection]`` maps ``jazz/x.mid`` to
+    collection=jazz). The built-in corpus sets its own labels."""
+
+    path_levels: list[str] = field(default_factory=lambda: ["collection"])
+    # A label value needs this many pieces to get its own conditioning token.
+    min_count: int = 1
+
+
+@dataclass
+class PrepareConfig:
+    # What to read: a local directory, an fsspec URL (s3://bucket/prefix, file:///dir) or the
+    # built-in corpus, music21:<collection>[,<collection>...] (music21:all for every one).
+    source: str = "music21:bach"
+    # Where to write shards, dataset card, manifest, failures and the tokenizer artifact:
+    # a local directory or an fsspec URL.
+    output: str = "data/bach"
+    # Cache of the built-in corpus converted to MIDI (converted once, reused).
+    cache_dir: str = "${oc.env:MTRAIN_CACHE,${oc.env:HOME}/.cache/mtrain}"
+    workers: int = 2
+    # Take only the first N files (in sorted order) of the source; all when None.
+    max_files: int | None = None
+    # Scale-out: this process handles the pieces whose content hash falls in slice
+    # slice_index of num_slices; `python -m data_pipeline.merge` joins the slices.
+    num_slices: int = 1
+    slice_index: int = 0
+    # With one slice the run merges itself; set false to leave merging to a later step.
+    merge: bool = True
+    seed: int = 0
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    labels: LabelConfig = field(default_factory=LabelConfig)
+
+
+@dataclass
+class MergeConfig:
+    """Joins the per-slice results found under ``output`` into one dataset."""
+
+    output: str = "data/bach"
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="prepare_schema", node=PrepareConfig)
+    cs.store(name="merge_schema", node=MergeConfig)
+    cs.store(group="tokenizer", name="tokenizer_schema", node=TokenizerConfig)

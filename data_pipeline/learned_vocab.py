@@ -1,0 +1,108 @@
+"""A sentencepiece BPE/Unigram vocabulary learned over MidiTok base tokens.
+
+Each base token is written as one Unicode character (CJK block, so no character is special
+to sentencepiece) and a piece is learned over those characters. Every base token is a
+required character, so encoding never produces <unk> and decode(encode(ids)) == ids.
+"""
+
+import io
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import sentencepiece as spm
+
+from data_pipeline.config import LearnedVocabConfig, LearnedVocabKind
+
+CHAR_OFFSET = 0x4E00
+
+
+def ids_to_text(base_ids: np.ndarray) -> str:
+    return "".join(map(chr, (np.asarray(base_ids, dtype=np.int64) + CHAR_OFFSET).tolist()))
+
+
+def text_to_ids(text: str) -> np.ndarray:
+    return np.fromiter((ord(c) - CHAR_OFFSET for c in text), dtype=np.int64, count=len(text))
+
+
+def sentences(pieces: Iterable[np.ndarray], bar_id: int | None, max_tokens: int) -> Iterator[str]:
+    """Bars (or fixed chunks, for tokenizers without bar tokens) as training sentences.
+
+    Unigram training fails on one sentence per piece; a bar is the natural unit anyway.
+    """
+    for ids in pieces:
+        ids = np.asarray(ids)
+        if bar_id is not None:
+            cuts = np.flatnonzero(ids == bar_id)
+            bars = np.split(ids, cuts[cuts > 0])
+        else:
+            bars = [ids]
+        for bar in bars:
+            for start in range(0, len(bar), max_tokens):
+                chunk = bar[start : start + max_tokens]
+                if len(chunk):
+                    yield ids_to_text(chunk)
+
+
+def train(
+    pieces: Iterable[np.ndarray],
+    musical_ids: range,
+    bar_id: int | None,
+    cfg: LearnedVocabConfig,
+    seed: int,
+) -> bytes:
+    """Learns the vocabulary; returns the serialized sentencepiece model."""
+    if cfg.kind == LearnedVocabKind.none:
+        raise ValueError("tokenizer.learned.kind is none: there is no vocabulary to learn")
+    required = "".join(chr(CHAR_OFFSET + i) for i in musical_ids)
+    if cfg.size <= len(required):
+        raise ValueError(
+            f"tokenizer.learned.size={cfg.size} must exceed the {len(required)} base tokens "
+            f"it is learned over; try tokenizer.learned.size={4 * len(required)}"
+        )
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=sentences(pieces, bar_id, cfg.max_tokens_per_sentence),
+        model_writer=model,
+        model_type=cfg.kind.value,
+        vocab_size=cfg.size,
+        required_chars=required,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        split_by_unicode_script=False,
+        split_by_number=False,
+        split_by_whitespace=False,
+        max_sentence_length=4 * 3 * cfg.max_tokens_per_sentence,
+        max_sentencepiece_length=16,
+        unk_id=0,
+        bos_id=-1,
+        eos_id=-1,
+        pad_id=-1,
+        hard_vocab_limit=False,
+        random_seed=seed,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+class LearnedVocab:
+    """Maps base-token arrays to learned-piece ids and back."""
+
+    def __init__(self, model: bytes):
+        self.model = model
+        self._sp = spm.SentencePieceProcessor(model_proto=model)
+
+    def __len__(self) -> int:
+        return self._sp.get_piece_size()
+
+    def encode(self, base_ids: np.ndarray) -> np.ndarray:
+        return np.asarray(self._sp.encode(ids_to_text(base_ids)), dtype=np.int64)
+
+    def decode(self, piece_ids: np.ndarray) -> np.ndarray:
+        return text_to_ids(self._sp.decode([int(i) for i in piece_ids]))
+
+    def piece_length(self, piece_id: int) -> int:
+        """How many base tokens a piece stands for."""
+        return len(self._sp.id_to_piece(int(piece_id)))

@@ -1,0 +1,129 @@
+"""One MIDI file, in a worker: read, hash, check, measure and tokenize it.
+
+Every way a file can be bad ends in a ``Rejection`` with a short reason code and the details;
+only a crash of the process itself escapes, and the resilient pool catches that.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import symusic
+
+from data_pipeline import storage
+from data_pipeline.config import LimitsConfig, TokenizerConfig
+from data_pipeline.manifest import content_hash, slice_of
+from data_pipeline.tokenizer import build_base_tokenizer
+
+MIDI_MAGIC = (b"MThd", b"RIFF")
+
+
+@dataclass
+class Rejection:
+    code: str
+    detail: str
+    hash: str | None = None
+
+
+@dataclass
+class Piece:
+    hash: str
+    tokens: np.ndarray
+    notes: int
+    duration_s: float
+    tracks: int
+    programs: list[int] = field(default_factory=list)
+
+
+@dataclass
+class OtherSlice:
+    """The file belongs to another slice; only its hash was computed."""
+
+    hash: str
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    tokenizer: TokenizerConfig
+    limits: LimitsConfig
+    num_slices: int
+    slice_index: int
+
+
+_state: dict = {}
+
+
+def init_worker(setup: WorkerSetup) -> None:
+    _state["setup"] = setup
+    _state["tokenizer"] = build_base_tokenizer(setup.tokenizer)
+
+
+def process_file(url: str) -> Piece | Rejection | OtherSlice:
+    setup: WorkerSetup = _state["setup"]
+    try:
+        data = storage.read_bytes(url)
+    except Exception as exc:
+        return Rejection("unreadable", f"{type(exc).__name__}: {exc}")
+    digest = content_hash(data)
+    if slice_of(digest, setup.num_slices) != setup.slice_index:
+        return OtherSlice(digest)
+    rejection = check_and_measure(data, setup.limits)
+    if isinstance(rejection, Rejection):
+        rejection.hash = digest
+        return rejection
+    score, stats = rejection
+    tokens = np.asarray(_state["tokenizer"].encode(score).ids)
+    if len(tokens) == 0:
+        return Rejection("no_tokens", "the tokenizer produced no tokens", digest)
+    dtype = np.uint16 if tokens.max() < np.iinfo(np.uint16).max else np.int32
+    return Piece(digest, tokens.astype(dtype), **stats)
+
+
+def check_and_measure(data: bytes, limits: LimitsConfig) -> Rejection | tuple:
+    if not data:
+        return Rejection("empty", "the file is empty (0 bytes)")
+    if not data.startswith(MIDI_MAGIC):
+        return Rejection(
+            "not_midi", f"starts with {data[:8]!r}, not the MIDI header 'MThd': not a MIDI file"
+        )
+    try:
+        score = symusic.Score.from_midi(data)
+    except Exception as exc:  # symusic raises RuntimeError("MiniMidi: ...") on bad bytes
+        return Rejection("parse_error", f"{type(exc).__name__}: {exc}")
+    notes = score.note_num()
+    tracks = sum(1 for t in score.tracks if t.note_num() > 0)
+    duration_s = float(score.to("second").end())
+    if notes == 0:
+        return Rejection("no_notes", "the file holds no notes")
+    checks = [
+        (
+            notes < limits.min_notes,
+            "too_few_notes",
+            f"{notes} notes < limits.min_notes={limits.min_notes}",
+        ),
+        (
+            notes > limits.max_notes,
+            "too_many_notes",
+            f"{notes} notes > limits.max_notes={limits.max_notes}",
+        ),
+        (
+            tracks > limits.max_tracks,
+            "too_many_tracks",
+            f"{tracks} tracks > limits.max_tracks={limits.max_tracks}",
+        ),
+        (
+            duration_s > limits.max_duration_s,
+            "too_long",
+            f"{duration_s:.0f} s > limits.max_duration_s={limits.max_duration_s:g}",
+        ),
+    ]
+    for failed, code, detail in checks:
+        if failed:
+            return Rejection(code, detail)
+    programs = sorted({-1 if t.is_drum else int(t.program) for t in score.tracks if t.note_num()})
+    stats = {
+        "notes": notes,
+        "duration_s": round(duration_s, 3),
+        "tracks": tracks,
+        "programs": programs,
+    }
+    return score, stats

@@ -1,0 +1,188 @@
+"""The tokenizer artifact: the one contract between data_pipeline and mtrain.
+
+A directory holding the MidiTok base tokenizer, the conditioning labels and, optionally, a
+learned sentencepiece vocabulary, plus ``artifact.json`` with a content hash that every
+dataset card records. Model ids are laid out as::
+
+    [base specials: PAD BOS EOS MASK] [musical units] [labels: collection=bach ...]
+
+where the musical units are MidiTok's base tokens, or the learned pieces when a learned
+vocabulary is configured. Shards always store base ids, so one set of shards serves any
+learned vocabulary.
+"""
+
+import hashlib
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import miditok
+import numpy as np
+import symusic
+
+from data_pipeline import storage
+from data_pipeline.config import TokenizerConfig
+from data_pipeline.learned_vocab import LearnedVocab
+
+SPECIAL_TOKENS = ("PAD", "BOS", "EOS", "MASK")
+ARTIFACT_FORMAT = 1
+
+
+def build_base_tokenizer(cfg: TokenizerConfig) -> miditok.MusicTokenizer:
+    low, high = cfg.pitch_range
+    config = miditok.TokenizerConfig(
+        pitch_range=(low, high),
+        beat_res={(0, 4): cfg.beat_resolution, (4, 12): max(1, cfg.beat_resolution // 2)},
+        num_velocities=cfg.num_velocities,
+        special_tokens=list(SPECIAL_TOKENS),
+        use_tempos=cfg.use_tempos,
+        num_tempos=cfg.num_tempos,
+        use_time_signatures=cfg.use_time_signatures,
+        use_programs=cfg.use_programs,
+        one_token_stream_for_programs=True,
+    )
+    return getattr(miditok, cfg.kind.value)(config)
+
+
+def base_fingerprint(base: miditok.MusicTokenizer) -> str:
+    """Hash of what fixes the base ids: the tokenizer class and its token -> id table."""
+    payload = json.dumps(
+        {"kind": type(base).__name__, "vocab": base.vocab}, sort_keys=True
+    ).encode()
+    return hashlib.sha256(payload).hexdigest()
+
+
+def label_token(key: str, value: str) -> str:
+    return f"{key}={value}"
+
+
+@dataclass
+class MusicTokenizer:
+    """Base tokenizer + labels + optional learned vocabulary, under one hash."""
+
+    base: miditok.MusicTokenizer
+    labels: list[str]
+    learned: LearnedVocab | None = None
+
+    # ---- id layout -------------------------------------------------------------------
+    @property
+    def num_specials(self) -> int:
+        return len(SPECIAL_TOKENS)
+
+    @property
+    def num_units(self) -> int:
+        if self.learned is None:
+            return len(self.base) - self.num_specials
+        return len(self.learned)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.num_specials + self.num_units + len(self.labels)
+
+    pad_id, bos_id, eos_id = 0, 1, 2
+
+    @property
+    def label_offset(self) -> int:
+        return self.num_specials + self.num_units
+
+    def label_ids(self, labels: dict[str, str]) -> list[int]:
+        """Conditioning ids for a piece's labels; labels without a token are left out."""
+        index = {name: i for i, name in enumerate(self.labels)}
+        names = (label_token(k, v) for k, v in sorted(labels.items()))
+        return [self.label_offset + index[n] for n in names if n in index]
+
+    # ---- base ids <-> model ids --------------------------------------------------------
+    def encode_base(self, base_ids: np.ndarray) -> np.ndarray:
+        """Base ids (specials may appear) to model ids."""
+        base_ids = np.asarray(base_ids, dtype=np.int64)
+        if self.learned is None:
+            return base_ids
+        units = self.learned.encode(base_ids[base_ids >= self.num_specials])
+        return units + self.num_specials
+
+    def decode_base(self, ids: np.ndarray) -> np.ndarray:
+        """Model ids to base ids; specials and labels are dropped."""
+        ids = np.asarray(ids, dtype=np.int64)
+        units = ids[(ids >= self.num_specials) & (ids < self.label_offset)]
+        if self.learned is None:
+            return units
+        return self.learned.decode(units - self.num_specials) + self.num_specials
+
+    # ---- MIDI <-> base ids ---------------------------------------------------------------
+    def midi_to_base_ids(self, score: symusic.Score) -> np.ndarray:
+        return np.asarray(self.base.encode(score).ids, dtype=np.int64)
+
+    def base_ids_to_midi(self, base_ids: np.ndarray) -> symusic.Score:
+        return self.base.decode([int(i) for i in base_ids])
+
+    # ---- persistence ---------------------------------------------------------------------
+    @property
+    def hash(self) -> str:
+        h = hashlib.sha256()
+        h.update(base_fingerprint(self.base).encode())
+        h.update(json.dumps(self.labels).encode())
+        if self.learned is not None:
+            h.update(self.learned.model)
+        return h.hexdigest()
+
+    def describe(self) -> dict:
+        return {
+            "format": ARTIFACT_FORMAT,
+            "hash": self.hash,
+            "kind": type(self.base).__name__,
+            "base_vocab_size": len(self.base),
+            "learned_vocab_size": None if self.learned is None else len(self.learned),
+            "vocab_size": self.vocab_size,
+            "special_ids": {name: i for i, name in enumerate(SPECIAL_TOKENS)},
+            "labels": {name: self.label_offset + i for i, name in enumerate(self.labels)},
+        }
+
+    def save(self, url: str) -> None:
+        files = {"miditok.json": _base_params(self.base)}
+        if self.learned is not None:
+            files["learned.model"] = self.learned.model
+        for name, data in files.items():
+            storage.write_bytes(storage.join(url, name), data)
+        # Written last: a directory without it is not a complete artifact.
+        storage.write_bytes(
+            storage.join(url, "artifact.json"), json.dumps(self.describe(), indent=2).encode()
+        )
+
+    @classmethod
+    def load(cls, url: str) -> "MusicTokenizer":
+        meta_url = storage.join(url, "artifact.json")
+        if not storage.exists(meta_url):
+            raise FileNotFoundError(
+                f"{meta_url} not found: {url} is not a complete tokenizer artifact "
+                "(run `python -m data_pipeline.prepare` to build one)"
+            )
+        meta = json.loads(storage.read_bytes(meta_url))
+        params = json.loads(storage.read_bytes(storage.join(url, "miditok.json")))
+        base = _base_from_params(meta["kind"], params)
+        learned = None
+        if meta["learned_vocab_size"] is not None:
+            learned = LearnedVocab(storage.read_bytes(storage.join(url, "learned.model")))
+        labels = sorted(meta["labels"], key=meta["labels"].get)
+        tok = cls(base, labels, learned)
+        if tok.hash != meta["hash"]:
+            raise ValueError(
+                f"tokenizer artifact {url} is damaged: its files hash to {tok.hash[:12]} but "
+                f"artifact.json records {meta['hash'][:12]}; rebuild it with prepare"
+            )
+        return tok
+
+
+def _base_params(base: miditok.MusicTokenizer) -> bytes:
+    # MidiTok saves and loads through paths only.
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "miditok.json"
+        base.save(path)
+        return path.read_bytes()
+
+
+def _base_from_params(kind: str, params: dict) -> miditok.MusicTokenizer:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "miditok.json"
+        path.write_text(json.dumps(params))
+        return getattr(miditok, kind)(params=path)

@@ -1,0 +1,1 @@
+"""Pretrain GPT-style models on symbolic music."""
