@@ -93,7 +93,7 @@ class LabelConfig:
 @dataclass
 class PrepareConfig:
     # What to read: a local directory, an fsspec URL (s3://bucket/prefix, file:///dir) or the
-    # built-in corpus, music21:<collection>[,<collection>...] (music21:all for every one).
+    # built-in corpus, music21:<collection>[+<collection>...] (music21:all for every one).
     source: str = "music21:bach"
     # Where to write shards, dataset card, manifest, failures and the tokenizer artifact:
     # a local directory or an fsspec URL.

@@ -1,11 +1,12 @@
 """A sentencepiece BPE/Unigram vocabulary learned over MidiTok base tokens.
 
 Each base token is written as one Unicode character (CJK block, so no character is special
-to sentencepiece) and a piece is learned over those characters. Every base token is a
-required character, so encoding never produces <unk> and decode(encode(ids)) == ids.
+to sentencepiece) and a piece is learned over those characters. Every base token is in the
+character set, so encoding never produces <unk> and decode(encode(ids)) == ids.
 """
 
 import io
+import itertools
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -53,19 +54,24 @@ def train(
     """Learns the vocabulary; returns the serialized sentencepiece model."""
     if cfg.kind == LearnedVocabKind.none:
         raise ValueError("tokenizer.learned.kind is none: there is no vocabulary to learn")
-    required = "".join(chr(CHAR_OFFSET + i) for i in musical_ids)
+    required = [chr(CHAR_OFFSET + i) for i in musical_ids]
     if cfg.size <= len(required):
         raise ValueError(
             f"tokenizer.learned.size={cfg.size} must exceed the {len(required)} base tokens "
             f"it is learned over; try tokenizer.learned.size={4 * len(required)}"
         )
+    # One thread and a fixed seed: the same corpus learns the same vocabulary, hence hash.
+    spm.set_random_generator_seed(seed)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=sentences(pieces, bar_id, cfg.max_tokens_per_sentence),
+        # Every base token once, alone (so it adds no pair counts): sentencepiece ignores
+        # required_chars that the corpus lacks, and a token unseen in training would be <unk>.
+        sentence_iterator=itertools.chain(
+            required, sentences(pieces, bar_id, cfg.max_tokens_per_sentence)
+        ),
         model_writer=model,
         model_type=cfg.kind.value,
         vocab_size=cfg.size,
-        required_chars=required,
         character_coverage=1.0,
         normalization_rule_name="identity",
         add_dummy_prefix=False,
@@ -80,7 +86,6 @@ def train(
         eos_id=-1,
         pad_id=-1,
         hard_vocab_limit=False,
-        random_seed=seed,
         num_threads=1,
         minloglevel=2,
     )

@@ -107,7 +107,7 @@ class MusicTokenizer:
         units = ids[(ids >= self.num_specials) & (ids < self.label_offset)]
         if self.learned is None:
             return units
-        return self.learned.decode(units - self.num_specials) + self.num_specials
+        return self.learned.decode(units - self.num_specials)
 
     # ---- MIDI <-> base ids ---------------------------------------------------------------
     def midi_to_base_ids(self, score: symusic.Score) -> np.ndarray:

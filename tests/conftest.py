@@ -1,0 +1,39 @@
+"""Shared fixtures: a small procedural MIDI corpus, with bad files beside it."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import midi_factory  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_module(module: str, *overrides: str, env: dict | None = None, check: bool = True):
+    """Runs a Hydra entry point the way a user does, with its logs kept out of the repo."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def midi_corpus(tmp_path_factory) -> Path:
+    """40 good pieces in two collections, one exact duplicate, and every kind of bad file."""
+    root = tmp_path_factory.mktemp("corpus")
+    files = midi_factory.write_corpus(root, 40)
+    shutil.copy(files[3], root / "jazz" / "copy_of_piece003.mid")
+    midi_factory.write_bad_files(root / "bad")
+    return root

@@ -1,0 +1,89 @@
+"""Tokenizer artifact: MIDI round trips for every base tokenizer, learned vocabularies that
+decode back exactly, and a saved artifact that reloads under the same hash."""
+
+import json
+
+import numpy as np
+import pytest
+from midi_factory import piece
+
+from data_pipeline.config import (
+    LearnedVocabConfig,
+    LearnedVocabKind,
+    TokenizerConfig,
+    TokenizerKind,
+)
+from data_pipeline.learned_vocab import LearnedVocab, train
+from data_pipeline.tokenizer import MusicTokenizer, build_base_tokenizer
+
+
+def notes(score, with_velocity=False):
+    """(program, pitch, onset in beats[, velocity]) of every note, drums as program -1."""
+    tpq = score.ticks_per_quarter
+    return sorted(
+        (-1 if t.is_drum else t.program, n.pitch, n.time / tpq)
+        + ((n.velocity,) if with_velocity else ())
+        for t in score.tracks
+        for n in t.notes
+    )
+
+
+@pytest.mark.parametrize("kind", list(TokenizerKind))
+def test_tokens_decode_back_to_the_same_notes(kind):
+    tok = MusicTokenizer(build_base_tokenizer(TokenizerConfig(kind=kind)), [])
+    score = piece(3)
+    decoded = tok.base_ids_to_midi(tok.midi_to_base_ids(score))
+    # Onsets sit on the tokenizer's grid, so pitches, programs and onsets survive exactly;
+    # velocities survive up to their quantization.
+    assert notes(decoded) == notes(score)
+    assert notes(decoded, True) == notes(tok.base.preprocess_score(score.copy()), True)
+
+
+@pytest.fixture(scope="module")
+def training_pieces():
+    tok = build_base_tokenizer(TokenizerConfig())
+    return tok, [np.asarray(tok.encode(piece(seed)).ids) for seed in range(60)]
+
+
+@pytest.mark.parametrize("kind", [LearnedVocabKind.bpe, LearnedVocabKind.unigram])
+def test_learned_vocabulary_round_trips_exactly(training_pieces, kind):
+    base, pieces = training_pieces
+    cfg = LearnedVocabConfig(kind=kind, size=700)
+    vocab = LearnedVocab(train(pieces, range(4, len(base)), base.vocab["Bar_None"], cfg, seed=0))
+    tok = MusicTokenizer(base, ["collection=jazz"], vocab)
+    unseen = np.asarray(base.encode(piece(1000)).ids)  # not in the training pieces
+    for ids in [*pieces[:10], unseen]:
+        model_ids = tok.encode_base(ids)
+        assert len(model_ids) < len(ids)  # pieces merge tokens
+        assert model_ids.min() >= tok.num_specials and model_ids.max() < tok.label_offset
+        np.testing.assert_array_equal(tok.decode_base(model_ids), ids)
+    # A token never seen in training still encodes (every base token is a required char).
+    rare = np.array([base.vocab["Pitch_108"], base.vocab["Pitch_21"]])
+    np.testing.assert_array_equal(tok.decode_base(tok.encode_base(rare)), rare)
+
+
+def test_learned_size_must_exceed_the_base_vocabulary(training_pieces):
+    base, pieces = training_pieces
+    with pytest.raises(ValueError, match=r"tokenizer.learned.size=100 must exceed"):
+        train(pieces, range(4, len(base)), None, LearnedVocabConfig(LearnedVocabKind.bpe, 100), 0)
+
+
+def test_artifact_saves_reloads_and_detects_damage(training_pieces, tmp_path):
+    base, pieces = training_pieces
+    cfg = LearnedVocabConfig(kind=LearnedVocabKind.bpe, size=700)
+    vocab = LearnedVocab(train(pieces, range(4, len(base)), base.vocab["Bar_None"], cfg, seed=0))
+    tok = MusicTokenizer(base, ["collection=folk", "collection=jazz"], vocab)
+    tok.save(str(tmp_path / "tok"))
+    again = MusicTokenizer.load(str(tmp_path / "tok"))
+    assert again.hash == tok.hash and again.vocab_size == tok.vocab_size
+    assert again.label_ids({"collection": "jazz"}) == [tok.label_offset + 1]
+    assert again.label_ids({"collection": "unknown"}) == []
+    np.testing.assert_array_equal(again.encode_base(pieces[0]), tok.encode_base(pieces[0]))
+
+    meta = json.loads((tmp_path / "tok" / "artifact.json").read_text())
+    meta["hash"] = "0" * 64
+    (tmp_path / "tok" / "artifact.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="is damaged"):
+        MusicTokenizer.load(str(tmp_path / "tok"))
+    with pytest.raises(FileNotFoundError, match="not a complete tokenizer artifact"):
+        MusicTokenizer.load(str(tmp_path / "missing"))
