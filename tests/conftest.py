@@ -5,11 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import midi_factory
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-import midi_factory  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
