@@ -88,17 +88,18 @@ def _learn_vocab(cfg: PrepareConfig, output: str, splits: dict, base) -> Learned
     urls = [storage.join(output, s["name"]) for s in splits["train"]["shards"]]
     limit = cfg.tokenizer.learned.max_pieces
 
-    def train_pieces():
-        for i, (tokens, _) in enumerate(iter_pieces(urls)):
-            if limit is not None and i >= limit:
-                return
-            yield tokens
+    # Sorted by content hash, so the vocabulary (and the tokenizer hash) does not depend on
+    # how the corpus was sliced or in which order the shards were written.
+    pieces = sorted(
+        ((meta["hash"], tokens) for tokens, meta in iter_pieces(urls)), key=lambda p: p[0]
+    )
+    train_pieces = [tokens for _, tokens in pieces[:limit]]
 
     specials = len(base.special_tokens)
     bar_id = base.vocab.get("Bar_None")
     start = time.monotonic()
     model = learned_vocab.train(
-        train_pieces(), range(specials, len(base)), bar_id, cfg.tokenizer.learned, cfg.seed
+        train_pieces, range(specials, len(base)), bar_id, cfg.tokenizer.learned, cfg.seed
     )
     log.info(
         "learned a %s vocabulary of %d pieces in %.1f s",

@@ -107,6 +107,7 @@ def _record(file, result, cfg, writers, tally) -> None:
     tally.by_hash[result.hash] = file.name
     row.split = split_of(result.hash, cfg.split)
     meta = {
+        "hash": result.hash,
         "name": file.name,
         "labels": file.labels,
         "notes": row.notes,
