@@ -166,6 +166,7 @@ def run_slice(cfg: PrepareConfig) -> dict:
             )
     setup = WorkerSetup(cfg.tokenizer, cfg.limits, cfg.num_slices, cfg.slice_index)
     start = time.monotonic()
+    startup = 0.0
     bar = tqdm(total=len(files), unit="file", desc="tokenize", smoothing=0.05)
     with ResilientPool(
         process_file, cfg.workers, cfg.limits.timeout_s, init_worker, (setup,)
@@ -173,6 +174,9 @@ def run_slice(cfg: PrepareConfig) -> dict:
         for i, (file, result) in enumerate(
             zip(files, pool.imap([f.url for f in files]), strict=True)
         ):
+            if i == 0:
+                # Spawned workers import MidiTok (and with it torch) before the first result.
+                startup = time.monotonic() - start
             _record(file, result, cfg, writers, tally)
             bar.update()
             if i % 64 == 0:
@@ -185,7 +189,7 @@ def run_slice(cfg: PrepareConfig) -> dict:
     bar.close()
     elapsed = time.monotonic() - start
     shards = {s: w.close() for s, w in writers.items()}
-    card = _slice_card(cfg, tally, shards, elapsed, restarts)
+    card = _slice_card(cfg, tally, shards, elapsed, startup, restarts)
     log.info(
         "slice %d: %d files in %.1f s (%.1f files/s, %.0f tokens/s), %d quarantined",
         cfg.slice_index,
@@ -199,7 +203,9 @@ def run_slice(cfg: PrepareConfig) -> dict:
     return card
 
 
-def _slice_card(cfg, tally: SliceTally, shards: dict, elapsed: float, restarts: int) -> dict:
+def _slice_card(
+    cfg, tally: SliceTally, shards: dict, elapsed: float, startup: float, restarts: int
+) -> dict:
     ok = [r for r in tally.rows if r.status == "ok"]
     splits = {}
     for split in SPLITS:
@@ -231,6 +237,7 @@ def _slice_card(cfg, tally: SliceTally, shards: dict, elapsed: float, restarts: 
         "labels": dict(sorted(labels.items())),
         "throughput": {
             "seconds": round(elapsed, 2),
+            "startup_s": round(startup, 2),
             "workers": cfg.workers,
             "files_per_s": round(len(tally.rows) / max(elapsed, 1e-9), 1),
             "tokens_per_s": round(tally.tokens / max(elapsed, 1e-9)),

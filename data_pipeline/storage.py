@@ -9,7 +9,6 @@ import shutil
 from typing import IO
 
 import fsspec
-import webdataset as wds
 from fsspec.core import url_to_fs
 
 
@@ -84,5 +83,8 @@ def register_webdataset_schemes() -> None:
     WebDataset 1.0 has no object-storage handler of its own; ``pipe:aws s3 cp`` pays seconds
     of CLI start-up per shard, while fsspec streams the same bytes in-process.
     """
+    # Imported here: webdataset pulls in torch, which tokenizer workers never need.
+    import webdataset as wds
+
     for scheme in ("s3", "gs", "gcs", "az", "abfs"):
         wds.gopen_schemes[scheme] = _open_through_fsspec
