@@ -34,3 +34,21 @@ def midi_corpus(tmp_path_factory) -> Path:
     shutil.copy(files[3], root / "jazz" / "copy_of_piece003.mid")
     midi_factory.write_bad_files(root / "bad")
     return root
+
+
+@pytest.fixture(scope="session")
+def bach_dataset(tmp_path_factory) -> Path:
+    """Real music: 48 Bach chorales from the built-in corpus, converted from scratch."""
+    root = tmp_path_factory.mktemp("bach")
+    run_module(
+        "data_pipeline.prepare",
+        "source=music21:bach",
+        "max_files=48",
+        f"output={root / 'ds'}",
+        f"cache_dir={root / 'cache'}",
+        "shards.max_pieces=6",
+        "split.val=0.1",
+        "split.test=0.1",
+        f"hydra.run.dir={root / 'hydra'}",
+    )
+    return root / "ds"

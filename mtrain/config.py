@@ -1,0 +1,171 @@
+"""Typed configs of the trainer, registered with Hydra's ConfigStore.
+
+``conf/train.yaml`` merges onto ``TrainConfig``: a misspelt key or a wrong type fails in Hydra
+before any process group starts, and ``check`` rejects impossible batch arithmetic with the
+keys and a fix named.
+"""
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from hydra.core.config_store import ConfigStore
+
+from mtrain.data import DataConfig
+from mtrain.model import GPTConfig
+
+
+class Schedule(Enum):
+    cosine = "cosine"  # linear warmup, cosine decay to min_lr_ratio * lr
+    wsd = "wsd"  # warmup, stable, then a linear decay over the last decay_fraction of steps
+
+
+class Precision(Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    schedule: Schedule = Schedule.cosine
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 3
+    precision: Precision = Precision.bf16
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    # Params smaller than this stay gathered on every rank under ZeRO-3 (DeepSpeed's default is
+    # 1e5; a tiny model needs 0 to be partitioned at all).
+    param_persistence_threshold: int = 100_000
+    # Build the model already partitioned (deepspeed.zero.Init): needed once a model does not
+    # fit on one device; slower start-up for small ones.
+    zero_init: bool = False
+    # Seconds before a collective gives up (a hung rank otherwise blocks the others for long).
+    timeout_s: int = 1800
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    # Tokens per optimizer step over all ranks; the gradient accumulation is derived from it.
+    global_batch_tokens: int = 524_288
+    micro_batch_size: int = 8
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 20
+    save_every: int = 500
+    keep_last: int = 2
+    max_nonfinite_in_row: int = 5
+    seed: int = 1234
+    # Exit code after a checkpoint taken on SIGUSR1/SIGTERM: the sbatch script requeues on it.
+    preempt_exit_code: int = 75
+
+
+class WandbMode(Enum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+@dataclass
+class LoggerConfig:
+    mode: WandbMode = WandbMode.offline
+    project: str = "mtrain"
+    entity: str | None = None
+    # Runs of one experiment share a group; the overrides become tags.
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    # Names the run directory and the wandb run; stable across requeues of one Slurm job.
+    run_name: str = "${oc.env:SLURM_JOB_NAME,mtrain}-${oc.env:SLURM_JOB_ID,local}"
+    run_dir: str = "runs/${run_name}"
+    # An exported model (python -m mtrain.export) whose weights start this run: fine-tuning.
+    init_from: str | None = None
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    micro_batch_size: int
+    seq_len: int
+    grad_accum: int
+    world_size: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batch_size * self.seq_len * self.grad_accum * self.world_size
+
+
+class ConfigError(ValueError):
+    """A config that Hydra accepted but that cannot run; the message names keys and a fix."""
+
+
+def plan_batch(cfg: TrainConfig, world_size: int) -> BatchPlan:
+    t, micro, seq_len = cfg.trainer, cfg.trainer.micro_batch_size, cfg.model.max_seq_len
+    per_micro = micro * seq_len * world_size
+    shape = (
+        f"trainer.micro_batch_size={micro} x model.max_seq_len={seq_len} x {world_size} ranks "
+        f"= {per_micro}"
+    )
+    if micro < 1 or t.global_batch_tokens < per_micro:
+        raise ConfigError(
+            f"trainer.global_batch_tokens={t.global_batch_tokens} is smaller than one micro "
+            f"batch on every rank: {shape}; set trainer.global_batch_tokens={per_micro} (or a "
+            "multiple of it)"
+        )
+    if t.global_batch_tokens % per_micro:
+        lower = t.global_batch_tokens // per_micro * per_micro
+        raise ConfigError(
+            f"trainer.global_batch_tokens={t.global_batch_tokens} is not a multiple of {shape}; "
+            f"use {lower or per_micro} or {lower + per_micro}"
+        )
+    return BatchPlan(micro, seq_len, t.global_batch_tokens // per_micro, world_size)
+
+
+def check(cfg: TrainConfig) -> None:
+    """Checks what types cannot: ranges and combinations."""
+    problems = []
+    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+        problems.append(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} must be 0, 1, 2 or 3")
+    if cfg.deepspeed.offload_params and cfg.deepspeed.zero_stage != 3:
+        problems.append("deepspeed.offload_params=true needs deepspeed.zero_stage=3")
+    if cfg.trainer.max_steps < 1:
+        problems.append(f"trainer.max_steps={cfg.trainer.max_steps} must be at least 1")
+    if not 0 <= cfg.optim.warmup_steps <= cfg.trainer.max_steps:
+        problems.append(
+            f"optim.warmup_steps={cfg.optim.warmup_steps} must be in "
+            f"[0, trainer.max_steps={cfg.trainer.max_steps}]"
+        )
+    if not 0 < cfg.optim.decay_fraction <= 1:
+        problems.append(f"optim.decay_fraction={cfg.optim.decay_fraction} must be in (0, 1]")
+    if cfg.trainer.keep_last < 1:
+        problems.append(f"trainer.keep_last={cfg.trainer.keep_last} must be at least 1")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="model", name="model_schema", node=GPTConfig)
+    cs.store(group="optim", name="optim_schema", node=OptimConfig)
+    cs.store(group="deepspeed", name="deepspeed_schema", node=DeepSpeedConfig)

@@ -1,0 +1,364 @@
+"""The trainer's streaming loader: WebDataset shards to packed, augmented, resumable batches.
+
+- A *stream* is one DataLoader worker of one rank. Every epoch the shard list is reshuffled
+  from (seed, epoch), the same on every rank, and dealt to the streams; with fewer shards than
+  streams, streams share a shard and each takes every n-th piece of it.
+- Uneven ranks: the training stream is infinite. A stream goes on to its next epoch when its
+  share of this one is done, so every rank takes exactly the steps the trainer asks for and no
+  rank waits at an epoch end for one with more shards. The trainer counts steps (or tokens).
+- Shuffling is by blocks of ``shuffle_buffer`` pieces, permuted by an RNG seeded from
+  (seed, epoch, stream, block); augmentation draws from (seed, epoch, piece key). The position
+  (epoch, block, pieces done in it, tokens waiting to be packed) is therefore the whole state:
+  a resume reopens one shard, skips to the block start and replays nothing else.
+  torchdata's StatefulDataLoader carries each worker's position with its batches.
+- Packing: [BOS, label ids..., tokens..., EOS] back to back, cut into windows of seq_len + 1
+  tokens overlapping by one; no padding. Attention crosses piece boundaries (standard GPT
+  packing); BOS tells the model where a new piece starts.
+- Validation reads the whole split on every rank in card order, packs it the same way and
+  deals the sequences round-robin to the ranks, dropping the last incomplete round: every rank
+  gets the same number of batches (ZeRO-3 collectives need that) and, together, the same
+  sequences whatever the world size.
+"""
+
+import json
+import logging
+import multiprocessing as mp
+import tarfile
+import time
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice, repeat
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
+from webdataset.tariterators import tarfile_samples
+
+from data_pipeline import storage
+from data_pipeline.reader import decode_tokens, load_card
+from data_pipeline.tokenizer import MusicTokenizer
+from mtrain.augment import Augmenter
+from mtrain.packing import SequencePacker
+
+log = logging.getLogger(__name__)
+
+SKIP, RAISE = "skip", "raise"
+# What a damaged shard raises while it is read or decoded.
+SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, KeyError, ValueError)
+# The smallest value each numeric DataConfig field can take.
+LEAST = dict(shuffle_buffer=1, num_workers=0, transpose_range=0, velocity_shift=0)
+
+
+@dataclass
+class DataConfig:
+    # A dataset written by `python -m data_pipeline.prepare`: a directory or an fsspec URL.
+    path: str = "data/bach"
+    # The tokenizer artifact the model is built for; the dataset's own when None.
+    tokenizer: str | None = None
+    num_workers: int = 2
+    # Pieces shuffled together; 1 reads them in (shuffled) shard order.
+    shuffle_buffer: int = 1000
+    seed: int = 0
+    # Largest pitch transposition in semitones; 0 turns it off. Drums are never transposed.
+    transpose_range: int = 5
+    # Largest shift of a piece's velocities, in velocity bins; 0 turns it off.
+    velocity_shift: int = 0
+    # "skip": warn, count and go on; "raise": stop at the first damaged shard.
+    on_corrupt_shard: str = SKIP
+
+    def __post_init__(self):
+        for name, least in LEAST.items():
+            if getattr(self, name) < least:
+                raise ValueError(f"data.{name}={getattr(self, name)} must be at least {least}")
+        if self.on_corrupt_shard not in (SKIP, RAISE):
+            raise ValueError(
+                f"data.on_corrupt_shard={self.on_corrupt_shard!r}: use {SKIP!r} or {RAISE!r}"
+            )
+
+
+class CorruptShardError(RuntimeError):
+    """A shard that cannot be read whole, with on_corrupt_shard=raise (or every shard)."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    key: str
+    tokens: np.ndarray
+    labels: dict[str, str]
+
+
+@dataclass(frozen=True)
+class ShardSlice:
+    """Every ``stride``-th piece of a shard from ``offset`` on: one stream's share of it."""
+
+    url: str
+    pieces: int
+    offset: int = 0
+    stride: int = 1
+
+    @property
+    def size(self) -> int:
+        return len(range(self.offset, self.pieces, self.stride))
+
+
+def open_dataset(cfg: DataConfig) -> tuple[dict, MusicTokenizer]:
+    """The dataset card and the configured tokenizer, once they are known to belong together."""
+    card = load_card(cfg.path)
+    tokenizer_path = cfg.tokenizer or storage.join(cfg.path, card["tokenizer"]["path"])
+    tokenizer = MusicTokenizer.load(tokenizer_path)
+    expected = card["tokenizer"]["hash"]
+    if tokenizer.hash != expected:
+        raise ValueError(
+            f"tokenizer mismatch: dataset {cfg.path} was tokenized with tokenizer "
+            f"{expected[:12]} (its dataset.json) but data.tokenizer={tokenizer_path} is "
+            f"{tokenizer.hash[:12]}; use the dataset's own artifact "
+            f"({storage.join(cfg.path, card['tokenizer']['path'])}) or prepare the dataset "
+            "again with this tokenizer"
+        )
+    return card, tokenizer
+
+
+def split_shards(cfg: DataConfig, card: dict, split: str) -> list[ShardSlice]:
+    shards = card["splits"][split]["shards"]
+    if not shards:
+        raise ValueError(f"split {split!r} of dataset {cfg.path} has no pieces")
+    return [ShardSlice(storage.join(cfg.path, s["name"]), s["pieces"]) for s in shards]
+
+
+def stream_plan(
+    shards: list[ShardSlice], epoch: int, seed: int, stream: int, num_streams: int
+) -> list[ShardSlice]:
+    """What ``stream`` reads in ``epoch``: its whole shards in this epoch's order or, with
+    fewer shards than streams, its every n-th piece of the one shard it shares."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(shards))
+    shards = [shards[i] for i in order]
+    if len(shards) >= num_streams:
+        return shards[stream::num_streams]
+    shard = shards[stream % len(shards)]
+    readers = len(range(stream % len(shards), num_streams, len(shards)))
+    return [ShardSlice(shard.url, shard.pieces, stream // len(shards), readers)]
+
+
+def check_enough_pieces(shards: list[ShardSlice], num_streams: int) -> None:
+    """Every stream must get a piece each epoch, or its worker would spin forever."""
+    if len(shards) >= num_streams:
+        return
+    readers = -(-num_streams // len(shards))
+    smallest = min(s.pieces for s in shards)
+    if smallest < readers:
+        raise ValueError(
+            f"{len(shards)} shards for {num_streams} streams (ranks x workers): up to "
+            f"{readers} streams share a shard, but one holds only {smallest} pieces; use "
+            "fewer data.num_workers or prepare the dataset with smaller shards"
+        )
+
+
+class ShardReader:
+    """Reads pieces out of shard slices. A damaged shard (unreadable, cut short, or holding
+    bad samples) is skipped from the damage on, with a warning and a count shared by all
+    DataLoader workers, or raised with on_corrupt_shard=raise."""
+
+    def __init__(self, base_vocab_size: int, on_corrupt: str):
+        self.base_vocab_size, self.on_corrupt = base_vocab_size, on_corrupt
+        self.corrupt = mp.Value("l", 0)
+        self.damaged: set[str] = set()
+
+    def read(self, shard: ShardSlice, start: int = 0) -> Iterator[Piece | None]:
+        """The slice's pieces from its ``start``-th on, one item per piece the card records:
+        None for each one lost to damage, so positions stay those of the card."""
+        wanted = range(shard.offset + start * shard.stride, shard.pieces, shard.stride)
+        done = found = 0
+        try:
+            for index, sample in enumerate(tarfile_samples([{"url": shard.url}])):
+                found = index + 1
+                if done < len(wanted) and index == wanted[done]:
+                    yield self._piece(sample)
+                    done += 1
+        except SHARD_ERRORS as err:
+            # WebDataset appends the stream and URL to the arguments: the first one says it.
+            self._damaged(shard.url, f"{type(err).__name__}: {err.args[0] if err.args else ''}")
+        else:
+            # Garbage in the middle of a tar ends it silently: only the count tells.
+            if found != shard.pieces:
+                self._damaged(shard.url, f"{found} pieces, dataset.json says {shard.pieces}")
+        yield from repeat(None, len(wanted) - done)
+
+    def _piece(self, sample: dict) -> Piece:
+        tokens = decode_tokens(sample["tokens.npy"])
+        if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+            raise ValueError(f"piece {sample['__key__']} is not a 1-D integer array")
+        if tokens.size and not 0 <= tokens.min() <= tokens.max() < self.base_vocab_size:
+            raise ValueError(f"piece {sample['__key__']} holds ids outside the base vocabulary")
+        labels = json.loads(sample["json"])["labels"]
+        return Piece(sample["__key__"], tokens.astype(np.int64), labels)
+
+    def _damaged(self, url: str, why: str) -> None:
+        if self.on_corrupt == RAISE:
+            raise CorruptShardError(f"shard {url} is damaged ({why})")
+        self.damaged.add(url)
+        with self.corrupt.get_lock():
+            self.corrupt.value += 1
+        log.warning("skipping the rest of damaged shard %s (%s)", url, why)
+
+
+def document(tokenizer: MusicTokenizer, labels: dict[str, str], base_ids: np.ndarray) -> np.ndarray:
+    """[BOS, label ids..., model ids..., EOS]: one piece as the model reads it."""
+    head = np.array([tokenizer.bos_id, *tokenizer.label_ids(labels)], dtype=np.int64)
+    tail = np.array([tokenizer.eos_id], dtype=np.int64)
+    return np.concatenate([head, tokenizer.encode_base(base_ids), tail])
+
+
+def inputs_and_targets(windows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collates windows of seq_len + 1 tokens into (inputs, targets), each [batch, seq_len]."""
+    tokens = torch.from_numpy(np.stack(windows))
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+class TrainStream(IterableDataset):
+    """One rank's infinite stream of packed training windows, split over its workers."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        seq_len: int,
+        shards: list[ShardSlice],
+        tokenizer: MusicTokenizer,
+        reader: ShardReader,
+        rank: int,
+        world_size: int,
+    ):
+        self.cfg, self.seq_len, self.shards = cfg, seq_len, shards
+        self.tokenizer, self.reader = tokenizer, reader
+        self.rank, self.world_size = rank, world_size
+        self.augment = Augmenter(tokenizer.base.vocab, cfg.transpose_range, cfg.velocity_shift)
+        self.epoch = self.block = self.done = 0
+        self.packer = SequencePacker(seq_len)
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "block": self.block,
+            "done": self.done,
+            # A list, not an array: checkpoints load with torch.load(weights_only=True).
+            "carry": self.packer.carry.tolist(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.block, self.done = state["epoch"], state["block"], state["done"]
+        self.packer = SequencePacker(self.seq_len, state["carry"])
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        storage.register_webdataset_schemes()
+        worker = get_worker_info()
+        workers, worker_id = (1, 0) if worker is None else (worker.num_workers, worker.id)
+        stream, num_streams = self.rank * workers + worker_id, self.world_size * workers
+        size = self.cfg.shuffle_buffer
+        while True:
+            plan = stream_plan(self.shards, self.epoch, self.cfg.seed, stream, num_streams)
+            slots = self._slots(plan, self.block * size)
+            while pieces := list(islice(slots, size)):
+                seed = [self.cfg.seed, self.epoch, stream, self.block]
+                for i in np.random.default_rng(seed).permutation(len(pieces))[self.done :]:
+                    self.done += 1
+                    if pieces[i] is not None:
+                        yield from self.packer.add(self._document(pieces[i]))
+                self.block, self.done = self.block + 1, 0
+            self.epoch, self.block = self.epoch + 1, 0
+            if self.reader.damaged >= {s.url for s in self.shards}:
+                raise CorruptShardError(f"every shard of {self.cfg.path} is damaged")
+
+    def _slots(self, plan: list[ShardSlice], start: int) -> Iterator[Piece | None]:
+        """The epoch's pieces from position ``start`` on; shards before it stay unopened."""
+        for shard in plan:
+            if start < shard.size:
+                yield from self.reader.read(shard, start)
+            start = max(0, start - shard.size)
+
+    def _document(self, piece: Piece) -> np.ndarray:
+        # Seeded by the piece, not the stream: the same piece gets the same augmentation
+        # whatever worker reads it.
+        rng = np.random.default_rng([self.cfg.seed, self.epoch, zlib.crc32(piece.key.encode())])
+        return document(self.tokenizer, piece.labels, self.augment(piece.tokens, rng))
+
+
+class StreamingData:
+    """One rank's view of a prepared dataset: the tokenizer, resumable training batches,
+    validation batches and a count of damaged shards for the logs. Batches are (inputs,
+    targets) LongTensors of shape [micro_batch_size, seq_len]."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        seq_len: int,
+        micro_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.card, self.tokenizer = open_dataset(cfg)
+        self.cfg, self.seq_len, self.micro_batch_size = cfg, seq_len, micro_batch_size
+        self.rank, self.world_size = rank, world_size
+        shards = split_shards(cfg, self.card, "train")
+        check_enough_pieces(shards, world_size * max(1, cfg.num_workers))
+        self.reader = ShardReader(len(self.tokenizer.base), cfg.on_corrupt_shard)
+        self.train = TrainStream(
+            cfg, seq_len, shards, self.tokenizer, self.reader, rank, world_size
+        )
+        self.layout = {"rank": rank, "world_size": world_size, "num_workers": cfg.num_workers}
+        self._loader = StatefulDataLoader(
+            self.train,
+            batch_size=micro_batch_size,
+            num_workers=cfg.num_workers,
+            collate_fn=inputs_and_targets,
+        )
+
+    def train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Infinite: from the start, or from the position load_state_dict restored."""
+        return iter(self._loader)
+
+    def val_batches(
+        self, max_batches: int | None = None, split: str = "val"
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """A fresh pass over ``split``: unshuffled, unaugmented, packed as in training, the
+        same number of batches on every rank (at most ``max_batches``)."""
+        storage.register_webdataset_schemes()
+        packer = SequencePacker(self.seq_len)
+        shards = split_shards(self.cfg, self.card, split)
+        pieces = (p for shard in shards for p in self.reader.read(shard) if p is not None)
+        windows = (
+            w for p in pieces for w in packer.add(document(self.tokenizer, p.labels, p.tokens))
+        )
+        # zip over one iterator makes rounds of world_size windows and drops an incomplete one.
+        mine = (round_[self.rank] for round_ in zip(*[windows] * self.world_size, strict=False))
+        # Lists of micro_batch_size windows until none is left; the last may be shorter.
+        batches = iter(lambda: list(islice(mine, self.micro_batch_size)), [])
+        return map(inputs_and_targets, islice(batches, max_batches))
+
+    @property
+    def corrupt_shards(self) -> int:
+        """Damaged shards met so far by this rank and its workers (each reading counts)."""
+        return self.reader.corrupt.value
+
+    def state_dict(self) -> dict:
+        return {**self.layout, "loader": self._loader.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = {key: state[key] for key in self.layout}
+        if saved != self.layout:
+            raise ValueError(
+                f"the data loader state was saved by {saved}, this loader is {self.layout}: "
+                "an exact resume needs the same ranks and data.num_workers"
+            )
+        self._loader.load_state_dict(state["loader"])
+
+
+def measure_throughput(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], steps: int) -> float:
+    """Tokens per second a loader alone delivers over ``steps`` batches, timed from its first
+    batch so that worker start-up is left out."""
+    batches = iter(batches)
+    next(batches)
+    start, tokens = time.perf_counter(), 0
+    for inputs, _ in islice(batches, steps):
+        tokens += inputs.numel()
+    return tokens / (time.perf_counter() - start)

@@ -1,0 +1,97 @@
+"""Ranks from the launcher's environment and the process group DeepSpeed trains over.
+
+Works under ``torchrun``, the ``deepspeed`` launcher and ``srun`` (one task per device): each
+sets RANK/WORLD_SIZE/LOCAL_RANK, or Slurm's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID.
+"""
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Placement:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def placement_from_env() -> Placement:
+    env = os.environ
+    if "RANK" in env:
+        return Placement(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return Placement(
+            int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+        )
+    return Placement(0, 1, 0)
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+
+
+def init(place: Placement, timeout_s: int) -> torch.device:
+    """Starts the process group (nccl on GPUs, gloo on CPU); returns this rank's device."""
+    if not on_gpu():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # A single process started without a launcher still needs a rendezvous address.
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    for key, value in (
+        ("RANK", place.rank),
+        ("WORLD_SIZE", place.world_size),
+        ("LOCAL_RANK", place.local_rank),
+    ):
+        os.environ.setdefault(key, str(value))
+    import deepspeed
+    import deepspeed.ops
+
+    if not on_gpu():
+        # On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce at every init (70-97 s of
+        # g++); only its inference path uses it, training talks through gloo. Marking the op
+        # unavailable, as it is on a machine without a compiler, skips the build.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(
+        dist_backend="nccl" if on_gpu() else "gloo",
+        timeout=timedelta(seconds=timeout_s),
+        rank=place.rank,
+        world_size=place.world_size,
+    )
+    if on_gpu():
+        torch.cuda.set_device(place.local_rank)
+        return torch.device("cuda", place.local_rank)
+    return torch.device("cpu")
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is true on any (a signal may reach only some ranks)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def mean_over_ranks(value: float) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if on_gpu() else torch.device("cpu")
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

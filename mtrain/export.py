@@ -1,0 +1,136 @@
+"""A training checkpoint -> one consolidated model directory, loadable without DeepSpeed.
+
+``python -m mtrain.export checkpoint=<run_dir or checkpoint dir> output=<dir>`` writes
+``model.safetensors`` (fp32, tied embeddings stored once), ``config.json`` (the model shape and
+provenance) and ``tokenizer/`` (the artifact the model was trained with). ZeRO partitions are
+merged from the fp32 master weights with memory-mapped reads and the optimizer moments dropped,
+so a model needs about twice its fp32 size in RAM, never its optimizer state.
+"""
+
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from safetensors.torch import load_model, save_model
+
+from mtrain import checkpoint
+from mtrain.model import GPT, GPTConfig
+
+log = logging.getLogger(__name__)
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+# Written by the trainer into its run directory: the model shape with the vocabulary size.
+MODEL_CONFIG = "model_config.json"
+
+
+@dataclass
+class ExportConfig:
+    # A run directory (its newest complete checkpoint is taken) or one checkpoint directory.
+    checkpoint: str = "???"
+    output: str = "???"
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    if (path / checkpoint.MARKER).exists():
+        return path
+    if path.is_dir() and not path.name.startswith("step_"):
+        found = checkpoint.latest_complete(path / "checkpoints")
+        if found is not None:
+            return found
+    raise FileNotFoundError(
+        f"checkpoint={path}: no complete checkpoint there (a run directory with "
+        f"checkpoints/step_*/{checkpoint.MARKER}, or one such step directory)"
+    )
+
+
+def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights from any ZeRO stage, without loading optimizer moments."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if list(ckpt.glob("*_optim_states.pt")) and not (ckpt / "mp_rank_00_model_states.pt").exists():
+        raise FileNotFoundError(f"{ckpt} holds optimizer shards but no model states file")
+    run_state = torch.load(
+        ckpt / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False
+    )
+    if run_state.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0) == 0:
+        return {k: v.float() for k, v in run_state["module"].items()}
+    lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
+    return {name: tensor.contiguous() for name, tensor in lazy.items()}
+
+
+def export(ckpt_path: Path, output: Path) -> Path:
+    ckpt = resolve_checkpoint(ckpt_path)
+    run_dir = ckpt.parent.parent
+    model_cfg = GPTConfig(**json.loads((run_dir / MODEL_CONFIG).read_text()))
+    model = GPT(model_cfg)
+    model.load_state_dict(consolidated_state_dict(ckpt), strict=True)
+    output.mkdir(parents=True, exist_ok=True)
+    tmp = output / f"{WEIGHTS}.partial"
+    save_model(model, str(tmp))  # stores tied tensors once
+    tmp.replace(output / WEIGHTS)
+    tokenizer_dir = run_dir / "tokenizer"
+    if (output / "tokenizer").exists():
+        shutil.rmtree(output / "tokenizer")
+    shutil.copytree(tokenizer_dir, output / "tokenizer")
+    meta = {
+        "model": dataclasses.asdict(model_cfg),
+        "checkpoint": str(ckpt.resolve()),
+        "step": json.loads((ckpt / checkpoint.MARKER).read_text())["step"],
+        "tokenizer_hash": json.loads((tokenizer_dir / "artifact.json").read_text())["hash"],
+    }
+    (output / CONFIG).write_text(json.dumps(meta, indent=2))
+    log.info(
+        "exported %s (step %d, %.1fM params) to %s",
+        ckpt,
+        meta["step"],
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        output,
+    )
+    return output
+
+
+def load_exported(path: str | Path) -> tuple[GPT, dict]:
+    """The exported model (eval mode, CPU) and its config.json."""
+    path = Path(path)
+    if not (path / WEIGHTS).exists():
+        raise FileNotFoundError(
+            f"{path / WEIGHTS} not found: export a checkpoint first with "
+            f"`python -m mtrain.export checkpoint=<run_dir> output={path}`"
+        )
+    meta = json.loads((path / CONFIG).read_text())
+    model = GPT(GPTConfig(**meta["model"]))
+    load_model(model, str(path / WEIGHTS))
+    return model.eval(), meta
+
+
+def load_weights(model: GPT, path: str | Path) -> None:
+    """Fine-tuning: start ``model`` from exported weights of the same shape."""
+    source, meta = load_exported(path)
+    if meta["model"]["vocab_size"] != model.config.vocab_size:
+        raise ValueError(
+            f"init_from={path} has vocab_size {meta['model']['vocab_size']} but this run's "
+            f"tokenizer has {model.config.vocab_size}; fine-tune on data prepared with the "
+            "same tokenizer artifact"
+        )
+    model.load_state_dict(source.state_dict(), strict=True)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+def main(cfg: ExportConfig) -> None:
+    try:
+        export(Path(cfg.checkpoint), Path(cfg.output))
+    except FileNotFoundError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+
+
+ConfigStore.instance().store(name="export_schema", node=ExportConfig)
+
+if __name__ == "__main__":
+    main()

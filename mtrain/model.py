@@ -1,0 +1,270 @@
+"""A decoder-only GPT in plain PyTorch: the math of the model and nothing about distribution.
+
+Pre-LayerNorm blocks, causal attention, rotary or learned positions, a GELU MLP, tied input and
+output embeddings, GPT-2 initialisation, and a KV cache for generation.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+POSITIONALS = ("rope", "learned")
+
+
+@dataclass
+class GPTConfig:
+    # Set at run time from the tokenizer artifact; a model cannot be built while it is 0.
+    vocab_size: int = 0
+    n_layer: int = 2
+    n_head: int = 2
+    d_model: int = 64
+    # Width of the MLP's hidden layer; 4 * d_model when None.
+    d_ff: int | None = None
+    max_seq_len: int = 128
+    dropout: float = 0.0
+    bias: bool = False
+    positional: str = "rope"
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    # Recompute each block's activations in the backward pass: less memory, ~1/3 more compute.
+    activation_checkpointing: bool = False
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def mlp_width(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    def validate(self) -> None:
+        problems = []
+        if self.vocab_size <= 0:
+            problems.append(
+                f"model.vocab_size={self.vocab_size}: it must be set (from the tokenizer)"
+            )
+        if self.n_layer < 1 or self.n_head < 1 or self.max_seq_len < 1:
+            problems.append("model.n_layer, model.n_head and model.max_seq_len must be >= 1")
+        elif self.d_model % self.n_head:
+            problems.append(
+                f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}"
+            )
+        if self.positional not in POSITIONALS:
+            problems.append(
+                f"model.positional={self.positional!r} is not one of {', '.join(POSITIONALS)}"
+            )
+        elif self.positional == "rope" and self.n_head >= 1 and self.head_dim % 2:
+            problems.append(
+                f"model.positional=rope rotates pairs of channels: the head size "
+                f"d_model/n_head={self.head_dim} must be even"
+            )
+        if problems:
+            raise ValueError("invalid model config:\n  " + "\n  ".join(problems))
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor  # [batch, time, vocab]
+    loss: torch.Tensor | None  # mean next-token cross entropy; None without targets
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, preallocated to max_len."""
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (batch_size, cfg.n_head, max_len, cfg.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.max_len = max_len
+        # Positions filled; the model advances it once every layer has appended a chunk.
+        self.pos = 0
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Stores a chunk's keys and values at ``pos``; returns those of the whole prefix."""
+        end = self.pos + k.size(2)
+        self.keys[layer][:, :, self.pos : end] = k
+        self.values[layer][:, :, self.pos : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+def rotary(cfg: GPTConfig, start: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [length, head_dim/2] of the angles position x frequency, for positions
+    start..start+length. Computed in fp32 on every call: a bf16 table would blur long contexts."""
+    freqs = cfg.rope_theta ** -(
+        torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32) / cfg.head_dim
+    )
+    positions = torch.arange(start, start + length, device=device, dtype=torch.float32)
+    angles = torch.outer(positions, freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates channel i with channel i + head_dim/2 of x [batch, head, time, head_dim]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x, rope=None, kv_cache: KVCache | None = None):
+        B, T, C = x.shape
+        q, k, v = (
+            t.view(B, T, self.cfg.n_head, self.cfg.head_dim).transpose(1, 2)
+            for t in self.qkv(x).split(C, dim=2)
+        )
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        mask = None
+        if kv_cache is not None and kv_cache.pos > 0:
+            # A chunk after a cached prefix: query i (at position pos + i) sees keys 0..pos + i.
+            # is_causal would align the triangle to the top left, hiding most of the prefix.
+            mask = torch.ones(T, kv_cache.pos + T, dtype=torch.bool, device=x.device)
+            mask = mask.tril(diagonal=kv_cache.pos)
+        if kv_cache is not None:
+            k, v = kv_cache.append(self.layer, k, v)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.cfg.dropout if self.training else 0.0,
+            is_causal=mask is None,
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.mlp_width, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.mlp_width, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, kv_cache: KVCache | None = None):
+        x = x + self.drop(self.attn(self.ln_1(x), rope, kv_cache))
+        return x + self.drop(self.mlp(self.ln_2(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.wpe = None
+        if config.positional == "learned":
+            self.wpe = nn.Embedding(config.max_seq_len, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2: the projections that write into the residual stream shrink with depth, so the
+        # stream's variance does not grow with the number of blocks adding to it.
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> ModelOutput:
+        """Next-token logits at every position of ``idx`` [batch, time], and the mean loss
+        against ``targets`` when given (targets of -100 are ignored). With a ``kv_cache``,
+        ``idx`` continues the sequence the cache holds, and is appended to it."""
+        T = idx.size(1)
+        start = 0 if kv_cache is None else kv_cache.pos
+        limit = self.config.max_seq_len if kv_cache is None else kv_cache.max_len
+        if start + T > limit:
+            raise ValueError(f"{start + T} positions do not fit in {limit}")
+        x = self.wte(idx)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = rotary(self.config, start, T, idx.device)
+        x = self.drop(x)
+        for block in self.blocks:
+            # Not with a cache: recomputing a block in the backward pass would append twice.
+            if self.config.activation_checkpointing and self.training and kv_cache is None:
+                x = checkpoint(block, x, rope, use_reentrant=False)
+            else:
+                x = block(x, rope, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        logits = self.lm_head(self.ln_f(x))
+        loss = None
+        if targets is not None:
+            # In fp32: a bf16 log-softmax over the vocabulary loses the small probabilities.
+            loss = F.cross_entropy(
+                logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100
+            )
+        return ModelOutput(logits, loss)
+
+    def new_kv_cache(
+        self, batch_size: int, max_len: int | None = None, device=None, dtype=None
+    ) -> KVCache:
+        """An empty cache for ``batch_size`` sequences of up to ``max_len`` (default
+        max_seq_len) positions, on the model's device and in its dtype unless told."""
+        weight = self.wte.weight
+        return KVCache(
+            self.config,
+            batch_size,
+            max_len or self.config.max_seq_len,
+            device or weight.device,
+            dtype or weight.dtype,
+        )
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay on matrices and embeddings (dim >= 2), none on biases and norm
+        gains. ``parameters()`` yields a tied weight once."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+
+
+def num_params(model_or_config: GPT | GPTConfig, non_embedding: bool = False) -> int:
+    """Parameters of a model (a config's is built on the meta device, for free), a tied weight
+    once. ``non_embedding`` leaves out the lookup tables wte and wpe (Kaplan et al.'s N)."""
+    model = model_or_config
+    if isinstance(model, GPTConfig):
+        with torch.device("meta"):
+            model = GPT(model)
+    total = sum(p.numel() for p in model.parameters())
+    if non_embedding:
+        total -= sum(t.weight.numel() for t in (model.wte, model.wpe) if t is not None)
+    return total

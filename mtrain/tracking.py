@@ -1,0 +1,78 @@
+"""Weights & Biases, from rank 0 only; offline unless asked, so it works with no network.
+
+The run id is kept in the run directory (and in every checkpoint), so a resumed or requeued job
+continues the same wandb run; ``wandb sync <run_dir>/wandb/offline-run-*`` uploads later.
+"""
+
+import logging
+import os
+import re
+import secrets
+from pathlib import Path
+
+from mtrain.config import LoggerConfig, WandbMode
+
+log = logging.getLogger(__name__)
+# Keys whose values must never reach wandb, whatever a user puts in the environment.
+_SECRET = re.compile(r"(key|secret|token|password|credential)", re.IGNORECASE)
+
+
+def scrub(config: dict) -> dict:
+    """A copy of the config without anything that looks like a credential."""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out[k] = scrub(v)
+        elif _SECRET.search(k) and not k.endswith("tokens"):
+            out[k] = "<redacted>"
+        else:
+            out[k] = v
+    return out
+
+
+class Tracker:
+    def __init__(
+        self,
+        cfg: LoggerConfig,
+        run_name: str,
+        run_dir: Path,
+        config: dict,
+        run_id: str | None,
+        overrides: list[str],
+    ):
+        self.run = None
+        if cfg.mode == WandbMode.disabled:
+            return
+        import wandb
+
+        id_file = run_dir / "wandb_run_id"
+        if run_id is None and id_file.exists():
+            run_id = id_file.read_text().strip()
+        run_id = run_id or secrets.token_hex(4)  # wandb's id format: 8 [0-9a-z]
+        id_file.write_text(run_id)
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            name=run_name,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            mode=cfg.mode.value,
+            group=cfg.group or run_name.rsplit("-", 1)[0],
+            tags=(cfg.tags or [o[:64] for o in overrides if "=" in o][:20]),
+            config=scrub(config),
+        )
+        log.info("wandb run %s (%s) in %s", run_id, cfg.mode.value, self.run.dir)
+
+    @property
+    def run_id(self) -> str | None:
+        return None if self.run is None else self.run.id
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()

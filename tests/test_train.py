@@ -1,0 +1,217 @@
+"""The trainer for real: DeepSpeed on CPU (gloo), 2 ranks under torchrun, real Bach shards.
+
+Each test launches the same command a user types. Runs are tiny (the `tiny` model, a few
+dozen steps) so the whole file stays within a few minutes on two cores.
+"""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import REPO
+from wandb_records import history
+
+CPU_ENV = {
+    "DS_ACCELERATOR": "cpu",
+    "OMP_NUM_THREADS": "1",
+    "WANDB_MODE": "offline",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def train_args(dataset: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "-m",
+        "mtrain.train",
+        f"data.path={dataset}",
+        f"run_dir={run_dir}",
+        "model=tiny",
+        "deepspeed=cpu",
+        "trainer.micro_batch_size=4",
+        "trainer.global_batch_tokens=1024",
+        "data.num_workers=1",
+        "data.shuffle_buffer=16",
+        "trainer.log_every=1",
+        "trainer.eval_every=0",
+        "optim.warmup_steps=2",
+        *extra,
+    ]
+
+
+def launch(args: list[str], ranks: int = 2, **popen) -> subprocess.Popen:
+    if ranks == 1:
+        cmd = [sys.executable, *args]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={ranks}",
+            *args,
+        ]
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env={**os.environ, **CPU_ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **popen,
+    )
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and all its descendants (torchrun puts ranks in their own groups)."""
+    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+
+
+def run(args: list[str], ranks: int = 2, timeout: float = 300) -> tuple[int, str]:
+    proc = launch(args, ranks)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        out, _ = proc.communicate()
+        raise AssertionError(f"training timed out:\n{out[-4000:]}") from None
+    return proc.returncode, out
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Loss per step; a step logged twice (before a crash and after resume) keeps the last."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(bach_dataset, tmp_path_factory) -> Path:
+    """60 steps in one go under ZeRO-3 with 2 ranks: the reference run."""
+    run_dir = tmp_path_factory.mktemp("train") / "straight"
+    code, out = run(
+        train_args(
+            bach_dataset,
+            run_dir,
+            "trainer.max_steps=60",
+            "trainer.save_every=5",
+            "trainer.eval_every=10",
+        )
+    )
+    assert code == 0, out[-4000:]
+    return run_dir
+
+
+def test_zero3_loss_falls_and_parameters_are_partitioned(uninterrupted):
+    loss = losses(uninterrupted)
+    assert sorted(loss) == list(range(1, 61))
+    assert loss[60] < loss[1] - 1.0, loss
+    rows = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["perf/tokens_per_s"] > 0 and r["perf/mfu"] is None for r in rows)
+    assert "val/loss" in rows[9] and rows[9]["val/perplexity"] > 1
+    shares = []
+    for rank in (0, 1):
+        log = (uninterrupted / f"train-rank{rank}.log").read_text()
+        line = next(x for x in log.splitlines() if "parameter elements" in x)
+        shares.append(float(line.split("(")[1].split("%")[0]))
+    assert all(40 <= s <= 60 for s in shares), shares  # each rank about half
+
+
+def test_kill_and_restart_resumes_with_identical_losses(bach_dataset, uninterrupted, tmp_path):
+    run_dir = tmp_path / "killed"
+    args = train_args(
+        bach_dataset,
+        run_dir,
+        "trainer.max_steps=60",
+        "trainer.save_every=5",
+        "trainer.eval_every=10",
+    )
+    proc = launch(args)
+    deadline = time.monotonic() + 240
+    while not (run_dir / "metrics.jsonl").exists() or max(losses(run_dir)) < 12:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    kill_tree(proc)  # kill -9 every process of the job at once: no chance to save
+    proc.communicate()
+    # A half-written newer checkpoint (no marker) must be ignored, not loaded.
+    (run_dir / "checkpoints" / "step_00000059").mkdir()
+    code, out = run(args)
+    assert code == 0, out[-4000:]
+    assert "ignoring checkpoint" in out and "step_00000059" in out
+    resumed = int(out.split("resumed from ")[1].split("step_")[1][:8])
+    assert 10 <= resumed < 60
+    expected, got = losses(uninterrupted), losses(run_dir)
+    steps = range(resumed + 1, 61)
+    assert [f"{got[s]:.4f}" for s in steps] == [f"{expected[s]:.4f}" for s in steps]
+
+
+def test_sigusr1_checkpoints_and_exits_with_the_requeue_code(bach_dataset, tmp_path):
+    run_dir = tmp_path / "preempted"
+    proc = launch(
+        train_args(
+            bach_dataset,
+            run_dir,
+            "trainer.max_steps=500",
+            "trainer.save_every=1000",
+            "deepspeed=zero0",
+        ),
+        ranks=1,
+    )
+    deadline = time.monotonic() + 180
+    while not (run_dir / "metrics.jsonl").exists() or max(losses(run_dir)) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out[-3000:]
+    saved = sorted((run_dir / "checkpoints").glob("step_*/COMPLETE"))
+    assert len(saved) == 1
+    assert int(saved[0].parent.name.split("_")[1]) == max(losses(run_dir))
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_other_zero_stages_train(bach_dataset, tmp_path, stage):
+    code, out = run(
+        train_args(
+            bach_dataset, tmp_path / "run", "trainer.max_steps=4", f"deepspeed.zero_stage={stage}"
+        )
+    )
+    assert code == 0, out[-4000:]
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4]
+
+
+def test_wandb_offline_run_holds_the_metrics(uninterrupted):
+    runs = list((uninterrupted / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    assert runs[0].name.endswith((uninterrupted / "wandb_run_id").read_text())
+    rows = history(uninterrupted)
+    assert [r["_step"] for r in rows] == list(range(1, 61))
+    expected = losses(uninterrupted)
+    assert [r["train/loss"] for r in rows] == pytest.approx([expected[s] for s in range(1, 61)])
+    assert all("perf/tokens_per_s" in r and "train/grad_norm" in r for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.max_stpes=3", "trainer.max_stpes"),
+        ("optim.lr=fast", "optim.lr"),
+        ("trainer.global_batch_tokens=1000", "trainer.global_batch_tokens=1000 is not a multiple"),
+        ("deepspeed.zero_stage=5", "deepspeed.zero_stage=5 must be 0, 1, 2 or 3"),
+        ("model=gpt_9t", "model"),
+    ],
+)
+def test_bad_override_is_rejected_before_launch(bach_dataset, tmp_path, override, message):
+    start = time.monotonic()
+    code, out = run([*train_args(bach_dataset, tmp_path / "run"), override], ranks=1)
+    assert code != 0 and message in out, out[-3000:]
+    assert "init_distributed" not in out and time.monotonic() - start < 60
