@@ -60,12 +60,32 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(engine, root: Path, step: int, client_state: dict, rank_state: dict, keep_last: int):
+PROBE = "probe.pt"
+
+
+@torch.no_grad()
+def probe_logits(engine, vocab_size: int, seq_len: int) -> dict:
+    """The model's logits on a fixed batch (a forward on every rank, as ZeRO-3 needs): the
+    reference export checks its consolidated weights against."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randint(vocab_size, (2, min(64, seq_len)), generator=generator)
+    was_training = engine.training
+    engine.eval()
+    logits = engine(inputs.to(engine.device)).logits.float().cpu()
+    engine.train(was_training)
+    return {"inputs": inputs, "logits": logits}
+
+
+def save(
+    engine, root: Path, step: int, client_state: dict, rank_state: dict, keep_last: int, probe: dict
+):
     """Saves on every rank (collective); returns the checkpoint directory."""
     tag = tag_of(step)
     path = root / tag
     start = time.monotonic()
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
+    if engine.global_rank == 0:
+        torch.save(probe, path / PROBE)
     torch.save(
         {**rank_state, "rng": rng_state()}, path / f"trainer_state_rank{engine.global_rank}.pt"
     )

@@ -2,7 +2,9 @@
 
 ``python -m mtrain.export checkpoint=<run_dir or checkpoint dir> output=<dir>`` writes
 ``model.safetensors`` (fp32, tied embeddings stored once), ``config.json`` (the model shape and
-provenance) and ``tokenizer/`` (the artifact the model was trained with). ZeRO partitions are
+provenance), ``tokenizer/`` (the artifact the model was trained with) and, where the model maps
+onto GPT-2, ``hf/`` for ``transformers.GPT2LMHeadModel.from_pretrained``. The merged weights
+are checked against logits the training engine saved with the checkpoint. ZeRO partitions are
 merged from the fp32 master weights with memory-mapped reads and the optimizer moments dropped,
 so a model needs about twice its fp32 size in RAM, never its optimizer state.
 """
@@ -21,6 +23,7 @@ from hydra.core.config_store import ConfigStore
 from safetensors.torch import load_model, save_model
 
 from mtrain import checkpoint
+from mtrain.hf_export import maps_to_gpt2, save_gpt2
 from mtrain.model import GPT, GPTConfig
 
 log = logging.getLogger(__name__)
@@ -53,15 +56,30 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """fp32 weights from any ZeRO stage, without loading optimizer moments."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    if list(ckpt.glob("*_optim_states.pt")) and not (ckpt / "mp_rank_00_model_states.pt").exists():
-        raise FileNotFoundError(f"{ckpt} holds optimizer shards but no model states file")
-    run_state = torch.load(
-        ckpt / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False
-    )
-    if run_state.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0) == 0:
-        return {k: v.float() for k, v in run_state["module"].items()}
+    if not list(ckpt.glob("*_optim_states.pt")):
+        # ZeRO stage 0: the whole module is in one file (memory-mapped, read lazily).
+        state = torch.load(
+            ckpt / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False
+        )
+        return {k: v.float() for k, v in state["module"].items()}
     lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
     return {name: tensor.contiguous() for name, tensor in lazy.items()}
+
+
+def verify_against_probe(model: GPT, ckpt: Path) -> float:
+    """The consolidated model must reproduce the logits the training engine computed at save
+    time on a fixed batch; returns the largest difference (the check fails above 1e-4)."""
+    probe = torch.load(ckpt / checkpoint.PROBE, weights_only=True)
+    with torch.no_grad():
+        logits = model.eval()(probe["inputs"]).logits
+    diff = (logits - probe["logits"]).abs().max().item()
+    if diff > 1e-4:
+        raise RuntimeError(
+            f"the weights merged from {ckpt} give logits {diff:.2e} away from the training "
+            "engine's on the probe batch: the checkpoint is damaged or was saved by another "
+            "model shape"
+        )
+    return diff
 
 
 def export(ckpt_path: Path, output: Path) -> Path:
@@ -74,6 +92,12 @@ def export(ckpt_path: Path, output: Path) -> Path:
     tmp = output / f"{WEIGHTS}.partial"
     save_model(model, str(tmp))  # stores tied tensors once
     tmp.replace(output / WEIGHTS)
+    verified = verify_against_probe(model, ckpt)
+    gpt2_reason = maps_to_gpt2(model)
+    if gpt2_reason is None:
+        save_gpt2(model, output / "hf")
+    else:
+        log.info("no Hugging Face export: %s", gpt2_reason)
     tokenizer_dir = run_dir / "tokenizer"
     if (output / "tokenizer").exists():
         shutil.rmtree(output / "tokenizer")
@@ -83,6 +107,8 @@ def export(ckpt_path: Path, output: Path) -> Path:
         "checkpoint": str(ckpt.resolve()),
         "step": json.loads((ckpt / checkpoint.MARKER).read_text())["step"],
         "tokenizer_hash": json.loads((tokenizer_dir / "artifact.json").read_text())["hash"],
+        "verified_logits_max_abs_diff": verified,
+        "hf_gpt2": gpt2_reason is None,
     }
     (output / CONFIG).write_text(json.dumps(meta, indent=2))
     log.info(

@@ -1,69 +1,82 @@
-"""Parameter counts, training FLOPs per token, and device peaks for MFU.
-
-FLOPs per token follow the PaLM paper (appendix B): 6N for the matrix multiplies of the forward
-and backward pass, N the non-embedding parameters (an embedding lookup is no matmul; a tied
-output projection is, and is counted through the vocabulary term below), plus 12·L·H·Q·T for
-attention over a context of T tokens (L layers, H heads of size Q).
+"""Parameter counts and training FLOPs per token from a model's shape, and the device peaks that
+turn a measured tokens/s into MFU. Needs no torch, so it is cheap to import anywhere.
 """
 
-from mtrain.model import GPTConfig
+import re
+from typing import TYPE_CHECKING
 
-# Dense bf16 tensor-core peaks in FLOP/s (never the 2:4-sparsity figures vendors headline).
-# Matched against torch.cuda.get_device_name(); the first pattern found wins, so the more
-# specific names come first.
+if TYPE_CHECKING:
+    from mtrain.model import GPTConfig
+
+# Dense bf16 tensor-core peaks in FLOP/s per device, from the vendors' spec sheets: the dense
+# figure, never the 2:4-sparsity one the sheets headline (twice as large). A key matches a
+# whole word (or words) of torch.cuda.get_device_name(); the longest matching key wins, so
+# "H100 PCIe" beats "H100" and "L4" does not match "L40S".
 PEAK_BF16_FLOPS: dict[str, float] = {
-    "GH200": 989e12,
-    "H200": 989e12,
+    "H100": 989e12,  # SXM, which names itself "NVIDIA H100 80GB HBM3"
     "H100 PCIe": 756e12,
     "H100 NVL": 835e12,
-    "H100": 989e12,  # SXM
+    "H200": 989e12,
+    "GH200": 989e12,
     "B200": 2250e12,
-    "A100": 312e12,
-    "L40S": 362e12,
+    "A100": 312e12,  # SXM and PCIe alike
     "L4": 121e12,
-    "A10G": 70e12,
-    "RTX 4090": 165e12,
-    "V100": 125e12,  # no bf16: its fp16 tensor-core peak
-    "MI300X": 1307e12,
+    "L40S": 362e12,
+    "RTX 4090": 165e12,  # with fp32 accumulation, as training uses
+    "V100": 125e12,  # no bf16 at all: its fp16 tensor-core peak, what a V100 run would use
     "MI250X": 383e12,
+    "MI300X": 1307e12,
 }
 
 
-def param_count(cfg: GPTConfig, include_embeddings: bool = True) -> int:
-    """Exactly what ``GPT(cfg)`` holds, a tied weight once."""
-    d, f, L = cfg.d_model, cfg.hidden, cfg.n_layer
-    bias = 1 if cfg.bias else 0
-    norm = d * (1 + bias)
-    attention = d * 3 * d + 3 * d * bias + d * d + d * bias
-    mlp = d * f + f * bias + f * d + d * bias
-    body = L * (2 * norm + attention + mlp) + norm
-    if not include_embeddings:
-        return body + (0 if cfg.tie_embeddings else cfg.vocab_size * d)
-    embeddings = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
-    if cfg.positional == "learned":
-        embeddings += cfg.max_seq_len * d
-    return body + embeddings
+def param_count(cfg: "GPTConfig", include_embeddings: bool = True) -> int:
+    """Exactly the parameters ``GPT(cfg)`` holds, a tied weight once. Without embeddings it
+    leaves out the lookup tables (token and learned position embeddings), not an untied
+    output projection, which is a matmul."""
+    d, f, bias = cfg.d_model, cfg.hidden, int(cfg.bias)
+    layer_norm = d + d * bias
+    attention = (d * 3 * d + 3 * d * bias) + (d * d + d * bias)
+    mlp = (d * f + f * bias) + (f * d + d * bias)
+    total = cfg.n_layer * (2 * layer_norm + attention + mlp) + layer_norm
+    if not cfg.tie_embeddings:
+        total += cfg.vocab_size * d  # lm_head
+    if include_embeddings:
+        total += cfg.vocab_size * d
+        if cfg.positional == "learned":
+            total += cfg.max_seq_len * d
+    return total
 
 
-def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
-    """Training (forward + backward) FLOPs per token: 6N + 12·L·H·Q·T, with N the
-    non-embedding parameters plus the output projection onto the vocabulary."""
+def flops_per_token(cfg: "GPTConfig", seq_len: int) -> float:
+    """Training (forward + backward) FLOPs per token, PaLM (Chowdhery et al. 2022, appendix B):
+    6N + 12·L·H·Q·T for L layers of H heads of size Q over a context of T tokens.
+
+    N counts every weight a token is multiplied by: the non-embedding parameters plus the
+    output projection onto the vocabulary, also when it is tied to the token embedding. A
+    lookup costs no FLOPs but the projection does (2·V·d per token forward), and with a music
+    vocabulary and a small model it is no rounding error.
+    """
     n = param_count(cfg, include_embeddings=False)
     if cfg.tie_embeddings:
-        n += cfg.vocab_size * cfg.d_model  # the tied lm_head is still a matmul per token
+        n += cfg.vocab_size * cfg.d_model
     return 6.0 * n + 12.0 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
 
 
 def peak_flops(device_name: str) -> float | None:
-    """Dense bf16 peak of one device, None where unknown (or a CPU)."""
-    for pattern, peak in PEAK_BF16_FLOPS.items():
-        if pattern.lower() in device_name.lower():
-            return peak
-    return None
+    """Dense bf16 peak of one device named as torch names it; None for a CPU or an unknown one."""
+    matches = [
+        key
+        for key in PEAK_BF16_FLOPS
+        if re.search(rf"\b{re.escape(key)}\b", device_name, flags=re.IGNORECASE)
+    ]
+    return PEAK_BF16_FLOPS[max(matches, key=len)] if matches else None
 
 
-def mfu(tokens_per_s: float, flops_per_token: float, peak_total: float | None) -> float | None:
-    """Model FLOPs utilisation: achieved training FLOP/s over the peak of all devices."""
-    if not peak_total:
+def mfu(
+    tokens_per_s: float, flops_per_token: float, peak_flops_total: float | None
+) -> float | None:
+    """Model FLOPs utilisation: the training FLOP/s achieved over the summed peak of all
+    devices; None where the peak is unknown."""
+    if not peak_flops_total:
         return None
-    return tokens_per_s * flops_per_token / peak_total
+    return tokens_per_s * flops_per_token / peak_flops_total

@@ -18,6 +18,8 @@ POSITIONALS = ("rope", "learned")
 
 @dataclass
 class GPTConfig:
+    """The model's shape and initialisation: the keys of conf/model/*.yaml."""
+
     # Set at run time from the tokenizer artifact; a model cannot be built while it is 0.
     vocab_size: int = 0
     n_layer: int = 2
@@ -40,29 +42,27 @@ class GPTConfig:
         return self.d_model // self.n_head
 
     @property
-    def mlp_width(self) -> int:
+    def hidden(self) -> int:
         return self.d_ff or 4 * self.d_model
 
     def validate(self) -> None:
         problems = []
         if self.vocab_size <= 0:
-            problems.append(
-                f"model.vocab_size={self.vocab_size}: it must be set (from the tokenizer)"
-            )
-        if self.n_layer < 1 or self.n_head < 1 or self.max_seq_len < 1:
-            problems.append("model.n_layer, model.n_head and model.max_seq_len must be >= 1")
+            problems.append(f"model.vocab_size={self.vocab_size}: set it from the tokenizer")
+        if min(self.n_layer, self.n_head, self.d_model, self.max_seq_len) < 1:
+            problems.append("model.n_layer, n_head, d_model and max_seq_len must all be >= 1")
         elif self.d_model % self.n_head:
             problems.append(
                 f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}"
             )
+        elif self.positional == "rope" and self.head_dim % 2:
+            problems.append(
+                "model.positional=rope rotates pairs of channels: the head size "
+                f"d_model/n_head={self.head_dim} must be even"
+            )
         if self.positional not in POSITIONALS:
             problems.append(
                 f"model.positional={self.positional!r} is not one of {', '.join(POSITIONALS)}"
-            )
-        elif self.positional == "rope" and self.n_head >= 1 and self.head_dim % 2:
-            problems.append(
-                f"model.positional=rope rotates pairs of channels: the head size "
-                f"d_model/n_head={self.head_dim} must be even"
             )
         if problems:
             raise ValueError("invalid model config:\n  " + "\n  ".join(problems))
@@ -84,17 +84,21 @@ class KVCache:
         # Positions filled; the model advances it once every layer has appended a chunk.
         self.pos = 0
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def append(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Stores a chunk's keys and values at ``pos``; returns those of the whole prefix."""
         end = self.pos + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} positions, not {end}")
         self.keys[layer][:, :, self.pos : end] = k
         self.values[layer][:, :, self.pos : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
 def rotary(cfg: GPTConfig, start: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [length, head_dim/2] of the angles position x frequency, for positions
-    start..start+length. Computed in fp32 on every call: a bf16 table would blur long contexts."""
+    """cos and sin [length, head_dim/2] of the angles position x frequency for positions
+    start..start+length; in fp32 at every call, not in a buffer that bf16 training casts down."""
     freqs = cfg.rope_theta ** -(
         torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32) / cfg.head_dim
     )
@@ -115,6 +119,7 @@ class CausalSelfAttention(nn.Module):
         self.cfg, self.layer = cfg, layer
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.proj.into_residual = True
 
     def forward(self, x, rope=None, kv_cache: KVCache | None = None):
         B, T, C = x.shape
@@ -146,11 +151,12 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.d_model, cfg.mlp_width, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.mlp_width, cfg.d_model, bias=cfg.bias)
+        self.up = nn.Linear(cfg.d_model, cfg.hidden, bias=cfg.bias)
+        self.down = nn.Linear(cfg.hidden, cfg.d_model, bias=cfg.bias)
+        self.down.into_residual = True
 
     def forward(self, x):
-        return self.proj(F.gelu(self.fc(x)))
+        return self.down(F.gelu(self.up(x)))
 
 
 class Block(nn.Module):
@@ -182,16 +188,18 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        # Through apply(), one module at a time: under deepspeed.zero.Init that is where each
+        # module's partitioned parameters are gathered for writing.
         self.apply(self._init_weights)
-        # GPT-2: the projections that write into the residual stream shrink with depth, so the
-        # stream's variance does not grow with the number of blocks adding to it.
-        for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.init_std
+        if getattr(module, "into_residual", False):
+            # GPT-2: projections that add to the residual stream shrink with depth, so the
+            # stream's variance does not grow with the number of blocks adding to it.
+            std /= math.sqrt(2 * self.config.n_layer)
         if isinstance(module, nn.Linear | nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
@@ -206,9 +214,8 @@ class GPT(nn.Module):
         ``idx`` continues the sequence the cache holds, and is appended to it."""
         T = idx.size(1)
         start = 0 if kv_cache is None else kv_cache.pos
-        limit = self.config.max_seq_len if kv_cache is None else kv_cache.max_len
-        if start + T > limit:
-            raise ValueError(f"{start + T} positions do not fit in {limit}")
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"{start + T} positions > model.max_seq_len={self.config.max_seq_len}")
         x = self.wte(idx)
         rope = None
         if self.wpe is not None:

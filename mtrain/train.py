@@ -142,6 +142,7 @@ class Trainer:
             "wandb_run_id": self.run_id,
             "nonfinite_skipped": self.nonfinite_skipped,
         }
+        probe = checkpoint.probe_logits(self.engine, self.cfg.model.vocab_size, self.plan.seq_len)
         checkpoint.save(
             self.engine,
             self.ckpt_root,
@@ -149,6 +150,7 @@ class Trainer:
             client,
             {"data": self.data.state_dict()},
             self.cfg.trainer.keep_last,
+            probe,
         )
 
     # ---- the loop ------------------------------------------------------------------------
@@ -192,6 +194,12 @@ class Trainer:
             loss = self._optimizer_step(batches, timer)
             self.step += 1
             step_s, wait_s = timer.finish()
+            if self.step == 1:  # optimizer state exists from the first step on
+                log.info(
+                    "rank %d holds %.2f MB of parameters and optimizer state",
+                    self.place.rank,
+                    state_megabytes(self.engine),
+                )
             metrics = {
                 "train/loss": loss,
                 "train/lr": self.scheduler.get_last_lr()[0],
@@ -314,6 +322,16 @@ class Trainer:
         )
 
 
+def state_megabytes(engine) -> float:
+    """This rank's parameters (its partitions under ZeRO-3) plus its optimizer state, in MB."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    tensors = [t for state in inner.state.values() for t in state.values() if torch.is_tensor(t)]
+    tensors += [p for group in inner.param_groups for p in group["params"]]
+    tensors += [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]
+    unique = {t.data_ptr(): t for t in tensors}  # a tensor shared by two lists counts once
+    return sum(t.numel() * t.element_size() for t in unique.values()) / 2**20
+
+
 def parameter_share(module: torch.nn.Module) -> tuple[int, int]:
     """(elements this rank stores, elements in the model): ZeRO-3 keeps a partition of each."""
     local = total = 0
@@ -353,6 +371,7 @@ def main(raw: DictConfig) -> None:
             place.world_size,
         )
         cfg.model.vocab_size = data.tokenizer.vocab_size
+        cfg.model.validate()
         trainer = Trainer(cfg, place, data, list(HydraConfig.get().overrides.task))
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         # Before any process group exists: every rank fails fast with the same message.

@@ -215,3 +215,60 @@ def test_bad_override_is_rejected_before_launch(bach_dataset, tmp_path, override
     code, out = run([*train_args(bach_dataset, tmp_path / "run"), override], ranks=1)
     assert code != 0 and message in out, out[-3000:]
     assert "init_distributed" not in out and time.monotonic() - start < 60
+
+
+def test_export_consolidates_zero3_and_matches_transformers(bach_dataset, tmp_path):
+    """ZeRO-3 shards -> one safetensors file and a GPT-2 checkpoint, all with the logits the
+    training engine computed on the probe batch."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from mtrain.export import load_exported
+
+    run_dir = tmp_path / "learned"
+    code, out = run(
+        train_args(
+            bach_dataset,
+            run_dir,
+            "trainer.max_steps=6",
+            "model.positional=learned",
+            "model.bias=true",
+        )
+    )
+    assert code == 0, out[-4000:]
+    export_dir = tmp_path / "export"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtrain.export", f"checkpoint={run_dir}", f"output={export_dir}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model, meta = load_exported(export_dir)
+    assert meta["step"] == 6 and meta["hf_gpt2"]
+    assert meta["verified_logits_max_abs_diff"] < 1e-5
+    probe = torch.load(run_dir / "checkpoints" / "step_00000006" / "probe.pt")
+    hf = GPT2LMHeadModel.from_pretrained(export_dir / "hf").eval()
+    with torch.no_grad():
+        ours = model(probe["inputs"]).logits
+        theirs = hf(probe["inputs"]).logits
+    torch.testing.assert_close(ours, probe["logits"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(theirs, probe["logits"], atol=1e-4, rtol=0)
+    assert (export_dir / "tokenizer" / "artifact.json").exists()
+
+
+def test_export_refuses_a_run_without_complete_checkpoints(tmp_path):
+    (tmp_path / "run" / "checkpoints" / "step_00000005").mkdir(parents=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mtrain.export",
+            f"checkpoint={tmp_path / 'run'}",
+            f"output={tmp_path / 'out'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "no complete checkpoint" in proc.stderr + proc.stdout

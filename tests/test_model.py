@@ -1,0 +1,247 @@
+"""The GPT and its FLOPs arithmetic: shapes, causality, the KV cache, parameter counts, MFU."""
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from mtrain import flops
+from mtrain.model import GPT, GPTConfig, num_params
+
+VOCAB = 97
+MODEL_CONFS = Path(__file__).resolve().parents[1] / "conf" / "model"
+# GPT-2 small exactly: learned positions, biases, its 50257-token vocabulary.
+GPT2_SMALL = GPTConfig(
+    vocab_size=50257,
+    n_layer=12,
+    n_head=12,
+    d_model=768,
+    max_seq_len=1024,
+    bias=True,
+    positional="learned",
+)
+
+
+def tiny(**overrides) -> GPTConfig:
+    shape = dict(vocab_size=VOCAB, n_layer=2, n_head=2, d_model=32, max_seq_len=64)
+    return GPTConfig(**(shape | overrides))
+
+
+def build(cfg: GPTConfig, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(cfg)
+
+
+def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_logits_shape_and_loss_at_init_is_uniform_guessing():
+    model = build(tiny())
+    idx = tokens(3, 20)
+    logits, loss = model(idx)
+    assert logits.shape == (3, 20, VOCAB) and loss is None
+    # Small initial weights mean near-uniform predictions: cross entropy ~ ln(vocab).
+    _, loss = model(idx, targets=tokens(3, 20, seed=2))
+    assert loss.ndim == 0 and abs(loss.item() - math.log(VOCAB)) < 0.1
+
+
+def test_targets_of_minus_100_are_left_out_of_the_mean():
+    model = build(tiny())
+    idx, targets = tokens(2, 16), tokens(2, 16, seed=2)
+    masked = targets.clone()
+    masked[:, 8:] = -100
+    logits, loss = model(idx, targets=masked)
+    expected = F.cross_entropy(logits[:, :8].reshape(-1, VOCAB), targets[:, :8].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("positional", ["rope", "learned"])
+def test_a_future_token_does_not_change_earlier_logits(positional):
+    model = build(tiny(positional=positional)).eval()
+    idx = tokens(2, 24)
+    changed = idx.clone()
+    changed[:, 12] = (changed[:, 12] + 1) % VOCAB
+    before, after = model(idx).logits, model(changed).logits
+    torch.testing.assert_close(before[:, :12], after[:, :12], rtol=0, atol=0)
+    assert not torch.allclose(before[:, 12:], after[:, 12:])
+
+
+@pytest.mark.parametrize("positional", ["rope", "learned"])
+def test_kv_cache_decoding_matches_a_full_forward(positional):
+    model = build(tiny(positional=positional)).eval()
+    idx = tokens(2, 40)
+    with torch.no_grad():
+        full = model(idx).logits
+        cache = model.new_kv_cache(batch_size=2, max_len=40)
+        # A prompt, a chunk continuing it, then one token at a time, as generation goes.
+        pieces = [idx[:, :13], idx[:, 13:20], *idx[:, 20:].split(1, dim=1)]
+        incremental = torch.cat([model(piece, kv_cache=cache).logits for piece in pieces], dim=1)
+    assert cache.pos == 40
+    torch.testing.assert_close(incremental, full, rtol=0, atol=1e-5)
+
+
+def test_kv_cache_and_context_limits_are_errors():
+    model = build(tiny()).eval()
+    cache = model.new_kv_cache(batch_size=1, max_len=8)
+    with torch.no_grad():
+        model(tokens(1, 6), kv_cache=cache)
+        with pytest.raises(ValueError, match="KV cache holds 8"):
+            model(tokens(1, 3), kv_cache=cache)
+        with pytest.raises(ValueError, match="max_seq_len=64"):
+            model(tokens(1, 65))
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ValueError, match=r"model\.vocab_size"):
+        GPT(replace(tiny(), vocab_size=0))
+    with pytest.raises(ValueError, match=r"model\.positional='alibi'"):
+        GPT(tiny(positional="alibi"))
+    with pytest.raises(ValueError, match=r"model\.n_head=3"):
+        GPT(tiny(n_head=3))
+
+
+def test_input_and_output_embeddings_share_one_tensor():
+    tied = build(tiny())
+    assert tied.lm_head.weight is tied.wte.weight
+    assert tied.lm_head.weight.data_ptr() == tied.wte.weight.data_ptr()
+    untied = build(tiny(tie_embeddings=False))
+    assert untied.lm_head.weight.data_ptr() != untied.wte.weight.data_ptr()
+
+
+def test_residual_projections_start_smaller_with_depth():
+    cfg = tiny(n_layer=8, d_model=128)
+    model = build(cfg)
+    residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
+    for name, p in model.named_parameters():
+        into_residual = name.endswith(("attn.proj.weight", "mlp.down.weight"))
+        expected = residual_std if into_residual else cfg.init_std
+        if p.dim() >= 2:
+            assert p.std().item() == pytest.approx(expected, rel=0.1), name
+
+
+def test_weight_decay_only_on_matrices_and_each_tensor_once():
+    model = build(tiny(bias=True, positional="learned"))
+    decay, no_decay = model.param_groups(weight_decay=0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert all(p.dim() == 1 for p in no_decay["params"])
+    grouped = decay["params"] + no_decay["params"]
+    assert len({id(p) for p in grouped}) == len(grouped)
+    assert sum(p.numel() for p in grouped) == num_params(model)
+    assert any(p is model.wte.weight for p in decay["params"])
+    assert any(p is model.wpe.weight for p in decay["params"])
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        tiny(),
+        tiny(bias=True),
+        tiny(positional="learned", tie_embeddings=False),
+        tiny(bias=True, positional="learned", d_ff=48, n_layer=3),
+    ],
+    ids=["tied-rope", "bias", "learned-untied", "bias-learned-d_ff"],
+)
+def test_analytic_param_count_is_the_model_count(cfg):
+    model = build(cfg)
+    assert flops.param_count(cfg) == sum(p.numel() for p in model.parameters())
+    assert flops.param_count(cfg) == num_params(model) == num_params(cfg)
+    assert flops.param_count(cfg, include_embeddings=False) == num_params(model, non_embedding=True)
+
+
+def test_param_count_of_the_gpt2_small_shape_built_on_meta():
+    # 124,439,808 parameters as published; on the meta device they cost no memory.
+    with torch.device("meta"):
+        model = GPT(GPT2_SMALL)
+    assert sum(p.numel() for p in model.parameters()) == 124_439_808
+    assert flops.param_count(GPT2_SMALL) == 124_439_808
+    embeddings = (50257 + 1024) * 768
+    assert num_params(model, non_embedding=True) == 124_439_808 - embeddings
+    assert flops.param_count(GPT2_SMALL, include_embeddings=False) == 124_439_808 - embeddings
+
+
+def test_flops_per_token():
+    cfg = GPT2_SMALL
+    # nanoGPT's estimate for GPT-2 small: N = 123.65M (the tied output projection counted, the
+    # position table not), plus attention over 1024 tokens.
+    assert flops.flops_per_token(cfg, 1024) == 6 * 123_653_376 + 12 * 12 * 12 * 64 * 1024
+    # The attention term grows linearly with the context.
+    step = flops.flops_per_token(cfg, 2048) - flops.flops_per_token(cfg, 1024)
+    assert step == 12 * cfg.n_layer * cfg.d_model * 1024
+    # Untying adds a table lookup, not FLOPs.
+    untied = replace(cfg, tie_embeddings=False)
+    assert flops.flops_per_token(untied, 1024) == flops.flops_per_token(cfg, 1024)
+
+
+@pytest.mark.parametrize(
+    ("device_name", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA GH200 480GB", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA A100 80GB PCIe", 312e12),
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA GeForce RTX 4090", 165e12),
+        ("Tesla V100-SXM2-32GB", 125e12),
+        ("AMD Instinct MI300X", 1307e12),
+        ("NVIDIA GeForce RTX 3090", None),
+        ("cpu", None),
+    ],
+)
+def test_peak_flops_from_the_torch_device_name(device_name, peak):
+    assert flops.peak_flops(device_name) == peak
+
+
+def test_mfu():
+    # 8 H100s at 40% MFU on a model of 1 GFLOP per token run 8 * 989e12 * 0.4 / 1e9 tokens/s.
+    tokens_per_s = 8 * 989e12 * 0.4 / 1e9
+    assert flops.mfu(tokens_per_s, 1e9, 8 * 989e12) == pytest.approx(0.4)
+    assert flops.mfu(tokens_per_s, 1e9, None) is None
+
+
+def test_activation_checkpointing_recomputes_blocks_with_the_same_gradients():
+    def gradients(checkpointing: bool) -> tuple[dict, int]:
+        model = build(tiny(dropout=0.1, activation_checkpointing=checkpointing)).train()
+        calls = []
+        model.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
+        torch.manual_seed(3)  # the same dropout masks, which the recomputation must replay
+        model(tokens(2, 32), targets=tokens(2, 32, seed=2)).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters()}, len(calls)
+
+    plain, plain_calls = gradients(False)
+    recomputed, recomputed_calls = gradients(True)
+    assert (plain_calls, recomputed_calls) == (1, 2)
+    for name, grad in plain.items():
+        torch.testing.assert_close(recomputed[name], grad, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_tiny_model_overfits_one_batch():
+    model = build(tiny()).train()
+    optimizer = torch.optim.AdamW(model.param_groups(0.0), lr=3e-3)
+    idx, targets = tokens(4, 32), tokens(4, 32, seed=2)
+    losses = []
+    for _ in range(50):
+        loss = model(idx, targets=targets).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("name", ["tiny", "gpt_125m", "gpt_350m", "gpt_760m", "gpt_1b"])
+def test_model_configs_are_gpt_configs(name):
+    raw = OmegaConf.load(MODEL_CONFS / f"{name}.yaml")
+    assert "vocab_size" not in raw  # it comes from the tokenizer
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(GPTConfig), raw))
+    cfg.vocab_size = VOCAB
+    cfg.validate()
