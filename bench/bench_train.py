@@ -74,6 +74,27 @@ def hf_loop(dataset: str, model_overrides: dict, micro_batch: int) -> float:
     return inputs.numel() / statistics.median(times[5:])
 
 
+def loader_report(dataset: str, consumed: float) -> None:
+    """One loader process (num_workers=0, so the number is per worker) against the trainer."""
+    from mtrain.data import DataConfig, StreamingData, measure_throughput
+
+    data = StreamingData(DataConfig(path=dataset, num_workers=0), 128, 8)
+    per_worker = measure_throughput(data.train_batches(), 300)
+    # gpt_350m in bf16 at 45% MFU on one H100: tokens/s = 0.45 * 989e12 / flops per token.
+    from mtrain.flops import flops_per_token
+    from mtrain.model import GPTConfig
+
+    cfg = GPTConfig(vocab_size=data.tokenizer.vocab_size, n_layer=24, n_head=16, d_model=1024,
+                    max_seq_len=1024)  # fmt: skip
+    h100 = 0.45 * 989e12 / flops_per_token(cfg, 1024)
+    print(
+        f"\nloader, local shards: {per_worker:,.0f} tokens/s per worker = "
+        f"{per_worker / consumed:.0f}x what the trainer consumes on this CPU (goal >= 20x); "
+        f"8 H100s training gpt_350m at 45% MFU eat {8 * h100:,.0f} tokens/s: "
+        f"{8 * h100 / per_worker:.1f} workers"
+    )
+
+
 SHAPES = {
     "tiny": {"n_layer": 2, "n_head": 2, "d_model": 64, "max_seq_len": 128},
     "small_20m": {"n_layer": 6, "n_head": 8, "d_model": 512, "max_seq_len": 256},
@@ -84,6 +105,7 @@ def main() -> None:
     dataset = sys.argv[1] if len(sys.argv) > 1 else "data/bach"
     torch.set_num_threads(2)
     print(f"{'model':<10} {'trainer tok/s':>14} {'HF loop tok/s':>14} {'ratio':>7}")
+    consumption = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, shape in SHAPES.items():
             micro = 8
@@ -93,7 +115,9 @@ def main() -> None:
                                   f"trainer.micro_batch_size={micro}",
                                   f"trainer.global_batch_tokens={tokens}")  # fmt: skip
             peer = hf_loop(dataset, shape, micro)
+            consumption[name] = ours
             print(f"{name:<10} {ours:>14,.0f} {peer:>14,.0f} {ours / peer:>6.2f}x")
+        loader_report(dataset, consumption["tiny"])
 
         memory = {}
         for ranks in (1, 2):

@@ -256,6 +256,21 @@ def test_export_consolidates_zero3_and_matches_transformers(bach_dataset, tmp_pa
     torch.testing.assert_close(theirs, probe["logits"], atol=1e-4, rtol=0)
     assert (export_dir / "tokenizer" / "artifact.json").exists()
 
+    # Fine-tuning starts from the exported weights: its first loss is the trained model's.
+    tuned = tmp_path / "tuned"
+    code, out = run(
+        train_args(
+            bach_dataset,
+            tuned,
+            "trainer.max_steps=2",
+            f"init_from={export_dir}",
+            "model.positional=learned",
+            "model.bias=true",
+        )
+    )
+    assert code == 0, out[-4000:]
+    assert losses(tuned)[1] < losses(run_dir)[1] - 0.3
+
 
 def test_export_refuses_a_run_without_complete_checkpoints(tmp_path):
     (tmp_path / "run" / "checkpoints" / "step_00000005").mkdir(parents=True)
