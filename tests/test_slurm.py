@@ -1,0 +1,206 @@
+"""The sbatch scripts on a real Slurm: a one-machine cluster (slurmctld + slurmd) on loopback.
+
+Skipped, with the reason, where Debian's slurm-wlm is not installed (.ci/run installs it).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_module
+from test_slices import comparable
+
+from data_pipeline.reader import load_card
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("slurmctld") is None or shutil.which("sbatch") is None,
+    reason="Slurm is not installed (apt-get install -y --no-install-recommends slurm-wlm)",
+)
+TRAIN = (
+    "model=tiny",
+    "deepspeed=cpu",
+    "trainer.micro_batch_size=4",
+    "trainer.global_batch_tokens=1024",
+    "data.num_workers=1",
+    "optim.warmup_steps=2",
+    "trainer.log_every=10",
+)
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """The environment a client needs; the daemons are stopped (by PID) afterwards."""
+    where = tmp_path_factory.mktemp("slurm")
+    script = REPO / "slurm" / "local-cluster.sh"
+    subprocess.run(
+        [str(script), "start", str(where)], check=True, capture_output=True, text=True, timeout=60
+    )
+    env = {
+        **os.environ,
+        "SLURM_CONF": str(where / "slurm.conf"),
+        "MTRAIN_PYTHON": sys.executable,
+        "MTRAIN_PROCS_PER_NODE": "2",
+        "DS_ACCELERATOR": "cpu",
+        "WANDB_MODE": "offline",
+    }
+    try:
+        yield env
+    finally:
+        subprocess.run([str(script), "stop", str(where)], capture_output=True, timeout=60)
+
+
+def sbatch(env: dict, *args: str) -> str:
+    proc = subprocess.run(
+        ["sbatch", "--parsable", f"--chdir={REPO}", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return proc.stdout.strip().split(";")[0]
+
+
+def job_field(env: dict, job: str, field: str) -> str:
+    out = subprocess.run(
+        ["scontrol", "show", "job", job], env=env, capture_output=True, text=True
+    ).stdout
+    return next((w.split("=", 1)[1] for w in out.split() if w.startswith(f"{field}=")), "")
+
+
+def wait_for(env: dict, job: str, states: set[str], timeout: float = 300) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = job_field(env, job, "JobState")
+        if state in states:
+            return state
+        assert state not in {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}, state
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} still {job_field(env, job, 'JobState')} after {timeout} s")
+
+
+def steps(run_dir: Path) -> list[int]:
+    return [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_sbatch_runs_two_ranks_to_completion(slurm, bach_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    job = sbatch(
+        slurm,
+        f"--output={tmp_path}/%j.out",
+        "slurm/train.sbatch",
+        f"data.path={bach_dataset}",
+        f"run_dir={run_dir}",
+        "trainer.max_steps=12",
+        *TRAIN,
+    )
+    assert wait_for(slurm, job, {"COMPLETED"}) == "COMPLETED"
+    log = (tmp_path / f"{job}.out").read_text()
+    assert "1 node(s) x 2 rank(s)" in log and "step 12/12" in log
+    assert steps(run_dir) == list(range(1, 13))
+    assert (run_dir / "checkpoints" / "step_00000012" / "COMPLETE").exists()
+    assert (run_dir / "train-rank1.log").exists()
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes(slurm, bach_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    job = sbatch(
+        slurm,
+        f"--output={tmp_path}/%j.out",
+        "slurm/train.sbatch",
+        f"data.path={bach_dataset}",
+        f"run_dir={run_dir}",
+        "trainer.max_steps=150",
+        "trainer.save_every=1000",
+        *TRAIN,
+    )
+    deadline = time.monotonic() + 180
+    while not (run_dir / "metrics.jsonl").exists() or len(steps(run_dir)) < 10:
+        assert time.monotonic() < deadline
+        assert job_field(slurm, job, "JobState") in {"PENDING", "CONFIGURING", "RUNNING"}
+        time.sleep(0.2)
+    # What --signal=B:USR1@<s> does before the time limit: USR1 to the batch shell.
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
+    # Requeued, the job is held until its old credential expires (cred_expire=10 s here).
+    wait_for(slurm, job, {"PENDING"}, timeout=120)
+    assert wait_for(slurm, job, {"COMPLETED"}) == "COMPLETED"
+    assert job_field(slurm, job, "Restarts") == "1"
+    log = (tmp_path / f"{job}.out").read_text()
+    assert "exiting with 75" in log and "requeueing job" in log and "resumed from" in log
+    assert steps(run_dir) == list(range(1, 151))  # no step lost, none repeated
+    run_ids = {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")}
+    assert run_ids == {(run_dir / "wandb_run_id").read_text()}  # one wandb run, resumed
+
+
+def test_prepare_array_and_merge_equal_a_single_prepare(slurm, midi_corpus, tmp_path):
+    single = tmp_path / "single"
+    run_module(
+        "data_pipeline.prepare",
+        f"source={midi_corpus}",
+        f"output={single}",
+        "workers=1",
+        "shards.max_pieces=8",
+        f"hydra.run.dir={tmp_path / 'h'}",
+    )
+    sliced = tmp_path / "sliced"
+    proc = subprocess.run(
+        [
+            str(REPO / "slurm" / "prepare.sh"),
+            "2",
+            f"source={midi_corpus}",
+            f"output={sliced}",
+            "shards.max_pieces=8",
+        ],
+        env={
+            **slurm,
+            "SBATCH_ARGS": f"--output={tmp_path}/%x-%j.out --chdir={REPO}",
+            "MTRAIN_LOG_DIR": str(tmp_path / "logs"),
+        },
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    merge_job = proc.stdout.split("merge job ")[1].strip()
+    assert wait_for(slurm, merge_job, {"COMPLETED"}) == "COMPLETED"
+    assert comparable(load_card(str(sliced))) == comparable(load_card(str(single)))
+    assert len(load_card(str(sliced))["slices"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("script", "args"),
+    [
+        (
+            "slurm/train.sbatch",
+            ["--nodes=1", "model=gpt_350m", "data.path=s3://ds/v1", "trainer.max_steps=20000"],
+        ),
+        ("slurm/prepare.sbatch", ["--array=0-7", "source=s3://corpus/midi", "output=s3://ds/v1"]),
+        ("slurm/merge.sbatch", ["output=s3://ds/v1"]),
+        ("slurm/eval.sbatch", ["runs/mtrain-1"]),
+    ],
+)
+def test_every_script_passes_sbatch_test_only(slurm, script, args):
+    options = [a for a in args if a.startswith("--")]
+    overrides = [a for a in args if not a.startswith("--")]
+    proc = subprocess.run(
+        ["sbatch", "--test-only", *options, script, *overrides],
+        cwd=REPO,
+        env=slurm,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0 and "to start at" in proc.stderr, proc.stderr
+
+
+def test_an_impossible_request_is_refused_not_left_pending(slurm):
+    proc = subprocess.run(
+        ["sbatch", "--test-only", "--nodes=2", "slurm/train.sbatch"],
+        cwd=REPO,
+        env=slurm,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0 and "Node count specification invalid" in proc.stderr
