@@ -5,6 +5,7 @@ sets RANK/WORLD_SIZE/LOCAL_RANK, or Slurm's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCA
 """
 
 import os
+import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -34,6 +35,17 @@ def placement_from_env() -> Placement:
     return Placement(0, 1, 0)
 
 
+def _first_node() -> str | None:
+    """The first host of a Slurm allocation: the rendezvous when ranks are srun tasks."""
+    nodelist = os.environ.get("SLURM_JOB_NODELIST")
+    if not nodelist or "RANK" in os.environ:
+        return None
+    out = subprocess.run(
+        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=False
+    )
+    return out.stdout.split()[0] if out.returncode == 0 and out.stdout.strip() else None
+
+
 def on_gpu() -> bool:
     return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
 
@@ -42,9 +54,10 @@ def init(place: Placement, timeout_s: int) -> torch.device:
     """Starts the process group (nccl on GPUs, gloo on CPU); returns this rank's device."""
     if not on_gpu():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    # A single process started without a launcher still needs a rendezvous address.
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.setdefault("MASTER_ADDR", _first_node() or "127.0.0.1")
+    # Under srun/submitit every task of a job derives the same port from the job id.
+    job = os.environ.get("SLURM_JOB_ID")
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(job) % 20000) if job else "29500")
     for key, value in (
         ("RANK", place.rank),
         ("WORLD_SIZE", place.world_size),

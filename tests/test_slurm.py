@@ -204,3 +204,51 @@ def test_an_impossible_request_is_refused_not_left_pending(slurm):
         text=True,
     )
     assert proc.returncode != 0 and "Node count specification invalid" in proc.stderr
+
+
+def test_submitit_sweep_runs_each_job_with_slurm_ranks(slurm, bach_dataset, tmp_path):
+    """--multirun over the submitit launcher: one Slurm job per point, 2 tasks per job that are
+    the ranks themselves (no torchrun inside). submitit's client polls sacct, which needs an
+    accounting database this cluster lacks, so the test watches the runs and stops the client."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "sweep"
+    client = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mtrain.train",
+            "--multirun",
+            "hydra/launcher=slurm",
+            "hydra.launcher.gpus_per_node=0",
+            "hydra.launcher.tasks_per_node=2",
+            "hydra.launcher.cpus_per_task=1",
+            "hydra.launcher.timeout_min=10",
+            f"hydra.sweep.dir={sweep}",
+            f"run_dir={sweep}/run-${{hydra:job.num}}",
+            f"data.path={bach_dataset}",
+            "trainer.max_steps=5",
+            "optim.lr=1e-3,3e-4",
+            *TRAIN,
+        ],
+        cwd=REPO,
+        env={**slurm, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        runs = [sweep / "run-0", sweep / "run-1"]
+        while not all((r / "checkpoints" / "step_00000005" / "COMPLETE").exists() for r in runs):
+            assert time.monotonic() < deadline, "sweep jobs did not finish"
+            time.sleep(1)
+    finally:
+        client.terminate()
+        client.wait(timeout=30)
+    lrs = []
+    for run in runs:
+        assert steps(run) == [1, 2, 3, 4, 5]
+        assert (run / "train-rank1.log").exists()  # two ranks, from SLURM_PROCID
+        lrs.append(
+            json.loads((run / "hydra" / "config.yaml").read_text().split("lr: ")[1].split()[0])
+        )
+    assert sorted(lrs) == [0.0003, 0.001]
