@@ -244,11 +244,10 @@ def test_submitit_sweep_runs_each_job_with_slurm_ranks(slurm, bach_dataset, tmp_
     finally:
         client.terminate()
         client.wait(timeout=30)
-    lrs = []
-    for run in runs:
+    for num, run in enumerate(runs):
         assert steps(run) == [1, 2, 3, 4, 5]
-        assert (run / "train-rank1.log").exists()  # two ranks, from SLURM_PROCID
-        lrs.append(
-            json.loads((run / "hydra" / "config.yaml").read_text().split("lr: ")[1].split()[0])
-        )
-    assert sorted(lrs) == [0.0003, 0.001]
+        logs = sweep / str(num)  # the sweep job's Hydra output directory
+        assert (logs / "train-rank1.log").exists()  # two ranks, from SLURM_PROCID
+    overrides = [(sweep / str(n) / "hydra" / "overrides.yaml").read_text() for n in (0, 1)]
+    assert any("optim.lr=0.001" in o for o in overrides)
+    assert any("optim.lr=0.0003" in o for o in overrides)
