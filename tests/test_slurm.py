@@ -104,6 +104,17 @@ def test_train_sbatch_runs_two_ranks_to_completion(slurm, bach_dataset, tmp_path
     assert steps(run_dir) == list(range(1, 13))
     assert (run_dir / "checkpoints" / "step_00000012" / "COMPLETE").exists()
     assert (run_dir / "train-rank1.log").exists()
+    # The evaluation job exports that run and scores the test split.
+    job = sbatch(
+        slurm,
+        f"--output={tmp_path}/%j.out",
+        "slurm/eval.sbatch",
+        str(run_dir),
+        f"data_path={bach_dataset}",
+    )
+    assert wait_for(slurm, job, {"COMPLETED"}) == "COMPLETED"
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert report["step"] == 12 and report["likelihood"]["bits_per_note"] > 0
 
 
 def test_preempted_job_checkpoints_requeues_and_resumes(slurm, bach_dataset, tmp_path):
@@ -179,7 +190,7 @@ def test_prepare_array_and_merge_equal_a_single_prepare(slurm, midi_corpus, tmp_
         ),
         ("slurm/prepare.sbatch", ["--array=0-7", "source=s3://corpus/midi", "output=s3://ds/v1"]),
         ("slurm/merge.sbatch", ["output=s3://ds/v1"]),
-        ("slurm/eval.sbatch", ["runs/mtrain-1"]),
+        ("slurm/eval.sbatch", ["runs/mtrain-1", "data_path=s3://ds/v1"]),
     ],
 )
 def test_every_script_passes_sbatch_test_only(slurm, script, args):

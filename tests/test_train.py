@@ -6,6 +6,7 @@ dozen steps) so the whole file stays within a few minutes on two cores.
 
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -287,3 +288,34 @@ def test_export_refuses_a_run_without_complete_checkpoints(tmp_path):
         text=True,
     )
     assert proc.returncode == 2 and "no complete checkpoint" in proc.stderr + proc.stdout
+
+
+def test_evaluate_reports_bits_per_note_and_second(uninterrupted, bach_dataset, tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mtrain.evaluate",
+            f"checkpoint={uninterrupted}",
+            f"data_path={bach_dataset}",
+            f"output={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    lik = report["likelihood"]
+    card = json.loads((bach_dataset / "dataset.json").read_text())["splits"]["test"]
+    assert lik["pieces"] == card["pieces"] and lik["notes"] == card["notes"]
+    # Every token of every piece scored once: its tokens, plus BOS, labels and EOS.
+    labels = 3  # collection, composer, genre
+    assert lik["tokens"] == card["tokens"] + card["pieces"] * (1 + labels)
+    bits = lik["nll_per_token_nats"] * lik["tokens"] / math.log(2)
+    assert lik["bits_per_note"] == pytest.approx(bits / card["notes"])
+    assert lik["bits_per_second"] == pytest.approx(bits / card["duration_s"], rel=1e-3)
+    shares = [row["share_of_bits"] for row in lik["by_token_type"].values()]
+    assert sum(shares) == pytest.approx(1.0)
+    assert {"Pitch", "Duration", "Position", "conditioning"} <= set(lik["by_token_type"])
+    assert "| bits_per_note |" in (tmp_path / "report.md").read_text()

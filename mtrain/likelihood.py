@@ -1,0 +1,127 @@
+"""How well a model predicts held-out music: NLL per token, per note and per second.
+
+Perplexity per token depends on the tokenizer (a learned vocabulary packs several base tokens
+into one), so the same total information is also reported per note and per second of music,
+which are comparable across tokenizers. Every token of a piece is scored once, with up to half
+a context window of history before it (strided windows), in pieces read whole from the shards.
+"""
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data_pipeline.reader import iter_pieces, load_card, shard_urls
+from data_pipeline.tokenizer import SPECIAL_TOKENS, MusicTokenizer
+from mtrain.data import document
+from mtrain.model import GPT
+
+IGNORE = -100
+
+
+def token_types(tokenizer: MusicTokenizer) -> list[str]:
+    """A type per model id: the MidiTok token family (Pitch, Duration, Position, ...),
+    ``special``, ``conditioning`` for labels, ``learned`` for learned-vocabulary pieces."""
+    types = ["special"] * len(SPECIAL_TOKENS)
+    if tokenizer.learned is None:
+        by_id = {i: name for name, i in tokenizer.base.vocab.items()}
+        types += [by_id[i].split("_")[0] for i in range(len(SPECIAL_TOKENS), len(by_id))]
+    else:
+        types += ["learned"] * tokenizer.num_units
+    return types + ["conditioning"] * len(tokenizer.labels)
+
+
+def windows(doc: np.ndarray, length: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(inputs, targets) windows of ``length`` covering every target of ``doc`` once; targets
+    already scored by the previous window (kept as context) are set to IGNORE."""
+    out, scored, stride = [], 0, max(1, length // 2)
+    start = 0
+    while scored < len(doc) - 1:
+        chunk = doc[start : start + length + 1]
+        inputs, targets = chunk[:-1].copy(), chunk[1:].copy()
+        targets[: scored - start] = IGNORE  # predicted already, with less context
+        pad = length - len(inputs)
+        out.append((np.pad(inputs, (0, pad)), np.pad(targets, (0, pad), constant_values=IGNORE)))
+        scored = start + len(targets)
+        start += stride
+    return out
+
+
+@dataclass
+class Tally:
+    nats: float = 0.0
+    tokens: int = 0
+    notes: int = 0
+    seconds: float = 0.0
+    pieces: int = 0
+    by_type: dict = field(default_factory=lambda: defaultdict(lambda: [0.0, 0]))
+
+    def report(self) -> dict:
+        bits = self.nats / math.log(2)
+        return {
+            "pieces": self.pieces,
+            "tokens": self.tokens,
+            "notes": self.notes,
+            "seconds": round(self.seconds, 2),
+            "nll_per_token_nats": self.nats / self.tokens,
+            "perplexity": math.exp(self.nats / self.tokens),
+            "bits_per_token": bits / self.tokens,
+            "bits_per_note": bits / self.notes,
+            "bits_per_second": bits / self.seconds,
+            "by_token_type": {
+                kind: {"tokens": n, "nll_nats": nats / n, "share_of_bits": nats / self.nats}
+                for kind, (nats, n) in sorted(self.by_type.items())
+            },
+        }
+
+
+@torch.no_grad()
+def evaluate_split(
+    model: GPT,
+    tokenizer: MusicTokenizer,
+    data_path: str,
+    split: str,
+    batch_size: int = 8,
+    max_pieces: int | None = None,
+) -> dict:
+    """Scores every piece of ``split`` of a prepared dataset."""
+    card = load_card(data_path)
+    kinds = np.array(token_types(tokenizer))
+    length = model.config.max_seq_len
+    tally = Tally()
+    pending: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def flush():
+        inputs = torch.from_numpy(np.stack([w[0] for w in pending]))
+        targets = torch.from_numpy(np.stack([w[1] for w in pending]))
+        logits = model.eval()(inputs).logits.float()
+        nll = F.cross_entropy(
+            logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
+        )
+        scored = targets != IGNORE
+        tally.nats += nll[scored].sum().item()
+        tally.tokens += int(scored.sum())
+        for kind in np.unique(kinds[targets[scored].numpy()]):
+            mask = scored & torch.from_numpy(kinds[targets.clamp(min=0).numpy()] == kind)
+            tally.by_type[kind][0] += nll[mask].sum().item()
+            tally.by_type[kind][1] += int(mask.sum())
+        pending.clear()
+
+    for i, (tokens, meta) in enumerate(iter_pieces(shard_urls(data_path, split, card))):
+        if max_pieces is not None and i >= max_pieces:
+            break
+        tally.pieces += 1
+        tally.notes += meta["notes"]
+        tally.seconds += meta["duration_s"]
+        for window in windows(document(tokenizer, meta["labels"], tokens), length):
+            pending.append(window)
+            if len(pending) == batch_size:
+                flush()
+    if pending:
+        flush()
+    if not tally.pieces:
+        raise ValueError(f"split {split!r} of {data_path} has no pieces to evaluate")
+    return tally.report()
