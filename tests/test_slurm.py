@@ -262,3 +262,47 @@ def test_submitit_sweep_runs_each_job_with_slurm_ranks(slurm, bach_dataset, tmp_
     overrides = [(sweep / str(n) / "hydra" / "overrides.yaml").read_text() for n in (0, 1)]
     assert any("optim.lr=0.001" in o for o in overrides)
     assert any("optim.lr=0.0003" in o for o in overrides)
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None,
+    reason="a second node needs root and iproute2 for its network namespace",
+)
+def test_two_nodes_train_across_a_network_namespace(bach_dataset, tmp_path):
+    """A second slurmd in its own network namespace, reached over a veth pair: one rank per
+    node, the rendezvous and gloo traffic go between the two addresses."""
+    where = tmp_path / "cluster"
+    script = REPO / "slurm" / "local-cluster.sh"
+    env = {**os.environ, "MTRAIN_SLURM_NODES": "2"}
+    subprocess.run(
+        [str(script), "start", str(where)], env=env, check=True, capture_output=True, timeout=60
+    )
+    env = {
+        **os.environ,
+        "SLURM_CONF": str(where / "slurm.conf"),
+        "MTRAIN_PYTHON": sys.executable,
+        "MTRAIN_PROCS_PER_NODE": "1",
+        "GLOO_SOCKET_IFNAME": "mtrain0",
+        "DS_ACCELERATOR": "cpu",
+        "WANDB_MODE": "offline",
+    }
+    try:
+        run_dir = tmp_path / "run"
+        job = sbatch(
+            env,
+            "--nodes=2",
+            f"--output={tmp_path}/%j.out",
+            "slurm/train.sbatch",
+            f"data.path={bach_dataset}",
+            f"run_dir={run_dir}",
+            "trainer.max_steps=8",
+            *TRAIN,
+        )
+        assert wait_for(env, job, {"COMPLETED"}) == "COMPLETED"
+    finally:
+        subprocess.run([str(script), "stop", str(where)], capture_output=True, timeout=60)
+    log = (tmp_path / f"{job}.out").read_text()
+    assert "2 node(s) x 1 rank(s), master 10.77.0." in log
+    assert steps(run_dir) == list(range(1, 9))
+    shares = [(run_dir / f"train-rank{r}.log").read_text() for r in (0, 1)]
+    assert all("(50.0%)" in s for s in shares)  # ZeRO-3 partitioned across the two nodes
