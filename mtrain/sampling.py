@@ -1,0 +1,87 @@
+"""Choosing the next token from a model's logits: repetition penalty, temperature, top-k,
+top-p and min-p, drawn from a seeded generator so that a seed always gives the same music."""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    """How new tokens are drawn: the keys of conf/generate/*.yaml's ``sampling``."""
+
+    # 0 takes the most likely token (greedy); above 1 flattens the distribution.
+    temperature: float = 1.0
+    # Draw among the k most likely tokens only; 0 keeps them all.
+    top_k: int = 0
+    # Nucleus: draw among the fewest tokens whose probabilities add up to top_p; 1 keeps all.
+    top_p: float = 1.0
+    # Draw among the tokens at least min_p times as likely as the most likely one; 0 keeps all.
+    min_p: float = 0.0
+    # CTRL's penalty on tokens already in the sequence; 1 turns it off.
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    max_new_tokens: int = 512
+
+    def __post_init__(self):
+        checks = [
+            (self.temperature >= 0, "temperature", "must be >= 0"),
+            (self.top_k >= 0, "top_k", "must be >= 0"),
+            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
+            (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
+            (self.max_new_tokens >= 0, "max_new_tokens", "must be >= 0"),
+        ]
+        for ok, name, rule in checks:
+            if not ok:
+                raise ValueError(f"sampling.{name}={getattr(self, name)} {rule}")
+
+
+def disallow(logits: torch.Tensor, token_ids) -> torch.Tensor:
+    """``logits`` [batch, vocab] with ``token_ids`` made impossible (a new tensor)."""
+    logits = logits.clone()
+    logits[:, list(token_ids)] = float("-inf")
+    return logits
+
+
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL (Keskar et al. 2019): the logit of every token in ``seen`` [batch, time] is divided
+    by ``penalty`` when positive and multiplied by it when negative, so it always loses
+    probability (for penalty > 1) whatever its sign."""
+    scores = logits.gather(1, seen)
+    scores = torch.where(scores > 0, scores / penalty, scores * penalty)
+    return logits.scatter(1, seen, scores)
+
+
+def next_token(
+    logits: torch.Tensor, seen: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """One token per row [batch] from ``logits`` [batch, vocab], given the tokens ``seen`` so
+    far [batch, time] (prompt included, as in CTRL).
+
+    In order: the repetition penalty; the temperature (0: argmax, nothing is drawn); top-k;
+    top-p, which always keeps the most likely token; min-p, relative to the most likely token
+    after temperature; then one draw from what is left. Filters only ever remove tokens, so
+    tokens already at -inf (see ``disallow``) are never drawn.
+    """
+    logits = logits.float()
+    if cfg.repetition_penalty != 1.0 and seen.numel():
+        logits = penalize_repeats(logits, seen, cfg.repetition_penalty)
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / cfg.temperature
+    if cfg.top_k > 0:
+        kth = logits.topk(min(cfg.top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
+        # A token goes when the more likely ones already reach top_p: the first one never does.
+        beyond = probs.cumsum(dim=-1) - probs >= cfg.top_p
+        logits = logits.masked_fill(
+            torch.zeros_like(beyond).scatter(1, order, beyond), float("-inf")
+        )
+    if cfg.min_p > 0:
+        probs = logits.softmax(dim=-1)
+        floor = cfg.min_p * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < floor, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)

@@ -1,0 +1,311 @@
+"""Generation: sampling filters, the KV-cache loop against the uncached one, prompts from labels
+and MIDI, and any token sequence back to a valid MIDI score."""
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import symusic
+import torch
+from conftest import run_module
+from midi_factory import piece, write_corpus, write_piece
+
+from data_pipeline.config import TokenizerConfig, TokenizerKind
+from data_pipeline.tokenizer import MusicTokenizer, build_base_tokenizer
+from mtrain.generation import (
+    build_prompt,
+    continuation_banned_ids,
+    generate,
+    generate_without_cache,
+    prompt_from_midi,
+    repair,
+    to_midi,
+)
+from mtrain.model import GPT, GPTConfig
+from mtrain.sampling import SamplingConfig, disallow, next_token
+
+GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=60)
+# Probabilities of 20 tokens: five likely ones, then 15 at 0.1/15 each.
+PROBS = torch.tensor([0.35, 0.25, 0.15, 0.1, 0.05] + [0.1 / 15] * 15)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> MusicTokenizer:
+    """The REMI artifact data_pipeline.prepare builds from 12 procedural pieces in two
+    collections (labels collection=folk and collection=jazz)."""
+    root = tmp_path_factory.mktemp("generation")
+    write_corpus(root / "midi", 12)
+    run_module(
+        "data_pipeline.prepare",
+        f"source={root / 'midi'}",
+        f"output={root / 'ds'}",
+        "workers=1",
+        "split.val=0",
+        "split.test=0",
+        f"hydra.run.dir={root / 'hydra'}",
+    )
+    return MusicTokenizer.load(str(root / "ds" / "tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def model(tok) -> GPT:
+    # A large init spreads the logits: clear argmaxes, and a model that loves to repeat.
+    torch.manual_seed(0)
+    cfg = GPTConfig(
+        vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, max_seq_len=128, init_std=0.2
+    )
+    return GPT(cfg).eval()
+
+
+def draws(cfg: SamplingConfig, logits: torch.Tensor, n: int = 4000) -> set[int]:
+    rows = logits.expand(n, -1)
+    seen = torch.zeros(n, 0, dtype=torch.long)
+    return set(next_token(rows, seen, cfg, torch.Generator().manual_seed(cfg.seed)).tolist())
+
+
+def prompts(tok: MusicTokenizer) -> list[list[int]]:
+    """Two prompts of different lengths from real music."""
+    music = tok.encode_base(tok.midi_to_base_ids(piece(5)))
+    return [
+        build_prompt(tok, {"collection": "jazz"}, music[:7]),
+        build_prompt(tok, {"collection": "folk"}, music[:12]),
+    ]
+
+
+# ---- sampling ----------------------------------------------------------------------------
+
+
+def test_the_same_seed_draws_the_same_tokens_and_another_seed_others():
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(0))
+    seen = torch.zeros(8, 0, dtype=torch.long)
+
+    def draw(seed: int) -> list[int]:
+        cfg = SamplingConfig(seed=seed, top_p=0.9)
+        return next_token(logits, seen, cfg, torch.Generator().manual_seed(seed)).tolist()
+
+    assert draw(1) == draw(1)
+    assert draw(1) != draw(2)
+
+
+def test_temperature_zero_is_the_argmax_whatever_the_filters():
+    logits = torch.randn(16, 100, generator=torch.Generator().manual_seed(0))
+    cfg = SamplingConfig(temperature=0.0, top_k=3, top_p=0.5)
+    picked = next_token(logits, torch.zeros(16, 0, dtype=torch.long), cfg, torch.Generator())
+    assert torch.equal(picked, logits.argmax(dim=-1))
+
+
+@pytest.mark.parametrize(
+    "cfg, kept",
+    [
+        (SamplingConfig(top_k=2), {0, 1}),
+        # Before token 3 the mass is 0.75 >= 0.7: tokens 0-2 make the nucleus.
+        (SamplingConfig(top_p=0.7), {0, 1, 2}),
+        # At least a quarter of 0.35 = 0.0875: tokens 0-3.
+        (SamplingConfig(min_p=0.25), {0, 1, 2, 3}),
+        (SamplingConfig(top_k=4, top_p=0.5), {0, 1}),
+    ],
+)
+def test_filters_draw_exactly_the_tokens_they_keep(cfg, kept):
+    assert draws(cfg, PROBS.log()) == kept
+
+
+def test_disallowed_tokens_are_never_drawn():
+    banned = disallow(PROBS.log()[None], [0, 2, 7])
+    assert draws(SamplingConfig(), banned) == set(range(20)) - {0, 2, 7}
+    assert draws(SamplingConfig(top_k=3), banned) == {1, 3, 4}
+
+
+def test_repetition_penalty_pushes_seen_tokens_down_whatever_their_sign():
+    cfg = SamplingConfig(temperature=0.0, repetition_penalty=1.2)
+    positive = torch.tensor([[2.0, 1.9, 0.0]])
+    negative = torch.tensor([[-1.0, -1.1, -5.0]])
+    seen = torch.tensor([[0, 0]])
+    assert next_token(positive, seen, cfg, torch.Generator()).item() == 1
+    assert next_token(negative, seen, cfg, torch.Generator()).item() == 1
+
+
+def test_repetition_penalty_lowers_repeats_in_generation(tok, model):
+    def distinct_share(penalty: float) -> float:
+        cfg = SamplingConfig(temperature=0.0, repetition_penalty=penalty, max_new_tokens=80)
+        rows = generate(model, prompts(tok), cfg, None)
+        return sum(len(set(row)) for row in rows) / sum(map(len, rows))
+
+    assert distinct_share(1.5) > 2 * distinct_share(1.0)
+
+
+def test_sampling_config_names_a_bad_key():
+    with pytest.raises(ValueError, match=r"sampling\.top_p=0"):
+        SamplingConfig(top_p=0.0)
+
+
+# ---- the generation loop -----------------------------------------------------------------
+
+
+def test_cached_generation_equals_uncached_and_one_prompt_at_a_time(tok, model):
+    batch = prompts(tok)
+    cached = generate(model, batch, GREEDY, None)
+    assert [len(row) for row in cached] == [60, 60]
+    assert generate_without_cache(model, batch, GREEDY, None) == cached
+    # Prompts of different lengths in one batch: each row as if generated alone.
+    assert [generate(model, [p], GREEDY, None)[0] for p in batch] == cached
+    # A LongTensor batch of equal-length prompts is read the same way.
+    tensor = torch.tensor([batch[0], batch[0]])
+    assert generate(model, tensor, GREEDY, None) == [cached[0], cached[0]]
+
+
+def test_sampled_generation_repeats_with_its_seed(tok, model):
+    def sample(seed: int) -> list[list[int]]:
+        cfg = SamplingConfig(top_k=50, seed=seed, max_new_tokens=40)
+        return generate(model, prompts(tok), cfg, None)
+
+    assert sample(3) == sample(3) != sample(4)
+
+
+def test_each_row_stops_after_its_stop_token(tok, model):
+    batch = prompts(tok)
+    free = generate(model, batch, GREEDY, None)
+    # In use stop_id is EOS, which an untrained model hardly draws; a token it does draw
+    # exercises the same rule.
+    stop = free[0][10]
+    stopped = generate(model, batch, GREEDY, stop)
+    for row, full in zip(stopped, free, strict=True):
+        end = full.index(stop) + 1 if stop in full else len(full)
+        assert row == full[:end]
+    assert len(stopped[0]) <= 11 < len(free[0])
+
+
+def test_generation_never_runs_past_max_seq_len(tok, model):
+    long_prompt = [tok.bos_id] + [5] * 99
+    cfg = SamplingConfig(max_new_tokens=512)
+    assert len(generate(model, [long_prompt], cfg, None)[0]) == 128 - 100
+    assert len(generate(model, [long_prompt], cfg, None, max_len=110)[0]) == 10
+    assert generate(model, [[tok.bos_id] * 128], cfg, None) == [[]]
+    with pytest.raises(ValueError, match="shorten it"):
+        generate(model, [[tok.bos_id] * 129], cfg, None)
+
+
+def test_continuations_never_draw_specials_or_labels(tok, model):
+    banned = continuation_banned_ids(tok)
+    assert tok.eos_id not in banned and {tok.pad_id, tok.bos_id, tok.label_offset} <= set(banned)
+    cfg = SamplingConfig(max_new_tokens=100)
+    rows = generate(model, prompts(tok), cfg, None, banned_ids=banned)
+    assert not {t for row in rows for t in row} & set(banned)
+
+
+# ---- tokens to MIDI ----------------------------------------------------------------------
+
+
+def test_any_ids_decode_to_a_score_with_repairs_counted(tok):
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        ids = rng.integers(0, tok.vocab_size, size=rng.integers(20, 400))
+        score, repairs = to_midi(tok, ids)
+        assert isinstance(score, symusic.Score) and repairs > 0
+        # What is left obeys MidiTok's own grammar check: token types and time order.
+        kept, _ = repair(tok, ids)
+        assert not kept or tok.base.tokens_errors(kept) == 0
+    score, repairs = to_midi(tok, [])
+    assert score.note_num() == 0 and repairs == 0
+
+
+def test_each_repair_rule_drops_or_inserts_what_it_says(tok):
+    v = tok.base.vocab
+    note = [v["Program_0"], v["Pitch_60"], v["Velocity_63"], v["Duration_1.0.8"]]
+    bar = [v["Bar_None"], v["TimeSig_4/4"]]
+    at_0 = [*bar, v["Position_0"]]
+    cases = [
+        ([*at_0, v["Velocity_63"], *note], {"stray_note_token": 1}),
+        ([*at_0, *note[:2], *note], {"incomplete_note": 2}),
+        ([*at_0, *note, *note[:3]], {"incomplete_note": 3}),
+        (
+            [*at_0, *note, v["Program_-1"], v["Pitch_36"]],
+            {"stray_note_token": 1, "incomplete_note": 1},
+        ),
+        ([*bar, v["Position_8"], *note, v["Position_4"], *note], {"position_backwards": 1}),
+        ([*at_0, *note, v["Position_40"], *note], {"position_past_bar": 1}),
+        ([*at_0, v["Position_4"], *note], {"empty_position": 1}),
+        ([*at_0, *note, v["Tempo_121.29"], *note], {"stray_tempo": 1}),
+        ([*at_0, v["TimeSig_3/4"], *note], {"stray_time_signature": 1}),
+        ([v["Bar_None"], v["Position_0"], *note], {"missing_time_signature": 1}),
+        ([*bar, *note, v["Position_0"], *note], {"note_without_position": 4}),
+    ]
+    for ids, expected in cases:
+        _, repairs = repair(tok, ids)
+        assert repairs == expected
+        score, count = to_midi(tok, ids)
+        assert count == sum(expected.values())
+        assert [n.pitch for t in score.tracks for n in t.notes][-1] == 60
+
+
+def test_a_real_piece_decodes_unrepaired_with_its_notes(tok):
+    original = piece(3)
+    ids = tok.encode_base(tok.midi_to_base_ids(original))
+    score, repairs = to_midi(tok, [tok.bos_id, tok.label_offset, *ids, tok.eos_id])
+    assert repairs == 0
+
+    def pitches(s: symusic.Score) -> dict:
+        by_track = {(t.is_drum, t.program): sorted(n.pitch for n in t.notes) for t in s.tracks}
+        return {k: v for k, v in by_track.items() if v}
+
+    assert pitches(score) == pitches(original)
+
+
+@pytest.mark.parametrize("kind", [TokenizerKind.TSD, TokenizerKind.MIDILike])
+def test_other_tokenizers_fall_back_to_the_type_graph(kind):
+    other = MusicTokenizer(build_base_tokenizer(TokenizerConfig(kind=kind)), [])
+    _, repairs = to_midi(other, other.encode_base(other.midi_to_base_ids(piece(3))))
+    assert repairs == 0
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        ids = rng.integers(0, other.vocab_size, size=rng.integers(20, 300))
+        score, repairs = to_midi(other, ids)
+        assert isinstance(score, symusic.Score) and repairs > 0
+
+
+# ---- prompts -----------------------------------------------------------------------------
+
+
+def notes_by_track(score: symusic.Score) -> dict:
+    out = defaultdict(list)
+    for track in score.tracks:
+        out[track.is_drum, track.program] += [(n.time, n.duration, n.pitch) for n in track.notes]
+    return out
+
+
+def test_a_continuation_starts_with_the_prompt_notes(tok, model, tmp_path):
+    path = write_piece(tmp_path / "prompt.mid", seed=7)
+    music = prompt_from_midi(tok, str(path), bars=1)
+    names = {i: name for name, i in tok.base.vocab.items()}
+    assert [names[int(i)] for i in music].count("Bar_None") == 1
+    prompt = build_prompt(tok, {"collection": "jazz"}, music)
+    assert prompt[:2] == [tok.bos_id, tok.label_ids({"collection": "jazz"})[0]]
+    new = generate(model, [prompt], SamplingConfig(max_new_tokens=60), tok.eos_id)[0]
+    alone, repairs = to_midi(tok, prompt)
+    continued, _ = to_midi(tok, prompt + new)
+    assert repairs == 0 and alone.note_num() > 0
+    for track, notes in notes_by_track(alone).items():
+        assert notes_by_track(continued)[track][: len(notes)] == notes
+
+
+def test_a_prompt_in_seconds_holds_the_notes_that_start_before(tok, tmp_path):
+    path = write_piece(tmp_path / "prompt.mid", seed=7)
+    score, _ = to_midi(tok, prompt_from_midi(tok, str(path), seconds=3.1))
+    onsets = [n.time for t in score.to("second").tracks for n in t.notes]
+    original = symusic.Score(str(path)).to("second")
+    expected = [n.time for t in original.tracks for n in t.notes if n.time < 3.1]
+    assert max(onsets) < 3.1 and len(onsets) == len(expected)
+
+
+def test_an_unknown_label_lists_the_known_ones(tok):
+    with pytest.raises(ValueError, match=r"collection=rock.*collection=folk, collection=jazz"):
+        build_prompt(tok, {"collection": "rock"}, None)
+
+
+def test_a_corrupt_prompt_file_is_named(tok, tmp_path):
+    bad = tmp_path / "broken.mid"
+    bad.write_bytes(b"MThd" + bytes(range(40)))
+    with pytest.raises(ValueError, match=r"broken\.mid"):
+        prompt_from_midi(tok, str(bad), bars=2)
+    with pytest.raises(ValueError, match=r"missing\.mid"):
+        prompt_from_midi(tok, str(Path(tmp_path) / "missing.mid"))
