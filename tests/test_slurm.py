@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -32,26 +33,36 @@ TRAIN = (
 )
 
 
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    """The environment a client needs; the daemons are stopped (by PID) afterwards."""
-    where = tmp_path_factory.mktemp("slurm")
+@contextmanager
+def local_cluster(where: Path, nodes: int = 1, ranks_per_node: int = 2, **extra_env: str):
+    """A running loopback cluster; yields the environment a client needs. The daemons (and a
+    second node's network namespace) are stopped by PID afterwards."""
     script = REPO / "slurm" / "local-cluster.sh"
     subprocess.run(
-        [str(script), "start", str(where)], check=True, capture_output=True, text=True, timeout=60
+        [str(script), "start", str(where)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+        env={**os.environ, "MTRAIN_SLURM_NODES": str(nodes)},
     )
-    env = {
-        **os.environ,
-        "SLURM_CONF": str(where / "slurm.conf"),
-        "MTRAIN_PYTHON": sys.executable,
-        "MTRAIN_PROCS_PER_NODE": "2",
-        "DS_ACCELERATOR": "cpu",
-        "WANDB_MODE": "offline",
-    }
     try:
-        yield env
+        yield {
+            **os.environ,
+            "SLURM_CONF": str(where / "slurm.conf"),
+            "MTRAIN_PYTHON": sys.executable,
+            "MTRAIN_PROCS_PER_NODE": str(ranks_per_node),
+            "DS_ACCELERATOR": "cpu",
+            "WANDB_MODE": "offline",
+            **extra_env,
+        }
     finally:
         subprocess.run([str(script), "stop", str(where)], capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    with local_cluster(tmp_path_factory.mktemp("slurm")) as env:
+        yield env
 
 
 def sbatch(env: dict, *args: str) -> str:
@@ -271,22 +282,10 @@ def test_submitit_sweep_runs_each_job_with_slurm_ranks(slurm, bach_dataset, tmp_
 def test_two_nodes_train_across_a_network_namespace(bach_dataset, tmp_path):
     """A second slurmd in its own network namespace, reached over a veth pair: one rank per
     node, the rendezvous and gloo traffic go between the two addresses."""
-    where = tmp_path / "cluster"
-    script = REPO / "slurm" / "local-cluster.sh"
-    env = {**os.environ, "MTRAIN_SLURM_NODES": "2"}
-    subprocess.run(
-        [str(script), "start", str(where)], env=env, check=True, capture_output=True, timeout=60
+    cluster = local_cluster(
+        tmp_path / "cluster", nodes=2, ranks_per_node=1, GLOO_SOCKET_IFNAME="mtrain0"
     )
-    env = {
-        **os.environ,
-        "SLURM_CONF": str(where / "slurm.conf"),
-        "MTRAIN_PYTHON": sys.executable,
-        "MTRAIN_PROCS_PER_NODE": "1",
-        "GLOO_SOCKET_IFNAME": "mtrain0",
-        "DS_ACCELERATOR": "cpu",
-        "WANDB_MODE": "offline",
-    }
-    try:
+    with cluster as env:
         run_dir = tmp_path / "run"
         job = sbatch(
             env,
@@ -299,8 +298,6 @@ def test_two_nodes_train_across_a_network_namespace(bach_dataset, tmp_path):
             *TRAIN,
         )
         assert wait_for(env, job, {"COMPLETED"}) == "COMPLETED"
-    finally:
-        subprocess.run([str(script), "stop", str(where)], capture_output=True, timeout=60)
     log = (tmp_path / f"{job}.out").read_text()
     assert "2 node(s) x 1 rank(s), master 10.77.0." in log
     assert steps(run_dir) == list(range(1, 9))
