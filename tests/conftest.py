@@ -1,5 +1,6 @@
 """Shared fixtures: a small procedural MIDI corpus, with bad files beside it."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -52,3 +53,41 @@ def bach_dataset(tmp_path_factory) -> Path:
         f"hydra.run.dir={root / 'hydra'}",
     )
     return root / "ds"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> dict[str, Path]:
+    """A tiny GPT trained briefly (1 process, ZeRO-0, CPU) on 60 procedural pieces in two
+    styles (labels collection=band, collection=duo), exported: ``dataset``, ``run``,
+    ``export`` directories. Enough training to tell the styles apart, not to make music."""
+    root = tmp_path_factory.mktemp("tiny_model")
+    midi_factory.write_two_styles(root / "midi", 60)
+    run_module(
+        "data_pipeline.prepare",
+        f"source={root / 'midi'}",
+        f"output={root / 'ds'}",
+        "workers=1",
+        "split.val=0.1",
+        "split.test=0.2",
+        f"hydra.run.dir={root / 'hydra'}",
+    )
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    run_module(
+        "mtrain.train",
+        f"data.path={root / 'ds'}",
+        f"run_dir={root / 'run'}",
+        "model=tiny",
+        "deepspeed=cpu",
+        "deepspeed.zero_stage=0",
+        "trainer.max_steps=200",
+        "trainer.save_every=200",
+        "trainer.eval_every=0",
+        "trainer.micro_batch_size=8",
+        "trainer.global_batch_tokens=1024",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=20",
+        "logger.mode=disabled",
+        env=env,
+    )
+    run_module("mtrain.export", f"checkpoint={root / 'run'}", f"output={root / 'export'}")
+    return {"dataset": root / "ds", "run": root / "run", "export": root / "export"}

@@ -58,6 +58,20 @@ def write_corpus(root: Path, count: int, collections=("jazz", "folk")) -> list[P
     ]
 
 
+def write_two_styles(root: Path, count: int) -> list[Path]:
+    """``count`` pieces in two audibly different collections: ``band`` (piano melody, bass and
+    drums, 8 bars) and ``duo`` (flute over cello, no drums, 4 bars), alternating."""
+    styles = {
+        "band": {"drums": True, "programs": (0, 33)},
+        "duo": {"drums": False, "programs": (73, 42), "bars": 4},
+    }
+    names = list(styles)
+    return [
+        write_piece(root / names[i % 2] / f"piece{i:03d}.mid", seed=i, **styles[names[i % 2]])
+        for i in range(count)
+    ]
+
+
 def write_bad_files(root: Path) -> dict[str, str]:
     """One file per kind of bad input; maps file name -> the reason code expected."""
     root.mkdir(parents=True, exist_ok=True)
