@@ -7,14 +7,12 @@ only a crash of the process itself escapes, and the resilient pool catches that.
 from dataclasses import dataclass, field
 
 import numpy as np
-import symusic
 
 from data_pipeline import storage
 from data_pipeline.config import LimitsConfig, TokenizerConfig
 from data_pipeline.manifest import content_hash, slice_of
+from data_pipeline.midi_file import MidiFileError, read_score
 from data_pipeline.tokenizer import build_base_tokenizer
-
-MIDI_MAGIC = (b"MThd", b"RIFF")
 
 
 @dataclass
@@ -79,16 +77,10 @@ def process_file(url: str) -> Piece | Rejection | OtherSlice:
 
 
 def check_and_measure(data: bytes, limits: LimitsConfig) -> Rejection | tuple:
-    if not data:
-        return Rejection("empty", "the file is empty (0 bytes)")
-    if not data.startswith(MIDI_MAGIC):
-        return Rejection(
-            "not_midi", f"starts with {data[:8]!r}, not the MIDI header 'MThd': not a MIDI file"
-        )
     try:
-        score = symusic.Score.from_midi(data)
-    except Exception as exc:  # symusic raises RuntimeError("MiniMidi: ...") on bad bytes
-        return Rejection("parse_error", f"{type(exc).__name__}: {exc}")
+        score = read_score(data)
+    except MidiFileError as exc:
+        return Rejection(exc.reason, str(exc))
     notes = score.note_num()
     tracks = sum(1 for t in score.tracks if t.note_num() > 0)
     duration_s = float(score.to("second").end())

@@ -16,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 
 from data_pipeline.reader import load_card
 from data_pipeline.tokenizer import MusicTokenizer
-from mtrain.export import WEIGHTS, export, load_exported
+from mtrain.export import exported_model_dir, load_exported
 from mtrain.likelihood import evaluate_split
 
 log = logging.getLogger(__name__)
@@ -32,18 +32,6 @@ class EvaluateConfig:
     split: str = "test"
     batch_size: int = 8
     max_pieces: int | None = None
-
-
-def resolve_model_dir(checkpoint: str) -> Path:
-    path = Path(checkpoint)
-    if (path / WEIGHTS).exists():
-        return path
-    if (path / "checkpoints").is_dir():
-        return export(path, path / "export")
-    raise FileNotFoundError(
-        f"checkpoint={checkpoint}: neither an exported model ({WEIGHTS}) nor a run directory "
-        "(checkpoints/); give the output of `python -m mtrain.export` or a run_dir"
-    )
 
 
 def markdown(report: dict) -> str:
@@ -80,7 +68,7 @@ def markdown(report: dict) -> str:
 
 
 def run(cfg: EvaluateConfig) -> dict:
-    model_dir = resolve_model_dir(cfg.checkpoint)
+    model_dir = exported_model_dir(cfg.checkpoint)
     model, meta = load_exported(model_dir)
     tokenizer = MusicTokenizer.load(str(model_dir / "tokenizer"))
     card = load_card(cfg.data_path)

@@ -47,8 +47,9 @@ def resolve_checkpoint(path: Path) -> Path:
         if found is not None:
             return found
     raise FileNotFoundError(
-        f"checkpoint={path}: no complete checkpoint there (a run directory with "
-        f"checkpoints/step_*/{checkpoint.MARKER}, or one such step directory)"
+        f"checkpoint={path}: no complete checkpoint or model there; give an exported model "
+        f"directory ({WEIGHTS}), a run directory with checkpoints/step_*/{checkpoint.MARKER}, "
+        "or one such step directory"
     )
 
 
@@ -133,6 +134,23 @@ def load_exported(path: str | Path) -> tuple[GPT, dict]:
     model = GPT(GPTConfig(**meta["model"]))
     load_model(model, str(path / WEIGHTS))
     return model.eval(), meta
+
+
+def exported_model_dir(checkpoint_path: str | Path) -> Path:
+    """An exported model directory for ``checkpoint_path``: itself when it is one; else the
+    newest complete checkpoint of a run directory, exported to ``<run_dir>/export``, or a given
+    checkpoint directory, exported to ``<checkpoint>/export``. An export already made from the
+    same checkpoint is reused."""
+    path = Path(checkpoint_path)
+    if (path / WEIGHTS).exists():
+        return path
+    ckpt = resolve_checkpoint(path)
+    output = path / "export"
+    if (output / CONFIG).exists():
+        made_from = json.loads((output / CONFIG).read_text()).get("checkpoint")
+        if made_from == str(ckpt.resolve()):
+            return output
+    return export(ckpt, output)
 
 
 def load_weights(model: GPT, path: str | Path) -> None:

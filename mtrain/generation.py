@@ -11,6 +11,7 @@ import symusic
 import torch
 
 from data_pipeline import storage
+from data_pipeline.midi_file import MidiFileError, read_score
 from data_pipeline.tokenizer import SPECIAL_TOKENS, MusicTokenizer, label_token
 from mtrain.data import document
 from mtrain.model import GPT
@@ -135,20 +136,41 @@ def prompt_from_midi(
     if (bars is not None and bars < 1) or (seconds is not None and seconds <= 0):
         raise ValueError(f"a prompt needs a positive length, not bars={bars} seconds={seconds}")
     try:
-        score = symusic.Score.from_midi(storage.read_bytes(str(path)))
-    except Exception as exc:  # a missing file, or symusic's RuntimeError("MiniMidi: ...")
+        score = read_score(storage.read_bytes(str(path)))
+    except (OSError, MidiFileError) as exc:
         raise ValueError(
-            f"prompt {path} is not a readable MIDI file ({type(exc).__name__}: {exc})"
+            f"prompt={path} is not a readable MIDI file ({type(exc).__name__}: {exc})"
         ) from exc
-    if bars is not None:
-        downbeats = score.get_downbeats()
-        if bars < len(downbeats):
-            score = score.clip(0, int(downbeats[bars]))
-    elif seconds is not None:
-        score = score.clip(0, tick_at_second(score, seconds))
+    score = clip_score(score, bars, seconds)
     if score.note_num() == 0:
         raise ValueError(f"prompt {path} holds no notes (bars={bars}, seconds={seconds})")
     return tokenizer.midi_to_base_ids(score)
+
+
+def clip_score(
+    score: symusic.Score, bars: int | None = None, seconds: float | None = None
+) -> symusic.Score:
+    """The first ``bars`` bars or ``seconds`` seconds of ``score`` (whole when neither is
+    given); notes starting inside are kept whole."""
+    if bars is not None:
+        return score.clip(0, tick_at_bar(score, bars))
+    if seconds is not None:
+        return score.clip(0, tick_at_second(score, seconds))
+    return score
+
+
+def tick_at_bar(score: symusic.Score, bars: int) -> int:
+    """The tick where bar ``bars`` (0-based) starts, through the score's time signatures
+    (4/4 before the first one, as in MIDI)."""
+    tick, bar, ticks_per_bar = 0, 0, 4 * score.ticks_per_quarter
+    for sig in sorted(score.time_signatures, key=lambda s: s.time):
+        # A time signature takes effect at the next bar line at or after it.
+        bars_before = -(-(sig.time - tick) // ticks_per_bar)
+        if bar + bars_before >= bars:
+            break
+        tick, bar = tick + bars_before * ticks_per_bar, bar + bars_before
+        ticks_per_bar = score.ticks_per_quarter * 4 * sig.numerator // sig.denominator
+    return tick + (bars - bar) * ticks_per_bar
 
 
 def tick_at_second(score: symusic.Score, seconds: float) -> int:

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from symusic import Score
 
+from data_pipeline.midi_file import MidiFileError, read_score
+
 log = logging.getLogger(__name__)
 
 # MusPy's own resolution: fine enough for 32nd notes and for triplets.
@@ -222,14 +224,14 @@ def compute_all(score: Score) -> dict[str, float]:
 
 def metrics_for_midi_dir(path: str | Path) -> dict[str, dict[str, float]]:
     """Metrics of every MIDI file under ``path``, keyed by its path relative to ``path``.
-    Files symusic cannot read are skipped with a warning, and counted in a last warning."""
+    Files that are not whole MIDI files are skipped with a warning, counted in a last one."""
     root = Path(path)
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in MIDI_SUFFIXES)
     results, skipped = {}, 0
     for file in files:
         try:
-            score = Score(str(file))
-        except (RuntimeError, ValueError) as exc:  # symusic raises RuntimeError on bad bytes
+            score = read_score(file.read_bytes())
+        except MidiFileError as exc:
             log.warning("skipping unreadable MIDI file %s: %s", file, exc)
             skipped += 1
             continue

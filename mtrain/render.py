@@ -1,0 +1,113 @@
+"""Scores made audible and visible: a piano-roll PNG, a WAV through symusic's synthesizer and a
+General MIDI SoundFont, and the plain MIDI file beside them."""
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import symusic
+
+log = logging.getLogger(__name__)
+# Where Debian's fluid-soundfont-gm (and musescore-general-soundfont) put a GM SoundFont.
+SYSTEM_SOUNDFONTS = (
+    "/usr/share/sounds/sf2/default-GM.sf2",
+    "/usr/share/sounds/sf2/FluidR3_GM.sf2",
+    "/usr/share/sounds/sf3/default-GM.sf3",
+    "/usr/share/sounds/sf3/MuseScore_General.sf3",
+)
+# Drum tracks are drawn in grey.
+DRUM_COLOR = "0.45"
+
+
+@dataclass
+class RenderConfig:
+    """What besides the .mid is written per piece (the ``render`` keys of generate)."""
+
+    piano_roll: bool = True
+    # Render audio when a SoundFont is found; "" searches MTRAIN_SOUNDFONT and the system.
+    audio: bool = True
+    soundfont: str = ""
+    sample_rate: int = 22050
+
+
+def find_soundfont(path: str = "") -> Path | None:
+    """The SoundFont to render with: ``path`` if given (it must exist), else $MTRAIN_SOUNDFONT,
+    else the first system one found; None when there is none."""
+    if path:
+        if not Path(path).is_file():
+            raise FileNotFoundError(
+                f"render.soundfont={path} does not exist: give a .sf2/.sf3 file, or leave it "
+                "empty to use the system's (Debian: apt-get install fluid-soundfont-gm)"
+            )
+        return Path(path)
+    candidates = [os.environ.get("MTRAIN_SOUNDFONT", ""), *SYSTEM_SOUNDFONTS]
+    return next((Path(c) for c in candidates if c and Path(c).is_file()), None)
+
+
+class Renderer:
+    """Writes ``<stem>.mid``, ``<stem>.png`` and ``<stem>.wav`` for each score it is given.
+    The synthesizer loads its SoundFont once; without one, audio is skipped with one notice."""
+
+    def __init__(self, cfg: RenderConfig):
+        self.cfg = cfg
+        self.synth = None
+        if cfg.audio:
+            soundfont = find_soundfont(cfg.soundfont)
+            if soundfont is None:
+                log.warning(
+                    "no SoundFont found (%s, $MTRAIN_SOUNDFONT, render.soundfont=): no WAV "
+                    "files; on Debian: apt-get install fluid-soundfont-gm",
+                    SYSTEM_SOUNDFONTS[0],
+                )
+            else:
+                self.synth = symusic.Synthesizer(str(soundfont), cfg.sample_rate)
+                log.info("rendering audio with %s at %d Hz", soundfont, cfg.sample_rate)
+
+    def write(self, score: symusic.Score, stem: Path, title: str = "") -> dict[str, Path]:
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        paths = {"midi": stem.with_suffix(".mid")}
+        score.dump_midi(str(paths["midi"]))
+        if self.cfg.piano_roll:
+            paths["piano_roll"] = stem.with_suffix(".png")
+            piano_roll_png(score, paths["piano_roll"], title or stem.name)
+        if self.synth is not None and score.note_num() > 0:
+            paths["audio"] = stem.with_suffix(".wav")
+            audio = self.synth.render(score, stereo=True)
+            symusic.dump_wav(str(paths["audio"]), audio, self.cfg.sample_rate, use_int16=True)
+        return paths
+
+
+def piano_roll_png(score: symusic.Score, path: Path, title: str) -> None:
+    """Notes as bars over time in seconds, one colour per track, drums in faint grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    seconds = score.to("second")
+    fig, ax = plt.subplots(figsize=(12, 4), dpi=100)
+    colors = plt.get_cmap("tab10")
+    for i, track in enumerate(seconds.tracks):
+        notes = track.notes.numpy()
+        if len(notes["time"]) == 0:
+            continue
+        rows = notes["pitch"].astype(np.int64)
+        bars = np.stack([notes["time"], np.maximum(notes["duration"], 0.02)], axis=1)
+        color = DRUM_COLOR if track.is_drum else colors(i % 10)
+        # A drum's pitch names a kit piece, not a height: faint, under the pitched notes.
+        alpha = 0.35 if track.is_drum else 1.0
+        label = f"{'drums' if track.is_drum else f'program {track.program}'} {track.name}"
+        for row in np.unique(rows):
+            ax.broken_barh(bars[rows == row], (row - 0.4, 0.8), color=color, alpha=alpha)
+        ax.plot([], [], color=color, linewidth=6, label=label.strip())
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("MIDI pitch")
+    ax.set_title(title)
+    ax.set_xlim(0, max(seconds.end(), 1.0))
+    if seconds.tracks:
+        ax.legend(loc="upper right", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
