@@ -1,40 +1,87 @@
-"""Evaluate a trained model: ``python -m mtrain.evaluate checkpoint=<export or run dir>
-data_path=<dataset> output=<dir>``.
+"""Evaluate a trained model, or any folder of MIDI files.
 
-Writes ``report.json`` and ``report.md``: NLL and perplexity per token, bits per note and per
-second of music, and the NLL by token type, on a split of the prepared dataset.
+``python -m mtrain.evaluate checkpoint=<export or run dir> data_path=<dataset> output=<dir>``
+scores a split of the prepared dataset (NLL and perplexity per token, bits per note and per
+second of music, NLL by token type), then generates ``music.num_samples`` pieces and compares
+their musical metrics with as many pieces of the split (mean/std per feature, mgeval's
+overlapping area and KL divergence, a histogram per feature).
+
+``python -m mtrain.evaluate midi_dir=<folder> output=<dir> [reference_dir=<folder>]`` computes
+the same metrics for every MIDI file under a folder, and compares it with a reference folder
+when one is given: the code path the model's samples go through.
+
+Writes ``report.json``, ``report.md``, per-file ``*_metrics.json`` and ``plots/*.png``; logs
+them to wandb with ``logger.mode=offline|online``.
 """
 
 import json
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
 
-from data_pipeline.reader import load_card
-from data_pipeline.tokenizer import MusicTokenizer
-from mtrain.export import exported_model_dir, load_exported
+from mtrain import music_report
+from mtrain.config import LoggerConfig, WandbMode
+from mtrain.export import load_for_data
+from mtrain.generate import compose, parse_labels
+from mtrain.generation import build_prompt
 from mtrain.likelihood import evaluate_split
+from mtrain.sampling import SamplingConfig
+from mtrain.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
+class MusicEvalConfig:
+    """The generated-vs-reference comparison of a model evaluation."""
+
+    # Pieces generated, and reference pieces taken from the split; 0 skips the comparison.
+    num_samples: int = 16
+    batch_size: int = 8
+    # Conditioning labels for the samples (kind:value+...); none: the model picks its own.
+    label: str | None = None
+    # max_new_tokens is also the token budget each reference piece is cut to.
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=384))
+
+
+@dataclass
 class EvaluateConfig:
     # An exported model directory, or a run directory (its newest checkpoint is exported).
-    checkpoint: str = "???"
+    checkpoint: str | None = None
     # The prepared dataset to score (a directory or URL written by data_pipeline.prepare).
     data_path: str = "data/bach"
     output: str = "???"
     split: str = "test"
     batch_size: int = 8
     max_pieces: int | None = None
+    music: MusicEvalConfig = field(default_factory=MusicEvalConfig)
+    # Metrics only, no model: every MIDI file under midi_dir, against reference_dir if given.
+    midi_dir: str | None = None
+    reference_dir: str | None = None
+    logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(mode=WandbMode.disabled))
 
 
 def markdown(report: dict) -> str:
+    """The report as Markdown: the likelihood tables of a model, then the musical metrics."""
+    lines = []
+    if "likelihood" in report:
+        lines += likelihood_markdown(report)
+    if "metrics" in report:
+        lines += [f"# Musical metrics of {report['midi_dir']} ({report['pieces']} pieces)", ""]
+        lines.append(music_report.markdown_summary(report["metrics"]))
+    if "music" in report:
+        lines += ["## Musical metrics: generated vs reference", ""]
+        lines.append(music_report.markdown_comparison(report["music"]))
+    return "\n".join(lines) + "\n"
+
+
+def likelihood_markdown(report: dict) -> list[str]:
     lines = [
         f"# Evaluation: {report['checkpoint']} on {report['data_path']} ({report['split']})",
         "",
@@ -64,20 +111,11 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {kind} | {row['tokens']} | {row['nll_nats']:.3f} | {row['share_of_bits']:.1%} |"
         )
-    return "\n".join(lines) + "\n"
+    return [*lines, ""]
 
 
-def run(cfg: EvaluateConfig) -> dict:
-    model_dir = exported_model_dir(cfg.checkpoint)
-    model, meta = load_exported(model_dir)
-    tokenizer = MusicTokenizer.load(str(model_dir / "tokenizer"))
-    card = load_card(cfg.data_path)
-    if card["tokenizer"]["hash"] != tokenizer.hash:
-        raise ValueError(
-            f"data_path={cfg.data_path} was tokenized with tokenizer "
-            f"{card['tokenizer']['hash'][:12]}, the model with {tokenizer.hash[:12]}: evaluate "
-            "on data prepared with the model's tokenizer"
-        )
+def evaluate_model(cfg: EvaluateConfig, out: Path) -> dict:
+    model, meta, tokenizer, _, model_dir = load_for_data(cfg.checkpoint, cfg.data_path, cfg.split)
     report = {
         "checkpoint": str(model_dir),
         "step": meta["step"],
@@ -87,21 +125,98 @@ def run(cfg: EvaluateConfig) -> dict:
             model, tokenizer, cfg.data_path, cfg.split, cfg.batch_size, cfg.max_pieces
         ),
     }
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(markdown(report))
+    m = cfg.music
+    if m.num_samples:
+        log.info("generating %d pieces to compare with the %s split", m.num_samples, cfg.split)
+        prompt = build_prompt(tokenizer, parse_labels(m.label), None)
+        pieces = compose(model, tokenizer, prompt, m.num_samples, m.sampling, m.batch_size)
+        (out / "generated").mkdir(exist_ok=True)
+        for i, piece in enumerate(pieces):
+            piece.score.dump_midi(str(out / "generated" / f"sample-{i:03d}.mid"))
+        music_report.write_reference(
+            tokenizer,
+            cfg.data_path,
+            cfg.split,
+            m.num_samples,
+            m.sampling.max_new_tokens,
+            out / "reference",
+        )
+        report["music"] = music_report.compare_folders(out / "generated", out / "reference", out)
+        report["music"]["repairs"] = sum(p.repairs for p in pieces)
     return report
 
 
+def evaluate_midi(cfg: EvaluateConfig, out: Path) -> dict:
+    report = {"midi_dir": cfg.midi_dir}
+    if cfg.reference_dir:
+        report["music"] = music_report.compare_folders(
+            Path(cfg.midi_dir), Path(cfg.reference_dir), out
+        )
+    else:
+        per_file = music_report.folder_metrics(Path(cfg.midi_dir), out, "midi_dir")
+        report["metrics"] = music_report.summarize(per_file)
+        report["pieces"] = len(per_file)
+    return report
+
+
+def run(cfg: EvaluateConfig, overrides: list[str] = ()) -> dict:
+    if bool(cfg.checkpoint) == bool(cfg.midi_dir):
+        raise ValueError(
+            "give checkpoint=<export or run dir> to evaluate a model, or midi_dir=<folder> "
+            "for the musical metrics of MIDI files (not both)"
+        )
+    for key in ("midi_dir", "reference_dir"):
+        if getattr(cfg, key) and not Path(getattr(cfg, key)).is_dir():
+            raise FileNotFoundError(f"{key}={getattr(cfg, key)} is not a directory")
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    report = evaluate_model(cfg, out) if cfg.checkpoint else evaluate_midi(cfg, out)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(markdown(report))
+    log_to_wandb(cfg, out, report, overrides)
+    return report
+
+
+def log_to_wandb(cfg: EvaluateConfig, out: Path, report: dict, overrides) -> None:
+    """Headline numbers to the summary, the feature comparison as a table, the plots as
+    images."""
+    config = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+    tracker = Tracker(cfg.logger, f"evaluate-{out.name}", out, config, None, overrides)
+    if tracker.run is None:
+        return
+    import wandb
+
+    summary = {
+        f"likelihood/{k}": v
+        for k, v in report.get("likelihood", {}).items()
+        if isinstance(v, int | float)
+    }
+    media = {}
+    if "music" in report:
+        features = report["music"]["features"]
+        columns = ["feature", *next(iter(features.values()))]
+        rows = [[name, *row.values()] for name, row in features.items()]
+        media["music/comparison"] = wandb.Table(columns=columns, data=rows)
+        summary |= {f"music/{name}/oa": row["oa"] for name, row in features.items()}
+        summary |= {f"music/{name}/kl": row["kl"] for name, row in features.items()}
+        for name, path in report["music"]["plots"].items():
+            media[f"music/plots/{name}"] = wandb.Image(path)
+    if media:
+        tracker.run.log(media)
+    tracker.run.summary.update(summary)
+    tracker.finish()
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
-def main(cfg: EvaluateConfig) -> None:
+def main(raw) -> None:
     try:
-        report = run(cfg)
+        cfg: EvaluateConfig = OmegaConf.to_object(raw)
+        report = run(cfg, list(HydraConfig.get().overrides.task))
     except (FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
         sys.exit(2)
     print(markdown(report))
+    print(f"report: {Path(cfg.output) / 'report.md'}")
 
 
 ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)

@@ -16,12 +16,15 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 from safetensors.torch import load_model, save_model
 
+from data_pipeline.reader import load_card
+from data_pipeline.tokenizer import MusicTokenizer
 from mtrain import checkpoint
 from mtrain.hf_export import maps_to_gpt2, save_gpt2
 from mtrain.model import GPT, GPTConfig
@@ -151,6 +154,33 @@ def exported_model_dir(checkpoint_path: str | Path) -> Path:
         if made_from == str(ckpt.resolve()):
             return output
     return export(ckpt, output)
+
+
+class ModelAndData(NamedTuple):
+    model: GPT
+    meta: dict  # the export's config.json
+    tokenizer: MusicTokenizer
+    card: dict  # the dataset's card
+    model_dir: Path
+
+
+def load_for_data(checkpoint_path: str, data_path: str, split: str) -> ModelAndData:
+    """The model of ``checkpoint_path`` (exported first if need be), its tokenizer, and the
+    card of the dataset it is to read; refused when the dataset was tokenized with another
+    tokenizer (its ids would mean other tokens) or lacks ``split``."""
+    model_dir = exported_model_dir(checkpoint_path)
+    model, meta = load_exported(model_dir)
+    tokenizer = MusicTokenizer.load(str(model_dir / "tokenizer"))
+    card = load_card(data_path)
+    if card["tokenizer"]["hash"] != tokenizer.hash:
+        raise ValueError(
+            f"data_path={data_path} was tokenized with tokenizer "
+            f"{card['tokenizer']['hash'][:12]}, the model (checkpoint={checkpoint_path}) with "
+            f"{tokenizer.hash[:12]}: use data prepared with the model's tokenizer"
+        )
+    if split not in card["splits"]:
+        raise ValueError(f"split={split}: {data_path} has splits {', '.join(card['splits'])}")
+    return ModelAndData(model, meta, tokenizer, card, model_dir)
 
 
 def load_weights(model: GPT, path: str | Path) -> None:

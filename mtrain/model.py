@@ -212,6 +212,39 @@ class GPT(nn.Module):
         """Next-token logits at every position of ``idx`` [batch, time], and the mean loss
         against ``targets`` when given (targets of -100 are ignored). With a ``kv_cache``,
         ``idx`` continues the sequence the cache holds, and is appended to it."""
+        x = self._residual_stream(idx, self.config.n_layer, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += idx.size(1)
+        logits = self.lm_head(self.ln_f(x))
+        loss = None
+        if targets is not None:
+            # In fp32: a bf16 log-softmax over the vocabulary loses the small probabilities.
+            loss = F.cross_entropy(
+                logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100
+            )
+        return ModelOutput(logits, loss)
+
+    def hidden_states(self, idx: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """The hidden states [batch, time, d_model] of ``idx`` after block ``layer``, indexed
+        like a Python list (-1 is the last block; None means the last). The last block's pass
+        through the final LayerNorm: they are exactly what ``lm_head`` turns into the logits.
+        Earlier blocks' are the raw residual stream."""
+        n_layer = self.config.n_layer
+        layer = n_layer - 1 if layer is None else layer
+        if not -n_layer <= layer < n_layer:
+            raise ValueError(
+                f"layer={layer}: the model has {n_layer} blocks, so 0..{n_layer - 1} "
+                f"(or -{n_layer}..-1 from the top)"
+            )
+        depth = layer % n_layer + 1
+        x = self._residual_stream(idx, depth)
+        return self.ln_f(x) if depth == n_layer else x
+
+    def _residual_stream(
+        self, idx: torch.Tensor, depth: int, kv_cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """The residual stream of ``idx`` after the first ``depth`` blocks: token (and learned
+        position) embeddings, then the blocks. A cache is appended to but not advanced."""
         T = idx.size(1)
         start = 0 if kv_cache is None else kv_cache.pos
         if start + T > self.config.max_seq_len:
@@ -223,22 +256,13 @@ class GPT(nn.Module):
         else:
             rope = rotary(self.config, start, T, idx.device)
         x = self.drop(x)
-        for block in self.blocks:
+        for block in self.blocks[:depth]:
             # Not with a cache: recomputing a block in the backward pass would append twice.
             if self.config.activation_checkpointing and self.training and kv_cache is None:
                 x = checkpoint(block, x, rope, use_reentrant=False)
             else:
                 x = block(x, rope, kv_cache)
-        if kv_cache is not None:
-            kv_cache.pos += T
-        logits = self.lm_head(self.ln_f(x))
-        loss = None
-        if targets is not None:
-            # In fp32: a bf16 log-softmax over the vocabulary loses the small probabilities.
-            loss = F.cross_entropy(
-                logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100
-            )
-        return ModelOutput(logits, loss)
+        return x
 
     def new_kv_cache(
         self, batch_size: int, max_len: int | None = None, device=None, dtype=None

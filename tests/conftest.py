@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,12 @@ def bach_dataset(tmp_path_factory) -> Path:
     return root / "ds"
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> dict[str, Path]:
     """A tiny GPT trained briefly (1 process, ZeRO-0, CPU) on 60 procedural pieces in two
@@ -72,6 +79,7 @@ def tiny_model(tmp_path_factory) -> dict[str, Path]:
         f"hydra.run.dir={root / 'hydra'}",
     )
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    env["MASTER_PORT"] = str(free_port())  # one process, but torch.distributed all the same
     run_module(
         "mtrain.train",
         f"data.path={root / 'ds'}",

@@ -1,0 +1,154 @@
+"""Pieces -> vectors: hidden states, mean pooling over windows, label retrieval and probe against
+the pitch-class baseline, nearest-neighbour queries, and the app's errors."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import symusic
+import torch
+from conftest import run_module
+
+from data_pipeline.reader import iter_pieces, shard_urls
+from data_pipeline.tokenizer import MusicTokenizer
+from mtrain.embed import MeanPooler, music_document, pitch_class_histogram, unit_rows
+from mtrain.export import load_exported
+
+K = 4
+
+
+@pytest.fixture(scope="module")
+def test_split(tiny_model) -> list[tuple[np.ndarray, dict]]:
+    """(base ids, meta) of every piece of the tiny model's test split, in card order."""
+    return list(iter_pieces(shard_urls(str(tiny_model["dataset"]), "test")))
+
+
+@pytest.fixture(scope="module")
+def embedded(tiny_model, test_split, tmp_path_factory) -> tuple[Path, str]:
+    """The app run once over the test split, queried with its third piece: (output, stdout)."""
+    out = tmp_path_factory.mktemp("embed")
+    proc = run_module(
+        "mtrain.embed",
+        f"checkpoint={tiny_model['export']}",
+        f"data_path={tiny_model['dataset']}",
+        f"output={out}",
+        f"query={test_split[2][1]['hash'][:10]}",
+        f"k={K}",
+        "batch_size=3",
+    )
+    return out, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model):
+    model, _ = load_exported(tiny_model["export"])
+    return model, MusicTokenizer.load(str(tiny_model["export"] / "tokenizer"))
+
+
+def test_rows_line_up_with_the_pieces_of_the_split(embedded, test_split, model_and_tokenizer):
+    out, _ = embedded
+    vectors = np.load(out / "embeddings.npy")
+    rows = [json.loads(line) for line in (out / "pieces.jsonl").read_text().splitlines()]
+    assert vectors.dtype == np.float32
+    assert vectors.shape == (len(test_split), model_and_tokenizer[0].config.d_model)
+    assert [r["id"] for r in rows] == [meta["hash"] for _, meta in test_split]
+    assert [r["labels"] for r in rows] == [meta["labels"] for _, meta in test_split]
+    assert [r["tokens"] for r in rows] == [len(tokens) for tokens, _ in test_split]
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+
+
+def test_a_piece_embeds_the_same_alone_and_in_a_batch(embedded, test_split, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    docs = [music_document(tokenizer, tokens) for tokens, _ in test_split[:3]]
+    # Several windows each, so windows of one piece land in different batches and padding.
+    assert all(len(doc) > 2 * model.config.max_seq_len for doc in docs)
+    alone = MeanPooler(model, None, batch_size=1)
+    alone.add(docs[1])
+    together = MeanPooler(model, None, batch_size=4)
+    for doc in docs:
+        together.add(doc)
+    np.testing.assert_allclose(together.means()[1], alone.means()[0], atol=1e-5)
+    # The app's row is that same piece without its labels, pooled over all its windows.
+    app_row = np.load(embedded[0] / "embeddings.npy")[1]
+    np.testing.assert_allclose(unit_rows(alone.means())[0], app_row, atol=1e-5)
+
+
+def test_the_last_hidden_states_are_what_the_logits_are_made_from(model_and_tokenizer):
+    model, _ = model_and_tokenizer
+    idx = torch.randint(
+        model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        last = model.hidden_states(idx)
+        torch.testing.assert_close(model.lm_head(last), model(idx).logits)
+        torch.testing.assert_close(model.hidden_states(idx, layer=-1), last)
+        first = model.hidden_states(idx, layer=0)
+        torch.testing.assert_close(model.hidden_states(idx, layer=-2), first)
+    assert first.shape == last.shape == (2, 40, model.config.d_model)
+    assert not torch.allclose(first, last)
+    with pytest.raises(ValueError, match="layer=2"):
+        model.hidden_states(idx, layer=2)
+
+
+def test_the_pitch_class_baseline_counts_pitched_notes_only(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    score = symusic.Score(480)
+    chord = symusic.Track(name="chord", program=0)
+    for i, pitch in enumerate((60, 64, 67, 72)):  # C E G C
+        chord.notes.append(symusic.Note(i * 480, 480, pitch, 80))
+    drums = symusic.Track(name="drums", is_drum=True)
+    drums.notes.extend(symusic.Note(i * 240, 120, 42, 80) for i in range(8))  # F#, as a pitch
+    score.tracks.extend([chord, drums])
+    histogram = pitch_class_histogram(tokenizer, tokenizer.midi_to_base_ids(score))
+    np.testing.assert_allclose(histogram, np.bincount([0, 4, 7, 0], minlength=12) / 4)
+
+
+def test_the_model_retrieves_its_style_better_than_chance_beside_the_baseline(embedded):
+    out, stdout = embedded
+    report = json.loads((out / "report.json").read_text())
+    model, baseline = report["retrieval"]["model"], report["retrieval"]["pitch_classes"]
+    assert model["k"] == baseline["k"] == K
+    assert model["precision"] > model["chance"] + 0.2
+    assert 0 <= baseline["precision"] <= 1 and baseline["chance"] == model["chance"]
+    for probe in report["probe"].values():
+        assert probe["classes"] == ["band", "duo"] and 0 <= probe["accuracy"] <= 1
+    assert report["probe"]["model"]["accuracy"] > report["probe"]["model"]["majority"]
+    table = (out / "report.md").read_text()
+    assert "| model embedding |" in table and "| pitch-class histogram (baseline) |" in table
+    assert table.split("\n## ")[0] in stdout
+
+
+def test_a_query_lists_its_nearest_other_pieces(embedded, test_split):
+    out, stdout = embedded
+    query = json.loads((out / "report.json").read_text())["query"]
+    vectors = np.load(out / "embeddings.npy")
+    ids = [meta["hash"] for _, meta in test_split]
+    assert query["piece"]["id"] == ids[2]
+    # Cosine similarity to every other piece, the query itself left out.
+    similarity = vectors @ vectors[2]
+    expected = [i for i in np.argsort(-similarity, kind="stable") if i != 2][:K]
+    assert [n["id"] for n in query["neighbours"]] == [ids[i] for i in expected]
+    np.testing.assert_allclose(
+        [n["similarity"] for n in query["neighbours"]], similarity[expected], rtol=1e-5
+    )
+    assert f"Nearest to {ids[2][:12]}" in stdout and ids[expected[0]][:12] in stdout
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("query=ffffffffffff", "query=ffffffffffff"), ("checkpoint=/nonexistent", "checkpoint=")],
+)
+def test_a_bad_query_or_checkpoint_exits_2_naming_the_key(tiny_model, tmp_path, override, key):
+    proc = run_module(
+        "mtrain.embed",
+        f"checkpoint={tiny_model['export']}",
+        f"data_path={tiny_model['dataset']}",
+        f"output={tmp_path}",
+        override,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert key in proc.stdout + proc.stderr
+    if key.startswith("query"):
+        assert "pieces.jsonl" in proc.stdout + proc.stderr
