@@ -70,6 +70,11 @@ class TrainerConfig:
     seed: int = 1234
     # Exit code after a checkpoint taken on SIGUSR1/SIGTERM: the sbatch script requeues on it.
     preempt_exit_code: int = 75
+    # Every sample_every steps (0: never) rank 0 draws sample_count pieces of sample_tokens
+    # tokens and logs their musical metrics, MIDI, piano rolls and audio.
+    sample_every: int = 0
+    sample_count: int = 2
+    sample_tokens: int = 256
 
 
 class WandbMode(Enum):

@@ -5,6 +5,7 @@ samples against test-split pieces, or on any two folders (``midi_dir=``, ``refer
 """
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -17,13 +18,15 @@ from mtrain.generation import to_midi
 from mtrain.music_metrics import METRICS, metrics_for_midi_dir
 from mtrain.set_comparison import compare_sets
 
+log = logging.getLogger(__name__)
+
 
 def write_reference(
     tokenizer: MusicTokenizer, data_path: str, split: str, count: int, tokens: int, out: Path
 ) -> list[Path]:
-    """The first ``count`` pieces of ``split`` as MIDI files, each cut to its first ``tokens``
-    model tokens after the head: the token budget of a generated sample, so that length-bound
-    metrics (pitch range, pitches used) compare like with like."""
+    """The first ``count`` pieces of ``split`` (all, if it has fewer) as MIDI files, each cut
+    to its first ``tokens`` model tokens after the head: the token budget of a generated
+    sample, so that length-bound metrics (pitch range, pitches used) compare like with like."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for tokens_ids, meta in iter_pieces(shard_urls(data_path, split, load_card(data_path))):
@@ -35,10 +38,16 @@ def write_reference(
         path = out / f"{len(paths):03d}-{Path(meta['name']).stem}.mid"
         score.dump_midi(str(path))
         paths.append(path)
+    if not paths:
+        raise ValueError(f"split {split!r} of {data_path} has no pieces to compare with")
     if len(paths) < count:
-        raise ValueError(
-            f"split {split!r} of {data_path} has {len(paths)} pieces, fewer than the "
-            f"{count} asked for (music.num_samples): lower it"
+        log.warning(
+            "split %r of %s has %d pieces, fewer than music.num_samples=%d: the reference set "
+            "is all of them",
+            split,
+            data_path,
+            len(paths),
+            count,
         )
     return paths
 

@@ -30,6 +30,7 @@ from mtrain.model import GPT
 from mtrain.monitor import StepTimer, ThroughputMonitor, format_eta
 from mtrain.schedule import lr_multiplier
 from mtrain.tracking import Tracker
+from mtrain.training_samples import TrainingSamples
 
 log = logging.getLogger("mtrain.train")
 # DeepSpeed 0.19 calls torch's deprecated all_gather_into_tensor / reduce_scatter_tensor in
@@ -179,6 +180,9 @@ class Trainer:
             cfg.model, self.plan.seq_len, self.plan.tokens_per_step, self.place.world_size, device
         )
         batches = self.data.train_batches()
+        samples = TrainingSamples(
+            t, cfg.model, self.data.tokenizer, self.run_dir, self.place.is_main
+        )
         timer = StepTimer()
         log.info(
             "training %s for %d steps: %d tokens/step = %d micro x %d seq x %d accum x %d ranks",
@@ -211,6 +215,12 @@ class Trainer:
             }
             if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
                 metrics |= self.validate()
+                timer.restart()
+            if samples.due(self.step):
+                sample_metrics, media = samples(self.engine.module, self.step)
+                metrics |= sample_metrics
+                if tracker is not None and media:
+                    tracker.log(media, self.step)
                 timer.restart()
             if self.place.is_main:
                 self._report(metrics, monitor, tracker)

@@ -80,7 +80,10 @@ def test_a_folder_against_itself_overlaps_more_than_against_another_style(tiny_m
     [
         ((), "give checkpoint=<export or run dir> to evaluate a model, or midi_dir="),
         (("midi_dir=/nonexistent",), "midi_dir=/nonexistent is not a directory"),
-        (("checkpoint=EXPORT", "data_path=DATA", "music.num_samples=500"), "lower it"),
+        (
+            ("checkpoint=EXPORT", "data_path=DATA", "music.label=composer:nobody"),
+            "no conditioning token for composer=nobody",
+        ),
     ],
 )
 def test_bad_requests_fail_with_the_key_named(tiny_model, tmp_path, overrides, message):

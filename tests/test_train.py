@@ -19,6 +19,11 @@ import pytest
 from conftest import REPO
 from wandb_records import history
 
+from data_pipeline.tokenizer import MusicTokenizer
+from mtrain.export import export, load_exported
+from mtrain.generate import compose
+from mtrain.sampling import SamplingConfig
+
 CPU_ENV = {
     "DS_ACCELERATOR": "cpu",
     "OMP_NUM_THREADS": "1",
@@ -106,6 +111,8 @@ def uninterrupted(bach_dataset, tmp_path_factory) -> Path:
             "trainer.max_steps=60",
             "trainer.save_every=5",
             "trainer.eval_every=10",
+            "trainer.sample_every=30",
+            "trainer.sample_tokens=48",
         )
     )
     assert code == 0, out[-4000:]
@@ -201,6 +208,23 @@ def test_wandb_offline_run_holds_the_metrics(uninterrupted):
     assert all("perf/tokens_per_s" in r and "train/grad_norm" in r for r in rows)
 
 
+def test_training_samples_come_from_the_model_being_trained(uninterrupted, tmp_path):
+    """Rank 0's samples at step 60 are the ones the step-60 export draws with the same seed:
+    the ZeRO-3 partitions were gathered whole into the sampling copy."""
+    rows = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "samples/notes" in r] == [30, 60]
+    samples = uninterrupted / "samples" / "step_00000060"
+    assert sorted(p.name for p in samples.glob("sample-*.mid")) == ["sample-0.mid", "sample-1.mid"]
+    drawn = [row["ids"] for row in json.loads((samples / "samples.json").read_text())]
+
+    model, meta = load_exported(export(uninterrupted, tmp_path / "export"))
+    assert meta["step"] == 60
+    tokenizer = MusicTokenizer.load(str(tmp_path / "export" / "tokenizer"))
+    sampling = SamplingConfig(max_new_tokens=48, seed=60)
+    again = compose(model, tokenizer, [tokenizer.bos_id], 2, sampling, 2)
+    assert [piece.ids for piece in again] == drawn
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -223,8 +247,6 @@ def test_export_consolidates_zero3_and_matches_transformers(bach_dataset, tmp_pa
     training engine computed on the probe batch."""
     import torch
     from transformers import GPT2LMHeadModel
-
-    from mtrain.export import load_exported
 
     run_dir = tmp_path / "learned"
     code, out = run(

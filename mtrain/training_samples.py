@@ -1,0 +1,112 @@
+"""Listening in on a run: every ``trainer.sample_every`` steps rank 0 draws a few short pieces
+from the model being trained and logs their musical metrics, MIDI files, piano rolls and audio.
+
+The cost is bounded by ``sample_count`` x ``sample_tokens`` tokens with the KV cache, on a copy
+of the weights: under ZeRO-3 every rank takes part in gathering the partitioned parameters once
+(a collective), then rank 0 samples alone with a plain model while the others wait at the next
+step's collective, instead of gathering each layer again for every generated token.
+"""
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_pipeline.tokenizer import MusicTokenizer
+from mtrain.config import TrainerConfig
+from mtrain.generate import compose
+from mtrain.model import GPT, GPTConfig
+from mtrain.render import RenderConfig, Renderer
+from mtrain.sampling import SamplingConfig
+
+log = logging.getLogger(__name__)
+
+
+class TrainingSamples:
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        model_cfg: GPTConfig,
+        tokenizer: MusicTokenizer,
+        run_dir: Path,
+        is_main: bool,
+    ):
+        self.cfg, self.model_cfg, self.tokenizer = cfg, model_cfg, tokenizer
+        self.out = run_dir / "samples"
+        self.is_main = is_main
+        self.copy: GPT | None = None
+        self.renderer = Renderer(RenderConfig()) if is_main and cfg.sample_every else None
+
+    def due(self, step: int) -> bool:
+        return bool(self.cfg.sample_every) and step % self.cfg.sample_every == 0
+
+    def __call__(self, module: torch.nn.Module, step: int) -> tuple[dict, dict]:
+        """(metrics, media) of this step's samples on rank 0; ({}, {}) on the others. Every
+        rank must call it at the same step."""
+        self._copy_weights(module)
+        if not self.is_main:
+            return {}, {}
+        started = time.perf_counter()
+        sampling = SamplingConfig(max_new_tokens=self.cfg.sample_tokens, seed=step)
+        count = self.cfg.sample_count
+        pieces = compose(self.copy, self.tokenizer, [self.tokenizer.bos_id], count, sampling, count)
+        folder = self.out / f"step_{step:08d}"
+        files = [
+            self.renderer.write(piece.score, folder / f"sample-{i}")
+            for i, piece in enumerate(pieces)
+        ]
+        stats = [piece.stats() for piece in pieces]
+        rows = [{"ids": piece.ids, **row} for piece, row in zip(pieces, stats, strict=True)]
+        (folder / "samples.json").write_text(json.dumps(rows))
+        metrics = {
+            f"samples/{key}": float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
+            for key in stats[0]
+            for values in [np.array([s[key] for s in stats], dtype=np.float64)]
+        }
+        metrics["samples/seconds_spent"] = time.perf_counter() - started
+        log.info(
+            "step %d: %d samples in %s (%.1f s; %.0f notes, %.1f repairs on average)",
+            step,
+            count,
+            folder,
+            metrics["samples/seconds_spent"],
+            metrics["samples/notes"],
+            metrics["samples/repairs"],
+        )
+        return metrics, media(files)
+
+    def _copy_weights(self, module: torch.nn.Module) -> None:
+        import deepspeed
+
+        params = list(module.parameters())
+        partitioned = any(hasattr(p, "ds_id") for p in params)
+        with deepspeed.zero.GatheredParameters(params, enabled=partitioned):
+            if not self.is_main:
+                return
+            if self.copy is None:
+                # On the meta device first: building it must not draw from the training RNG.
+                with torch.device("meta"):
+                    self.copy = GPT(self.model_cfg)
+                self.copy.to_empty(device=params[0].device).to(params[0].dtype).eval()
+                if self.model_cfg.tie_embeddings:
+                    self.copy.lm_head.weight = self.copy.wte.weight
+            mine = dict(self.copy.named_parameters())
+            with torch.no_grad():
+                for name, param in module.named_parameters():
+                    mine[name].copy_(param.data)
+
+
+def media(files: list[dict[str, Path]]) -> dict:
+    """wandb images and audio of the samples' piano rolls and renderings."""
+    import wandb
+
+    found = {}
+    for key, kind in (("piano_roll", wandb.Image), ("audio", wandb.Audio)):
+        paths = [str(f[key]) for f in files if key in f]
+        if paths:
+            found[f"samples/{key}"] = [kind(p, caption=Path(p).stem) for p in paths]
+    return found
