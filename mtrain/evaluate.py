@@ -14,6 +14,7 @@ Writes ``report.json``, ``report.md``, per-file ``*_metrics.json`` and ``plots/*
 them to wandb with ``logger.mode=offline|online``.
 """
 
+import dataclasses
 import json
 import logging
 import sys
@@ -28,7 +29,7 @@ from omegaconf import OmegaConf
 from mtrain import music_report
 from mtrain.config import LoggerConfig, WandbMode
 from mtrain.export import load_for_data
-from mtrain.generate import compose, parse_labels
+from mtrain.generate import DEFAULT_MIN_P, compose, parse_labels
 from mtrain.generation import build_prompt
 from mtrain.likelihood import evaluate_split
 from mtrain.sampling import SamplingConfig
@@ -47,7 +48,9 @@ class MusicEvalConfig:
     # Conditioning labels for the samples (kind:value+...); none: the model picks its own.
     label: str | None = None
     # max_new_tokens is also the token budget each reference piece is cut to.
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=384))
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(max_new_tokens=384, min_p=DEFAULT_MIN_P)
+    )
 
 
 @dataclass
@@ -129,7 +132,10 @@ def evaluate_model(cfg: EvaluateConfig, out: Path) -> dict:
     if m.num_samples:
         log.info("generating %d pieces to compare with the %s split", m.num_samples, cfg.split)
         prompt = build_prompt(tokenizer, parse_labels(m.label), None)
-        pieces = compose(model, tokenizer, prompt, m.num_samples, m.sampling, m.batch_size)
+        # The budget both sets are held to: what fits in the model's context after the head.
+        budget = min(m.sampling.max_new_tokens, model.config.max_seq_len - len(prompt))
+        sampling = dataclasses.replace(m.sampling, max_new_tokens=budget)
+        pieces = compose(model, tokenizer, prompt, m.num_samples, sampling, m.batch_size)
         (out / "generated").mkdir(exist_ok=True)
         for i, piece in enumerate(pieces):
             piece.score.dump_midi(str(out / "generated" / f"sample-{i:03d}.mid"))
@@ -138,7 +144,7 @@ def evaluate_model(cfg: EvaluateConfig, out: Path) -> dict:
             cfg.data_path,
             cfg.split,
             m.num_samples,
-            m.sampling.max_new_tokens,
+            budget,
             out / "reference",
         )
         report["music"] = music_report.compare_folders(out / "generated", out / "reference", out)

@@ -18,7 +18,7 @@ import torch
 
 from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.config import TrainerConfig
-from mtrain.generate import compose
+from mtrain.generate import DEFAULT_MIN_P, compose
 from mtrain.model import GPT, GPTConfig
 from mtrain.render import RenderConfig, Renderer
 from mtrain.sampling import SamplingConfig
@@ -51,7 +51,9 @@ class TrainingSamples:
         if not self.is_main:
             return {}, {}
         started = time.perf_counter()
-        sampling = SamplingConfig(max_new_tokens=self.cfg.sample_tokens, seed=step)
+        sampling = SamplingConfig(
+            max_new_tokens=self.cfg.sample_tokens, min_p=DEFAULT_MIN_P, seed=step
+        )
         count = self.cfg.sample_count
         pieces = compose(self.copy, self.tokenizer, [self.tokenizer.bos_id], count, sampling, count)
         folder = self.out / f"step_{step:08d}"

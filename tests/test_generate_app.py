@@ -8,11 +8,14 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import symusic
 from conftest import run_module
 
 from data_pipeline.midi_file import read_score
+from data_pipeline.tokenizer import MusicTokenizer
+from mtrain.generate import banned_for
 from mtrain.render import find_soundfont
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
@@ -132,3 +135,13 @@ def test_bad_requests_fail_with_the_key_named(tiny_model, tmp_path, override, me
     proc = generate(tiny_model["export"], tmp_path / "out", override, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stdout + proc.stderr
+
+
+def test_a_head_with_some_labels_lets_the_model_name_the_other_kinds(tiny_model):
+    tok = MusicTokenizer.load(str(tiny_model["export"] / "tokenizer"))
+    labels = list(range(tok.label_offset, tok.vocab_size))  # collection=band, collection=duo
+    specials = [tok.pad_id, tok.bos_id, 3]
+    assert banned_for(tok, [tok.bos_id]) == specials
+    assert banned_for(tok, [tok.bos_id, labels[1]]) == specials + labels
+    music = tok.encode_base(np.array([4, 5])).tolist()
+    assert banned_for(tok, [tok.bos_id, *music]) == [tok.pad_id, tok.bos_id, 3, *labels]

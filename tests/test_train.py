@@ -21,7 +21,7 @@ from wandb_records import history
 
 from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.export import export, load_exported
-from mtrain.generate import compose
+from mtrain.generate import DEFAULT_MIN_P, compose
 from mtrain.sampling import SamplingConfig
 
 CPU_ENV = {
@@ -220,7 +220,7 @@ def test_training_samples_come_from_the_model_being_trained(uninterrupted, tmp_p
     model, meta = load_exported(export(uninterrupted, tmp_path / "export"))
     assert meta["step"] == 60
     tokenizer = MusicTokenizer.load(str(tmp_path / "export" / "tokenizer"))
-    sampling = SamplingConfig(max_new_tokens=48, seed=60)
+    sampling = SamplingConfig(max_new_tokens=48, min_p=DEFAULT_MIN_P, seed=60)
     again = compose(model, tokenizer, [tokenizer.bos_id], 2, sampling, 2)
     assert [piece.ids for piece in again] == drawn
 
