@@ -37,7 +37,7 @@ from mtrain.generation import (
 )
 from mtrain.model import GPT
 from mtrain.music_metrics import compute_all
-from mtrain.render import RenderConfig, Renderer
+from mtrain.render import RenderConfig, Renderer, wandb_media
 from mtrain.sampling import SamplingConfig
 from mtrain.tracking import Tracker
 
@@ -256,13 +256,7 @@ def log_to_wandb(
 
     rows = report["samples"]
     table = wandb.Table(columns=list(rows[0]), data=[list(row.values()) for row in rows])
-    media = {"samples/stats": table}
-    captions = [row["sample"] for row in rows]
-    for key, kind in (("piano_roll", wandb.Image), ("audio", wandb.Audio)):
-        found = [(str(f[key]), c) for f, c in zip(files, captions, strict=True) if key in f]
-        if found:
-            media[f"samples/{key}"] = [kind(path, caption=c) for path, c in found]
-    tracker.run.log(media)
+    tracker.run.log({"samples/stats": table, **wandb_media(files, "samples")})
     tracker.run.summary.update({"tokens_per_s": report["tokens_per_s"], "mode": report["mode"]})
     tracker.finish()
 

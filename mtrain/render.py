@@ -111,3 +111,16 @@ def piano_roll_png(score: symusic.Score, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def wandb_media(files: list[dict[str, Path]], prefix: str) -> dict:
+    """wandb images and audio of written pieces (``Renderer.write``'s dicts), captioned with
+    their file names: ``<prefix>/piano_roll`` and ``<prefix>/audio``."""
+    import wandb
+
+    found = {}
+    for key, kind in (("piano_roll", wandb.Image), ("audio", wandb.Audio)):
+        paths = [Path(f[key]) for f in files if key in f]
+        if paths:
+            found[f"{prefix}/{key}"] = [kind(str(p), caption=p.stem) for p in paths]
+    return found

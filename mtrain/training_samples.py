@@ -20,7 +20,7 @@ from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.config import TrainerConfig
 from mtrain.generate import DEFAULT_MIN_P, compose
 from mtrain.model import GPT, GPTConfig
-from mtrain.render import RenderConfig, Renderer
+from mtrain.render import RenderConfig, Renderer, wandb_media
 from mtrain.sampling import SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class TrainingSamples:
             metrics["samples/notes"],
             metrics["samples/repairs"],
         )
-        return metrics, media(files)
+        return metrics, wandb_media(files, "samples")
 
     def _copy_weights(self, module: torch.nn.Module) -> None:
         import deepspeed
@@ -100,15 +100,3 @@ class TrainingSamples:
             with torch.no_grad():
                 for name, param in module.named_parameters():
                     mine[name].copy_(param.data)
-
-
-def media(files: list[dict[str, Path]]) -> dict:
-    """wandb images and audio of the samples' piano rolls and renderings."""
-    import wandb
-
-    found = {}
-    for key, kind in (("piano_roll", wandb.Image), ("audio", wandb.Audio)):
-        paths = [str(f[key]) for f in files if key in f]
-        if paths:
-            found[f"samples/{key}"] = [kind(p, caption=Path(p).stem) for p in paths]
-    return found
