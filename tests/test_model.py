@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from mtrain import flops
-from mtrain.model import GPT, GPTConfig, num_params
+from mtrain.model import GPT, GPTConfig, Linear, num_params
 
 VOCAB = 97
 MODEL_CONFS = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -245,3 +245,17 @@ def test_model_configs_are_gpt_configs(name):
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(GPTConfig), raw))
     cfg.vocab_size = VOCAB
     cfg.validate()
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 40])
+@pytest.mark.parametrize("bias", [True, False])
+def test_decoding_linear_equals_nn_linear(rows, bias):
+    """The few-row CPU path of mtrain.model.Linear (taken without gradients) computes what
+    nn.Linear does, for a lone row, a handful and more than FEW_ROWS."""
+    torch.manual_seed(rows)
+    layer = Linear(48, 80, bias=bias)
+    x = torch.randn(rows, 1, 48)
+    with torch.no_grad():
+        fast = layer(x)
+    assert fast.shape == (rows, 1, 80)
+    torch.testing.assert_close(fast, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
