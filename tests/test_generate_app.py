@@ -145,3 +145,16 @@ def test_a_head_with_some_labels_lets_the_model_name_the_other_kinds(tiny_model)
     assert banned_for(tok, [tok.bos_id, labels[1]]) == specials + labels
     music = tok.encode_base(np.array([4, 5])).tolist()
     assert banned_for(tok, [tok.bos_id, *music]) == [tok.pad_id, tok.bos_id, 3, *labels]
+
+
+def test_a_checkpoint_directory_generates_pieces_cut_to_max_bars(tiny_model, tmp_path):
+    """A DeepSpeed checkpoint directory works as checkpoint= directly, and max_bars=2 cuts
+    every piece (4/4 here) before its third bar."""
+    (step,) = (tiny_model["run"] / "checkpoints").glob("step_*")
+    out = tmp_path / "cut"
+    generate(step, out, "num_samples=2", "max_bars=2", "sampling.max_new_tokens=120")
+    assert (step / "export" / "model.safetensors").exists()
+    for midi in sorted(out.glob("sample-*.mid")):
+        score = symusic.Score(str(midi))
+        assert score.note_num() > 0
+        assert max(n.time for t in score.tracks for n in t.notes) < 8 * score.ticks_per_quarter
