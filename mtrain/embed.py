@@ -64,6 +64,8 @@ class EmbedConfig:
     k: int = 5
     # The label kind (a key of the pieces' labels) that retrieval and the probe must recover.
     label_key: str = "collection"
+    # Where the model runs: auto (the GPU when there is one), cpu, cuda, ...
+    device: str = "auto"
 
 
 @dataclass
@@ -367,7 +369,7 @@ def run(cfg: EmbedConfig) -> dict:
     if cfg.k < 1 or cfg.batch_size < 1:
         raise ValueError(f"k={cfg.k} and batch_size={cfg.batch_size} must both be at least 1")
     model, meta, tokenizer, card, model_dir = load_for_data(
-        cfg.checkpoint, cfg.data_path, cfg.split
+        cfg.checkpoint, cfg.data_path, cfg.split, cfg.device
     )
     pieces = embed_split(model, tokenizer, cfg.split, cfg)
     out = Path(cfg.output)

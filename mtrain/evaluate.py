@@ -64,6 +64,8 @@ class EvaluateConfig:
     batch_size: int = 8
     max_pieces: int | None = None
     music: MusicEvalConfig = field(default_factory=MusicEvalConfig)
+    # Where the model runs: auto (the GPU when there is one), cpu, cuda, cuda:1, ...
+    device: str = "auto"
     # Metrics only, no model: every MIDI file under midi_dir, against reference_dir if given.
     midi_dir: str | None = None
     reference_dir: str | None = None
@@ -118,7 +120,9 @@ def likelihood_markdown(report: dict) -> list[str]:
 
 
 def evaluate_model(cfg: EvaluateConfig, out: Path) -> dict:
-    model, meta, tokenizer, _, model_dir = load_for_data(cfg.checkpoint, cfg.data_path, cfg.split)
+    model, meta, tokenizer, _, model_dir = load_for_data(
+        cfg.checkpoint, cfg.data_path, cfg.split, cfg.device
+    )
     report = {
         "checkpoint": str(model_dir),
         "step": meta["step"],

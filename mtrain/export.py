@@ -164,12 +164,22 @@ class ModelAndData(NamedTuple):
     model_dir: Path
 
 
-def load_for_data(checkpoint_path: str, data_path: str, split: str) -> ModelAndData:
-    """The model of ``checkpoint_path`` (exported first if need be), its tokenizer, and the
-    card of the dataset it is to read; refused when the dataset was tokenized with another
-    tokenizer (its ids would mean other tokens) or lacks ``split``."""
+def pick_device(name: str) -> torch.device:
+    """``auto``: the GPU when there is one, else the CPU; any other name as torch reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_for_data(
+    checkpoint_path: str, data_path: str, split: str, device: str = "auto"
+) -> ModelAndData:
+    """The model of ``checkpoint_path`` (exported first if need be) on ``device``, its
+    tokenizer, and the card of the dataset it is to read; refused when the dataset was
+    tokenized with another tokenizer (its ids would mean other tokens) or lacks ``split``."""
     model_dir = exported_model_dir(checkpoint_path)
     model, meta = load_exported(model_dir)
+    model.to(pick_device(device))
     tokenizer = MusicTokenizer.load(str(model_dir / "tokenizer"))
     card = load_card(data_path)
     if card["tokenizer"]["hash"] != tokenizer.hash:

@@ -19,14 +19,13 @@ from pathlib import Path
 
 import hydra
 import symusic
-import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from data_pipeline.tokenizer import SPECIAL_TOKENS, MusicTokenizer
 from mtrain.config import LoggerConfig, WandbMode
-from mtrain.export import exported_model_dir, load_exported
+from mtrain.export import exported_model_dir, load_exported, pick_device
 from mtrain.generation import (
     build_prompt,
     clip_score,
@@ -143,12 +142,6 @@ def banned_for(tokenizer: MusicTokenizer, prompt: list[int]) -> list[int]:
     named = {kind(i) for i in given}
     specials = [i for i in range(len(SPECIAL_TOKENS)) if i != tokenizer.eos_id]
     return specials + [i for i in labels if kind(i) in named]
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def parse_labels(text: str | None) -> dict[str, str]:

@@ -93,14 +93,15 @@ def evaluate_split(
     length = model.config.max_seq_len
     tally = Tally()
     pending: list[tuple[np.ndarray, np.ndarray]] = []
+    device = model.wte.weight.device
 
     def flush():
         inputs = torch.from_numpy(np.stack([w[0] for w in pending]))
         targets = torch.from_numpy(np.stack([w[1] for w in pending]))
-        logits = model.eval()(inputs).logits.float()
+        logits = model.eval()(inputs.to(device)).logits.float()
         nll = F.cross_entropy(
-            logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
-        )
+            logits.transpose(1, 2), targets.to(device), ignore_index=IGNORE, reduction="none"
+        ).cpu()  # the tally by token type indexes with numpy
         scored = targets != IGNORE
         tally.nats += nll[scored].sum().item()
         tally.tokens += int(scored.sum())

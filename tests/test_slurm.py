@@ -17,6 +17,7 @@ from conftest import REPO, run_module
 from test_slices import comparable
 
 from data_pipeline.reader import load_card
+from mtrain.music_metrics import METRICS
 
 pytestmark = pytest.mark.skipif(
     shutil.which("slurmctld") is None or shutil.which("sbatch") is None,
@@ -115,7 +116,7 @@ def test_train_sbatch_runs_two_ranks_to_completion(slurm, bach_dataset, tmp_path
     assert steps(run_dir) == list(range(1, 13))
     assert (run_dir / "checkpoints" / "step_00000012" / "COMPLETE").exists()
     assert (run_dir / "train-rank1.log").exists()
-    # The evaluation job exports that run and scores the test split.
+    # The evaluation job exports that run, scores the test split and writes samples.
     job = sbatch(
         slurm,
         f"--output={tmp_path}/%j.out",
@@ -126,6 +127,8 @@ def test_train_sbatch_runs_two_ranks_to_completion(slurm, bach_dataset, tmp_path
     assert wait_for(slurm, job, {"COMPLETED"}) == "COMPLETED"
     report = json.loads((run_dir / "eval" / "report.json").read_text())
     assert report["step"] == 12 and report["likelihood"]["bits_per_note"] > 0
+    assert set(report["music"]["features"]) == set(METRICS)
+    assert len(list((run_dir / "samples" / "eval").glob("sample-*.mid"))) == 8
 
 
 def test_preempted_job_checkpoints_requeues_and_resumes(slurm, bach_dataset, tmp_path):
