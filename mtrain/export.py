@@ -171,16 +171,24 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_for_data(
-    checkpoint_path: str, data_path: str, split: str, device: str = "auto"
-) -> ModelAndData:
+def load_for_inference(
+    checkpoint_path: str, device: str = "auto"
+) -> tuple[GPT, dict, MusicTokenizer, Path]:
     """The model of ``checkpoint_path`` (exported first if need be) on ``device``, its
-    tokenizer, and the card of the dataset it is to read; refused when the dataset was
-    tokenized with another tokenizer (its ids would mean other tokens) or lacks ``split``."""
+    config.json, its tokenizer and the exported directory."""
     model_dir = exported_model_dir(checkpoint_path)
     model, meta = load_exported(model_dir)
     model.to(pick_device(device))
-    tokenizer = MusicTokenizer.load(str(model_dir / "tokenizer"))
+    return model, meta, MusicTokenizer.load(str(model_dir / "tokenizer")), model_dir
+
+
+def load_for_data(
+    checkpoint_path: str, data_path: str, split: str, device: str = "auto"
+) -> ModelAndData:
+    """``load_for_inference``, and the card of the dataset the model is to read; refused when the
+    dataset was tokenized with another tokenizer (its ids would mean other tokens) or lacks
+    ``split``."""
+    model, meta, tokenizer, model_dir = load_for_inference(checkpoint_path, device)
     card = load_card(data_path)
     if card["tokenizer"]["hash"] != tokenizer.hash:
         raise ValueError(

@@ -23,15 +23,16 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from data_pipeline.tokenizer import SPECIAL_TOKENS, MusicTokenizer
+from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.config import LoggerConfig, WandbMode
-from mtrain.export import exported_model_dir, load_exported, pick_device
+from mtrain.export import load_for_inference
 from mtrain.generation import (
     build_prompt,
     clip_score,
     continuation_banned_ids,
     generate,
     prompt_from_midi,
+    specials_but_eos,
     to_midi,
 )
 from mtrain.model import GPT
@@ -140,8 +141,7 @@ def banned_for(tokenizer: MusicTokenizer, prompt: list[int]) -> list[int]:
         return tokenizer.labels[label_id - tokenizer.label_offset].split("=")[0]
 
     named = {kind(i) for i in given}
-    specials = [i for i in range(len(SPECIAL_TOKENS)) if i != tokenizer.eos_id]
-    return specials + [i for i in labels if kind(i) in named]
+    return specials_but_eos(tokenizer) + [i for i in labels if kind(i) in named]
 
 
 def parse_labels(text: str | None) -> dict[str, str]:
@@ -173,23 +173,20 @@ def markdown(rows: list[dict]) -> str:
 
 
 def run(cfg: GenerateConfig, overrides: list[str] = ()) -> dict:
-    model_dir = exported_model_dir(cfg.checkpoint)
-    model, meta = load_exported(model_dir)
-    tokenizer = MusicTokenizer.load(str(model_dir / "tokenizer"))
-    device = pick_device(cfg.device)
-    model.to(device)
+    model, meta, tokenizer, model_dir = load_for_inference(cfg.checkpoint, cfg.device)
+    labels = parse_labels(cfg.label)
     prompt_ids = None
     if cfg.prompt:
         bars = cfg.prompt_bars if cfg.prompt_seconds is not None else (cfg.prompt_bars or 4)
         prompt_ids = prompt_from_midi(tokenizer, cfg.prompt, bars, cfg.prompt_seconds)
-    prompt = build_prompt(tokenizer, parse_labels(cfg.label), prompt_ids)
+    prompt = build_prompt(tokenizer, labels, prompt_ids)
     log.info(
         "generating %d %s samples from %s (step %d) on %s: prompt of %d tokens, up to %d new",
         cfg.num_samples,
         mode_of(cfg),
         model_dir,
         meta["step"],
-        device,
+        model.wte.weight.device,
         len(prompt),
         cfg.sampling.max_new_tokens,
     )
@@ -224,7 +221,7 @@ def run(cfg: GenerateConfig, overrides: list[str] = ()) -> dict:
         "checkpoint": str(model_dir),
         "step": meta["step"],
         "mode": mode_of(cfg),
-        "labels": parse_labels(cfg.label),
+        "labels": labels,
         "prompt": cfg.prompt,
         "prompt_tokens": len(prompt),
         "tokens_per_s": new_tokens / elapsed,

@@ -97,11 +97,15 @@ def generate_without_cache(
 # ---- prompts -----------------------------------------------------------------------------
 
 
+def specials_but_eos(tokenizer: MusicTokenizer) -> list[int]:
+    """PAD, BOS and MASK: never drawn, whatever the prompt (EOS ends a piece)."""
+    return [i for i in range(len(SPECIAL_TOKENS)) if i != tokenizer.eos_id]
+
+
 def continuation_banned_ids(tokenizer: MusicTokenizer) -> list[int]:
-    """Ids a continuation must never draw: the specials but EOS (PAD, BOS, MASK), and the
-    conditioning labels, which belong to the head of a piece only."""
-    specials = [i for i in range(len(SPECIAL_TOKENS)) if i != tokenizer.eos_id]
-    return specials + list(range(tokenizer.label_offset, tokenizer.vocab_size))
+    """Ids a continuation must never draw: the specials but EOS, and the conditioning labels,
+    which belong to the head of a piece only."""
+    return specials_but_eos(tokenizer) + list(range(tokenizer.label_offset, tokenizer.vocab_size))
 
 
 def validate_labels(tokenizer: MusicTokenizer, labels: dict[str, str]) -> None:

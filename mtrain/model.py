@@ -4,6 +4,7 @@ Pre-LayerNorm blocks, causal attention, rotary or learned positions, a GELU MLP,
 output embeddings, GPT-2 initialisation, and a KV cache for generation.
 """
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -282,7 +283,7 @@ class GPT(nn.Module):
         else:
             rope = rotary(self.config, start, T, idx.device)
         x = self.drop(x)
-        for block in self.blocks[:depth]:
+        for block in itertools.islice(self.blocks, depth):
             # Not with a cache: recomputing a block in the backward pass would append twice.
             if self.config.activation_checkpointing and self.training and kv_cache is None:
                 x = checkpoint(block, x, rope, use_reentrant=False)

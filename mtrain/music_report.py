@@ -16,7 +16,7 @@ from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.data import document
 from mtrain.generation import to_midi
 from mtrain.music_metrics import METRICS, metrics_for_midi_dir
-from mtrain.set_comparison import compare_sets
+from mtrain.set_comparison import compare_sets, finite_values, mean_std
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +56,9 @@ def summarize(per_file: dict[str, dict[str, float]]) -> dict[str, dict[str, floa
     """Feature -> mean, std and count of its finite values over the files."""
     summary = {}
     for feature in METRICS:
-        values = np.array([m[feature] for m in per_file.values()], dtype=np.float64)
-        values = values[np.isfinite(values)]
-        summary[feature] = {
-            "mean": float(values.mean()) if values.size else math.nan,
-            "std": float(values.std()) if values.size else math.nan,
-            "count": int(values.size),
-        }
+        values = finite_values(list(per_file.values()), feature)
+        mean, std = mean_std(values)
+        summary[feature] = {"mean": mean, "std": std, "count": int(values.size)}
     return summary
 
 
@@ -102,10 +98,10 @@ def histograms(
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for feature in METRICS:
-        sets = {}
-        for name, per_file in (("generated", generated), ("reference", reference)):
-            values = np.array([m[feature] for m in per_file.values()], dtype=np.float64)
-            sets[name] = values[np.isfinite(values)]
+        sets = {
+            name: finite_values(list(per_file.values()), feature)
+            for name, per_file in (("generated", generated), ("reference", reference))
+        }
         both = np.concatenate(list(sets.values()))
         if both.size == 0:
             continue

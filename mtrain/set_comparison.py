@@ -73,12 +73,12 @@ def overlap_and_divergence(intra: np.ndarray, inter: np.ndarray) -> tuple[float,
     return overlap, float(np.sum(p * np.log(p / q)))
 
 
-def _finite_values(pieces: list[dict[str, float]], feature: str) -> np.ndarray:
+def finite_values(pieces: list[dict[str, float]], feature: str) -> np.ndarray:
     values = np.array([piece.get(feature, math.nan) for piece in pieces], dtype=np.float64)
     return values[np.isfinite(values)]
 
 
-def _mean_std(values: np.ndarray) -> tuple[float, float]:
+def mean_std(values: np.ndarray) -> tuple[float, float]:
     return (float(values.mean()), float(values.std())) if values.size else (math.nan, math.nan)
 
 
@@ -89,14 +89,14 @@ def compare_sets(
     features = dict.fromkeys(name for piece in (*generated, *reference) for name in piece)
     comparison = {}
     for feature in features:
-        gen, ref = _finite_values(generated, feature), _finite_values(reference, feature)
+        gen, ref = finite_values(generated, feature), finite_values(reference, feature)
         oa, kl = math.nan, math.nan
         if gen.size >= 2 and ref.size >= 2:
             oa, kl = overlap_and_divergence(
                 _intra_set_distances(ref), _inter_set_distances(gen, ref)
             )
-        gen_mean, gen_std = _mean_std(gen)
-        ref_mean, ref_std = _mean_std(ref)
+        gen_mean, gen_std = mean_std(gen)
+        ref_mean, ref_std = mean_std(ref)
         comparison[feature] = {
             "gen_mean": gen_mean,
             "gen_std": gen_std,
