@@ -48,6 +48,10 @@ SKIP, RAISE = "skip", "raise"
 # What a damaged shard raises while it is read or decoded.
 SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, KeyError, ValueError)
 # The smallest value each numeric DataConfig field can take.
+# Loader workers start after the process group, whose gloo/NCCL threads may hold a lock at
+# the moment of a fork: a forked worker could then hang before its first line (seen in a 2-rank
+# Slurm job). A fork server is a clean, single-threaded parent to fork them from.
+WORKERS = mp.get_context("forkserver")
 LEAST = dict(shuffle_buffer=1, num_workers=0, transpose_range=0, velocity_shift=0)
 
 
@@ -162,7 +166,7 @@ class ShardReader:
 
     def __init__(self, base_vocab_size: int, on_corrupt: str):
         self.base_vocab_size, self.on_corrupt = base_vocab_size, on_corrupt
-        self.corrupt = mp.Value("l", 0)
+        self.corrupt = WORKERS.Value("l", 0)  # shared with the workers: from their context
         self.damaged: set[str] = set()
 
     def read(self, shard: ShardSlice, start: int = 0) -> Iterator[Piece | None]:
@@ -311,6 +315,7 @@ class StreamingData:
             batch_size=micro_batch_size,
             num_workers=cfg.num_workers,
             collate_fn=inputs_and_targets,
+            multiprocessing_context=WORKERS if cfg.num_workers else None,
         )
 
     def train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
