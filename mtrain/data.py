@@ -47,11 +47,11 @@ log = logging.getLogger(__name__)
 SKIP, RAISE = "skip", "raise"
 # What a damaged shard raises while it is read or decoded.
 SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, KeyError, ValueError)
-# The smallest value each numeric DataConfig field can take.
 # Loader workers start after the process group, whose gloo/NCCL threads may hold a lock at
 # the moment of a fork: a forked worker could then hang before its first line (seen in a 2-rank
 # Slurm job). A fork server is a clean, single-threaded parent to fork them from.
 WORKERS = mp.get_context("forkserver")
+# The smallest value each numeric DataConfig field can take.
 LEAST = dict(shuffle_buffer=1, num_workers=0, transpose_range=0, velocity_shift=0)
 
 
