@@ -30,12 +30,12 @@ from safetensors.torch import save_model
 
 from data_pipeline.config import TokenizerConfig
 from data_pipeline.tokenizer import SPECIAL_TOKENS, build_base_tokenizer
-from mtrain.export import CONFIG, WEIGHTS, load_exported
-from mtrain.generation import generate, generate_without_cache
+from mtrain.artifacts import CONFIG, WEIGHTS, load_exported
+from mtrain.evaluation.music_metrics import METRICS, compute_all
+from mtrain.generation.decoding import decode
+from mtrain.generation.sampling import SamplingConfig
 from mtrain.hf_export import maps_to_gpt2, save_gpt2
 from mtrain.model import GPT, GPTConfig, num_params
-from mtrain.music_metrics import METRICS, compute_all
-from mtrain.sampling import SamplingConfig
 
 REPO = Path(__file__).resolve().parents[1]
 PAD, BOS, EOS = (SPECIAL_TOKENS.index(name) for name in ("PAD", "BOS", "EOS"))
@@ -91,9 +91,8 @@ def hf_peer(model: GPT, export_dir: Path, tmp: Path):
 
 
 def ours(model: GPT, batch: int, tokens: int, sampling: SamplingConfig, cached: bool) -> None:
-    run = generate if cached else generate_without_cache
     sampling = dataclasses.replace(sampling, max_new_tokens=tokens)
-    rows = run(model, [[BOS]] * batch, sampling, None, banned_ids=[EOS])
+    rows = decode(model, [[BOS]] * batch, sampling, None, banned_ids=[EOS], use_cache=cached)
     assert all(len(row) == tokens for row in rows), "a row stopped early"
 
 
@@ -128,7 +127,7 @@ def greedy_agreement(model: GPT, hf) -> int:
     """How many leading greedy tokens the two libraries agree on: the same weights agree on
     all but a near-tie of two logits."""
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=GREEDY_CHECK)
-    mine = generate(model, [[BOS]], greedy, None, banned_ids=[EOS])[0]
+    mine = decode(model, [[BOS]], greedy, None, banned_ids=[EOS])[0]
     peer = theirs(hf, 1, GREEDY_CHECK, greedy)[0].tolist()
     return next((i for i, (a, b) in enumerate(zip(mine, peer, strict=True)) if a != b), len(mine))
 

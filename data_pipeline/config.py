@@ -7,7 +7,7 @@ of the wrong type is rejected by Hydra before any work starts, with the full key
 from dataclasses import dataclass, field
 from enum import Enum
 
-from hydra.core.config_store import ConfigStore
+from data_pipeline.errors import ConfigError, require
 
 
 class TokenizerKind(Enum):
@@ -59,6 +59,13 @@ class SplitConfig:
 
     val: float = 0.05
     test: float = 0.05
+
+    def __post_init__(self):
+        if min(self.val, self.test) < 0 or self.val + self.test >= 1:
+            raise ConfigError(
+                f"split.val={self.val} + split.test={self.test} must be >= 0 and < 1 (the rest "
+                "is train)"
+            )
 
 
 @dataclass
@@ -116,16 +123,24 @@ class PrepareConfig:
     shards: ShardConfig = field(default_factory=ShardConfig)
     labels: LabelConfig = field(default_factory=LabelConfig)
 
+    def __post_init__(self):
+        require(
+            self,
+            "",
+            [
+                (self.workers >= 1, "workers", "must be at least 1"),
+                (self.num_slices >= 1, "num_slices", "must be at least 1"),
+                (
+                    0 <= self.slice_index < self.num_slices,
+                    "slice_index",
+                    f"must be in [0, num_slices={self.num_slices})",
+                ),
+            ],
+        )
+
 
 @dataclass
 class MergeConfig:
     """Joins the per-slice results found under ``output`` into one dataset."""
 
     output: str = "data/bach"
-
-
-def register_configs() -> None:
-    cs = ConfigStore.instance()
-    cs.store(name="prepare_schema", node=PrepareConfig)
-    cs.store(name="merge_schema", node=MergeConfig)
-    cs.store(group="tokenizer", name="tokenizer_schema", node=TokenizerConfig)

@@ -6,20 +6,16 @@ With ``num_slices=N slice_index=i`` the run handles one slice (a Slurm array tas
 
 import logging
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
-
+from data_pipeline.app import entry_point
 from data_pipeline.card import format_card
-from data_pipeline.config import PrepareConfig, register_configs
-from data_pipeline.merge import merge_slices
+from data_pipeline.config import PrepareConfig
+from data_pipeline.slice_merge import merge_slices
 from data_pipeline.slice_run import run_slice
 
 log = logging.getLogger(__name__)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="prepare")
-def main(raw: DictConfig) -> None:
-    cfg: PrepareConfig = OmegaConf.to_object(raw)
+def run(cfg: PrepareConfig, _overrides: list[str]) -> None:
     run_slice(cfg)
     if cfg.num_slices == 1 and cfg.merge:
         print(format_card(merge_slices(cfg.output), cfg.output))
@@ -33,7 +29,7 @@ def main(raw: DictConfig) -> None:
         )
 
 
-register_configs()
+main = entry_point("prepare", PrepareConfig, run)
 
 if __name__ == "__main__":
     main()

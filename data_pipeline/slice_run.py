@@ -120,22 +120,8 @@ def _record(file, result, cfg, writers, tally) -> None:
     tally.add(row)
 
 
-def _validate(cfg: PrepareConfig) -> None:
-    if not 0 <= cfg.slice_index < cfg.num_slices:
-        raise ValueError(
-            f"slice_index={cfg.slice_index} must be in [0, num_slices={cfg.num_slices})"
-        )
-    if cfg.split.val < 0 or cfg.split.test < 0 or cfg.split.val + cfg.split.test >= 1:
-        raise ValueError(
-            f"split.val={cfg.split.val} + split.test={cfg.split.test} must be >= 0 and < 1"
-        )
-    if cfg.workers < 1:
-        raise ValueError(f"workers={cfg.workers} must be at least 1")
-
-
 def run_slice(cfg: PrepareConfig) -> dict:
     """Processes this slice and writes its shards, manifest, failures and card."""
-    _validate(cfg)
     listing = discover(cfg)
     files = listing.files
     log.info(

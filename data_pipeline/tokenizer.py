@@ -92,6 +92,25 @@ class MusicTokenizer:
         names = (label_token(k, v) for k, v in sorted(labels.items()))
         return [self.label_offset + index[n] for n in names if n in index]
 
+    # ---- a piece as the model reads it ----------------------------------------------------
+    def head(self, labels: dict[str, str]) -> list[int]:
+        """[BOS, label ids...]: what comes before a piece's music."""
+        return [self.bos_id, *self.label_ids(labels)]
+
+    def document(
+        self, labels: dict[str, str], base_ids: np.ndarray, *, end: bool = True
+    ) -> np.ndarray:
+        """[BOS, label ids..., model ids..., EOS]: one piece as the model reads it, in training,
+        evaluation and embedding alike; without EOS (``end=False``) it is a prompt to continue."""
+        tail = [self.eos_id] if end else []
+        return np.concatenate(
+            [
+                np.array(self.head(labels), dtype=np.int64),
+                self.encode_base(base_ids),
+                np.array(tail, dtype=np.int64),
+            ]
+        )
+
     # ---- base ids <-> model ids --------------------------------------------------------
     def encode_base(self, base_ids: np.ndarray) -> np.ndarray:
         """Base ids (specials may appear) to model ids."""

@@ -8,8 +8,7 @@ keys and a fix named.
 from dataclasses import dataclass, field
 from enum import Enum
 
-from hydra.core.config_store import ConfigStore
-
+from data_pipeline.errors import ConfigError
 from mtrain.data import DataConfig
 from mtrain.model import GPTConfig
 
@@ -120,10 +119,6 @@ class BatchPlan:
         return self.micro_batch_size * self.seq_len * self.grad_accum * self.world_size
 
 
-class ConfigError(ValueError):
-    """A config that Hydra accepted but that cannot run; the message names keys and a fix."""
-
-
 def plan_batch(cfg: TrainConfig, world_size: int) -> BatchPlan:
     t, micro, seq_len = cfg.trainer, cfg.trainer.micro_batch_size, cfg.model.max_seq_len
     per_micro = micro * seq_len * world_size
@@ -166,11 +161,3 @@ def check(cfg: TrainConfig) -> None:
         problems.append(f"trainer.keep_last={cfg.trainer.keep_last} must be at least 1")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
-
-
-def register_configs() -> None:
-    cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
-    cs.store(group="model", name="model_schema", node=GPTConfig)
-    cs.store(group="optim", name="optim_schema", node=OptimConfig)
-    cs.store(group="deepspeed", name="deepspeed_schema", node=DeepSpeedConfig)

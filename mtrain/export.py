@@ -1,38 +1,11 @@
-"""A training checkpoint -> one consolidated model directory, loadable without DeepSpeed.
+"""Export a checkpoint: ``python -m mtrain.export checkpoint=<run_dir or checkpoint dir>
+output=<dir>`` writes a model directory loadable without DeepSpeed (``mtrain.artifacts``)."""
 
-``python -m mtrain.export checkpoint=<run_dir or checkpoint dir> output=<dir>`` writes
-``model.safetensors`` (fp32, tied embeddings stored once), ``config.json`` (the model shape and
-provenance), ``tokenizer/`` (the artifact the model was trained with) and, where the model maps
-onto GPT-2, ``hf/`` for ``transformers.GPT2LMHeadModel.from_pretrained``. The merged weights
-are checked against logits the training engine saved with the checkpoint. ZeRO partitions are
-merged from the fp32 master weights with memory-mapped reads and the optimizer moments dropped,
-so a model needs about twice its fp32 size in RAM, never its optimizer state.
-"""
-
-import dataclasses
-import json
-import logging
-import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
-import hydra
-import torch
-from hydra.core.config_store import ConfigStore
-from safetensors.torch import load_model, save_model
-
-from data_pipeline.reader import load_card
-from data_pipeline.tokenizer import MusicTokenizer
-from mtrain import checkpoint
-from mtrain.hf_export import maps_to_gpt2, save_gpt2
-from mtrain.model import GPT, GPTConfig
-
-log = logging.getLogger(__name__)
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
-# Written by the trainer into its run directory: the model shape with the vocabulary size.
-MODEL_CONFIG = "model_config.json"
+from data_pipeline.app import entry_point
+from mtrain.artifacts import export
 
 
 @dataclass
@@ -42,187 +15,11 @@ class ExportConfig:
     output: str = "???"
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    if (path / checkpoint.MARKER).exists():
-        return path
-    if path.is_dir() and not path.name.startswith("step_"):
-        found = checkpoint.latest_complete(path / "checkpoints")
-        if found is not None:
-            return found
-    raise FileNotFoundError(
-        f"checkpoint={path}: no complete checkpoint or model there; give an exported model "
-        f"directory ({WEIGHTS}), a run directory with checkpoints/step_*/{checkpoint.MARKER}, "
-        "or one such step directory"
-    )
+def run(cfg: ExportConfig, _overrides: list[str]) -> None:
+    export(Path(cfg.checkpoint), Path(cfg.output))
 
 
-def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """fp32 weights from any ZeRO stage, without loading optimizer moments."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    if not list(ckpt.glob("*_optim_states.pt")):
-        # ZeRO stage 0: the whole module is in one file (memory-mapped, read lazily).
-        state = torch.load(
-            ckpt / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False
-        )
-        return {k: v.float() for k, v in state["module"].items()}
-    lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
-    return {name: tensor.contiguous() for name, tensor in lazy.items()}
-
-
-def verify_against_probe(model: GPT, ckpt: Path) -> float:
-    """The consolidated model must reproduce the logits the training engine computed at save
-    time on a fixed batch; returns the largest difference (the check fails above 1e-4)."""
-    probe = torch.load(ckpt / checkpoint.PROBE, weights_only=True)
-    with torch.no_grad():
-        logits = model.eval()(probe["inputs"]).logits
-    diff = (logits - probe["logits"]).abs().max().item()
-    if diff > 1e-4:
-        raise RuntimeError(
-            f"the weights merged from {ckpt} give logits {diff:.2e} away from the training "
-            "engine's on the probe batch: the checkpoint is damaged or was saved by another "
-            "model shape"
-        )
-    return diff
-
-
-def export(ckpt_path: Path, output: Path) -> Path:
-    ckpt = resolve_checkpoint(ckpt_path)
-    run_dir = ckpt.parent.parent
-    model_cfg = GPTConfig(**json.loads((run_dir / MODEL_CONFIG).read_text()))
-    model = GPT(model_cfg)
-    model.load_state_dict(consolidated_state_dict(ckpt), strict=True)
-    output.mkdir(parents=True, exist_ok=True)
-    tmp = output / f"{WEIGHTS}.partial"
-    save_model(model, str(tmp))  # stores tied tensors once
-    tmp.replace(output / WEIGHTS)
-    verified = verify_against_probe(model, ckpt)
-    gpt2_reason = maps_to_gpt2(model)
-    if gpt2_reason is None:
-        save_gpt2(model, output / "hf")
-    else:
-        log.info("no Hugging Face export: %s", gpt2_reason)
-    tokenizer_dir = run_dir / "tokenizer"
-    if (output / "tokenizer").exists():
-        shutil.rmtree(output / "tokenizer")
-    shutil.copytree(tokenizer_dir, output / "tokenizer")
-    meta = {
-        "model": dataclasses.asdict(model_cfg),
-        "checkpoint": str(ckpt.resolve()),
-        "step": json.loads((ckpt / checkpoint.MARKER).read_text())["step"],
-        "tokenizer_hash": json.loads((tokenizer_dir / "artifact.json").read_text())["hash"],
-        "verified_logits_max_abs_diff": verified,
-        "hf_gpt2": gpt2_reason is None,
-    }
-    (output / CONFIG).write_text(json.dumps(meta, indent=2))
-    log.info(
-        "exported %s (step %d, %.1fM params) to %s",
-        ckpt,
-        meta["step"],
-        sum(p.numel() for p in model.parameters()) / 1e6,
-        output,
-    )
-    return output
-
-
-def load_exported(path: str | Path) -> tuple[GPT, dict]:
-    """The exported model (eval mode, CPU) and its config.json."""
-    path = Path(path)
-    if not (path / WEIGHTS).exists():
-        raise FileNotFoundError(
-            f"{path / WEIGHTS} not found: export a checkpoint first with "
-            f"`python -m mtrain.export checkpoint=<run_dir> output={path}`"
-        )
-    meta = json.loads((path / CONFIG).read_text())
-    model = GPT(GPTConfig(**meta["model"]))
-    load_model(model, str(path / WEIGHTS))
-    return model.eval(), meta
-
-
-def exported_model_dir(checkpoint_path: str | Path) -> Path:
-    """An exported model directory for ``checkpoint_path``: itself when it is one; else the
-    newest complete checkpoint of a run directory, exported to ``<run_dir>/export``, or a given
-    checkpoint directory, exported to ``<checkpoint>/export``. An export already made from the
-    same checkpoint is reused."""
-    path = Path(checkpoint_path)
-    if (path / WEIGHTS).exists():
-        return path
-    ckpt = resolve_checkpoint(path)
-    output = path / "export"
-    if (output / CONFIG).exists():
-        made_from = json.loads((output / CONFIG).read_text()).get("checkpoint")
-        if made_from == str(ckpt.resolve()):
-            return output
-    return export(ckpt, output)
-
-
-class ModelAndData(NamedTuple):
-    model: GPT
-    meta: dict  # the export's config.json
-    tokenizer: MusicTokenizer
-    card: dict  # the dataset's card
-    model_dir: Path
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto``: the GPU when there is one, else the CPU; any other name as torch reads it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def load_for_inference(
-    checkpoint_path: str, device: str = "auto"
-) -> tuple[GPT, dict, MusicTokenizer, Path]:
-    """The model of ``checkpoint_path`` (exported first if need be) on ``device``, its
-    config.json, its tokenizer and the exported directory."""
-    model_dir = exported_model_dir(checkpoint_path)
-    model, meta = load_exported(model_dir)
-    model.to(pick_device(device))
-    return model, meta, MusicTokenizer.load(str(model_dir / "tokenizer")), model_dir
-
-
-def load_for_data(
-    checkpoint_path: str, data_path: str, split: str, device: str = "auto"
-) -> ModelAndData:
-    """``load_for_inference``, and the card of the dataset the model is to read; refused when the
-    dataset was tokenized with another tokenizer (its ids would mean other tokens) or lacks
-    ``split``."""
-    model, meta, tokenizer, model_dir = load_for_inference(checkpoint_path, device)
-    card = load_card(data_path)
-    if card["tokenizer"]["hash"] != tokenizer.hash:
-        raise ValueError(
-            f"data_path={data_path} was tokenized with tokenizer "
-            f"{card['tokenizer']['hash'][:12]}, the model (checkpoint={checkpoint_path}) with "
-            f"{tokenizer.hash[:12]}: use data prepared with the model's tokenizer"
-        )
-    if split not in card["splits"]:
-        raise ValueError(f"split={split}: {data_path} has splits {', '.join(card['splits'])}")
-    return ModelAndData(model, meta, tokenizer, card, model_dir)
-
-
-def load_weights(model: GPT, path: str | Path) -> None:
-    """Fine-tuning: start ``model`` from exported weights of the same shape."""
-    source, meta = load_exported(path)
-    if meta["model"]["vocab_size"] != model.config.vocab_size:
-        raise ValueError(
-            f"init_from={path} has vocab_size {meta['model']['vocab_size']} but this run's "
-            f"tokenizer has {model.config.vocab_size}; fine-tune on data prepared with the "
-            "same tokenizer artifact"
-        )
-    model.load_state_dict(source.state_dict(), strict=True)
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
-def main(cfg: ExportConfig) -> None:
-    try:
-        export(Path(cfg.checkpoint), Path(cfg.output))
-    except FileNotFoundError as exc:
-        log.error("%s", exc)
-        sys.exit(2)
-
-
-ConfigStore.instance().store(name="export_schema", node=ExportConfig)
+main = entry_point("export", ExportConfig, run)
 
 if __name__ == "__main__":
     main()

@@ -11,21 +11,18 @@ import logging
 import math
 import random
 import signal
-import sys
-import warnings
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
+from data_pipeline.app import entry_point
 from mtrain import checkpoint, distributed
-from mtrain.config import ConfigError, TrainConfig, check, plan_batch, register_configs
+from mtrain.artifacts import MODEL_CONFIG
+from mtrain.config import TrainConfig, check, plan_batch
 from mtrain.data import StreamingData
 from mtrain.ds_config import deepspeed_config
-from mtrain.export import MODEL_CONFIG
 from mtrain.model import GPT
 from mtrain.monitor import StepTimer, ThroughputMonitor, format_eta
 from mtrain.schedule import lr_multiplier
@@ -33,11 +30,6 @@ from mtrain.tracking import Tracker
 from mtrain.training_samples import TrainingSamples
 
 log = logging.getLogger("mtrain.train")
-# DeepSpeed 0.19 calls torch's deprecated all_gather_into_tensor / reduce_scatter_tensor in
-# every ZeRO step; the warning would print per step per rank and says nothing a user can act on.
-warnings.filterwarnings(
-    "ignore", message=r".*torch\.distributed\.\w+_tensor` is deprecated", category=FutureWarning
-)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -98,7 +90,7 @@ class Trainer:
         else:
             model = GPT(cfg.model)
         if cfg.init_from:
-            from mtrain.export import load_weights
+            from mtrain.artifacts import load_weights
 
             load_weights(model, cfg.init_from)
         max_steps = cfg.trainer.max_steps
@@ -362,36 +354,21 @@ def _as_float(x) -> float | None:
     return float(x.item() if torch.is_tensor(x) else x)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(raw: DictConfig) -> None:
-    cfg: TrainConfig = OmegaConf.to_object(raw)
+def run(cfg: TrainConfig, overrides: list[str]) -> int:
     place = distributed.placement_from_env()
-    if not place.is_main:
-        # Other ranks log to their own file in full, to the console only when something is off.
-        for handler in logging.getLogger().handlers:
-            if type(handler) is logging.StreamHandler:
-                handler.setLevel(logging.WARNING)
-    try:
-        check(cfg)
-        data = StreamingData(
-            cfg.data,
-            cfg.model.max_seq_len,
-            cfg.trainer.micro_batch_size,
-            place.rank,
-            place.world_size,
-        )
-        cfg.model.vocab_size = data.tokenizer.vocab_size
-        cfg.model.validate()
-        trainer = Trainer(cfg, place, data, list(HydraConfig.get().overrides.task))
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        # Before any process group exists: every rank fails fast with the same message.
-        log.error("%s", exc)
-        sys.exit(2)
+    check(cfg)
+    # Before any process group exists: every rank fails fast on the same input error.
+    data = StreamingData(
+        cfg.data, cfg.model.max_seq_len, cfg.trainer.micro_batch_size, place.rank, place.world_size
+    )
+    cfg.model.vocab_size = data.tokenizer.vocab_size
+    cfg.model.validate()
+    trainer = Trainer(cfg, place, data, overrides)
     device = distributed.init(place, cfg.deepspeed.timeout_s)
-    sys.exit(trainer.fit(device))
+    return trainer.fit(device)
 
 
-register_configs()
+main = entry_point("train", TrainConfig, run)
 
 if __name__ == "__main__":
     main()

@@ -18,10 +18,10 @@ import torch
 
 from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.config import TrainerConfig
-from mtrain.generate import DEFAULT_MIN_P, compose
+from mtrain.generation.compose import DEFAULT_MIN_P, compose
+from mtrain.generation.render import RenderConfig, Renderer, wandb_media
+from mtrain.generation.sampling import SamplingConfig
 from mtrain.model import GPT, GPTConfig
-from mtrain.render import RenderConfig, Renderer, wandb_media
-from mtrain.sampling import SamplingConfig
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from conftest import run_module
 
 from data_pipeline.reader import iter_pieces, shard_urls
 from data_pipeline.tokenizer import MusicTokenizer
-from mtrain.embed import MeanPooler, music_document, pitch_class_histogram, unit_rows
-from mtrain.export import load_exported
+from mtrain.artifacts import load_exported
+from mtrain.evaluation.embeddings import MeanPooler, pitch_class_histogram, unit_rows
 
 K = 4
 
@@ -60,7 +60,7 @@ def test_rows_line_up_with_the_pieces_of_the_split(embedded, test_split, model_a
 
 def test_a_piece_embeds_the_same_alone_and_in_a_batch(embedded, test_split, model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    docs = [music_document(tokenizer, tokens) for tokens, _ in test_split[:3]]
+    docs = [tokenizer.document({}, tokens, end=False) for tokens, _ in test_split[:3]]
     # Several windows each, so windows of one piece land in different batches and padding.
     assert all(len(doc) > 2 * model.config.max_seq_len for doc in docs)
     alone = MeanPooler(model, None, batch_size=1)

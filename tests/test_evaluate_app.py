@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import run_module
 
-from mtrain.music_metrics import METRICS
+from mtrain.evaluation.music_metrics import METRICS
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
 

@@ -15,8 +15,8 @@ from conftest import run_module
 
 from data_pipeline.midi_file import read_score
 from data_pipeline.tokenizer import MusicTokenizer
-from mtrain.generate import banned_for
-from mtrain.render import find_soundfont
+from mtrain.generation.prompts import banned_for
+from mtrain.generation.render import find_soundfont
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
 DUO_PROGRAMS = {73, 42}

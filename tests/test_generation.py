@@ -13,17 +13,11 @@ from midi_factory import piece, write_corpus, write_piece
 
 from data_pipeline.config import TokenizerConfig, TokenizerKind
 from data_pipeline.tokenizer import MusicTokenizer, build_base_tokenizer
-from mtrain.generation import (
-    build_prompt,
-    continuation_banned_ids,
-    generate,
-    generate_without_cache,
-    prompt_from_midi,
-    repair,
-    to_midi,
-)
+from mtrain.generation.decoding import decode
+from mtrain.generation.prompts import build_prompt, continuation_banned_ids, prompt_from_midi
+from mtrain.generation.repair import repair, to_midi
+from mtrain.generation.sampling import SamplingConfig, disallow, next_token
 from mtrain.model import GPT, GPTConfig
-from mtrain.sampling import SamplingConfig, disallow, next_token
 
 GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=60)
 # Probabilities of 20 tokens: five likely ones, then 15 at 0.1/15 each.
@@ -128,7 +122,7 @@ def test_repetition_penalty_pushes_seen_tokens_down_whatever_their_sign():
 def test_repetition_penalty_lowers_repeats_in_generation(tok, model):
     def distinct_share(penalty: float) -> float:
         cfg = SamplingConfig(temperature=0.0, repetition_penalty=penalty, max_new_tokens=80)
-        rows = generate(model, prompts(tok), cfg, None)
+        rows = decode(model, prompts(tok), cfg, None)
         return sum(len(set(row)) for row in rows) / sum(map(len, rows))
 
     assert distinct_share(1.5) > 2 * distinct_share(1.0)
@@ -144,31 +138,31 @@ def test_sampling_config_names_a_bad_key():
 
 def test_cached_generation_equals_uncached_and_one_prompt_at_a_time(tok, model):
     batch = prompts(tok)
-    cached = generate(model, batch, GREEDY, None)
+    cached = decode(model, batch, GREEDY, None)
     assert [len(row) for row in cached] == [60, 60]
-    assert generate_without_cache(model, batch, GREEDY, None) == cached
+    assert decode(model, batch, GREEDY, None, use_cache=False) == cached
     # Prompts of different lengths in one batch: each row as if generated alone.
-    assert [generate(model, [p], GREEDY, None)[0] for p in batch] == cached
+    assert [decode(model, [p], GREEDY, None)[0] for p in batch] == cached
     # A LongTensor batch of equal-length prompts is read the same way.
     tensor = torch.tensor([batch[0], batch[0]])
-    assert generate(model, tensor, GREEDY, None) == [cached[0], cached[0]]
+    assert decode(model, tensor, GREEDY, None) == [cached[0], cached[0]]
 
 
 def test_sampled_generation_repeats_with_its_seed(tok, model):
     def sample(seed: int) -> list[list[int]]:
         cfg = SamplingConfig(top_k=50, seed=seed, max_new_tokens=40)
-        return generate(model, prompts(tok), cfg, None)
+        return decode(model, prompts(tok), cfg, None)
 
     assert sample(3) == sample(3) != sample(4)
 
 
 def test_each_row_stops_after_its_stop_token(tok, model):
     batch = prompts(tok)
-    free = generate(model, batch, GREEDY, None)
+    free = decode(model, batch, GREEDY, None)
     # In use stop_id is EOS, which an untrained model hardly draws; a token it does draw
     # exercises the same rule.
     stop = free[0][10]
-    stopped = generate(model, batch, GREEDY, stop)
+    stopped = decode(model, batch, GREEDY, stop)
     for row, full in zip(stopped, free, strict=True):
         end = full.index(stop) + 1 if stop in full else len(full)
         assert row == full[:end]
@@ -178,18 +172,18 @@ def test_each_row_stops_after_its_stop_token(tok, model):
 def test_generation_never_runs_past_max_seq_len(tok, model):
     long_prompt = [tok.bos_id] + [5] * 99
     cfg = SamplingConfig(max_new_tokens=512)
-    assert len(generate(model, [long_prompt], cfg, None)[0]) == 128 - 100
-    assert len(generate(model, [long_prompt], cfg, None, max_len=110)[0]) == 10
-    assert generate(model, [[tok.bos_id] * 128], cfg, None) == [[]]
+    assert len(decode(model, [long_prompt], cfg, None)[0]) == 128 - 100
+    assert len(decode(model, [long_prompt], cfg, None, max_len=110)[0]) == 10
+    assert decode(model, [[tok.bos_id] * 128], cfg, None) == [[]]
     with pytest.raises(ValueError, match="shorten it"):
-        generate(model, [[tok.bos_id] * 129], cfg, None)
+        decode(model, [[tok.bos_id] * 129], cfg, None)
 
 
 def test_continuations_never_draw_specials_or_labels(tok, model):
     banned = continuation_banned_ids(tok)
     assert tok.eos_id not in banned and {tok.pad_id, tok.bos_id, tok.label_offset} <= set(banned)
     cfg = SamplingConfig(max_new_tokens=100)
-    rows = generate(model, prompts(tok), cfg, None, banned_ids=banned)
+    rows = decode(model, prompts(tok), cfg, None, banned_ids=banned)
     assert not {t for row in rows for t in row} & set(banned)
 
 
@@ -280,7 +274,7 @@ def test_a_continuation_starts_with_the_prompt_notes(tok, model, tmp_path):
     assert [names[int(i)] for i in music].count("Bar_None") == 1
     prompt = build_prompt(tok, {"collection": "jazz"}, music)
     assert prompt[:2] == [tok.bos_id, tok.label_ids({"collection": "jazz"})[0]]
-    new = generate(model, [prompt], SamplingConfig(max_new_tokens=60), tok.eos_id)[0]
+    new = decode(model, [prompt], SamplingConfig(max_new_tokens=60), tok.eos_id)[0]
     alone, repairs = to_midi(tok, prompt)
     continued, _ = to_midi(tok, prompt + new)
     assert repairs == 0 and alone.note_num() > 0

@@ -9,8 +9,13 @@ import pytest
 import symusic
 from midi_factory import piece, write_bad_files, write_piece
 
-from mtrain.music_metrics import METRICS, compute_all, metrics_for_midi_dir, polyphony_rate
-from mtrain.set_comparison import compare_sets, overlap_and_divergence
+from mtrain.evaluation.music_metrics import (
+    METRICS,
+    compute_all,
+    metrics_for_midi_dir,
+    polyphony_rate,
+)
+from mtrain.evaluation.set_comparison import compare_sets, overlap_and_divergence
 
 TPQ = 480
 C_MAJOR_SCALE = (60, 62, 64, 65, 67, 69, 71, 72)
@@ -160,7 +165,7 @@ def test_metrics_for_midi_dir_skips_unreadable_files(tmp_path, caplog):
     write_piece(tmp_path / "a.mid", seed=1)
     write_piece(tmp_path / "sub" / "b.mid", seed=2)
     write_bad_files(tmp_path / "bad")
-    with caplog.at_level(logging.WARNING, logger="mtrain.music_metrics"):
+    with caplog.at_level(logging.WARNING, logger="mtrain.evaluation.music_metrics"):
         results = metrics_for_midi_dir(tmp_path)
     # header_only.mid and zero_notes.mid parse, as pieces without notes.
     assert sorted(results) == ["a.mid", "bad/header_only.mid", "bad/zero_notes.mid", "sub/b.mid"]

@@ -17,7 +17,7 @@ from conftest import REPO, run_module
 from test_slices import comparable
 
 from data_pipeline.reader import load_card
-from mtrain.music_metrics import METRICS
+from mtrain.evaluation.music_metrics import METRICS
 
 pytestmark = pytest.mark.skipif(
     shutil.which("slurmctld") is None or shutil.which("sbatch") is None,

@@ -20,9 +20,9 @@ from conftest import REPO
 from wandb_records import history
 
 from data_pipeline.tokenizer import MusicTokenizer
-from mtrain.export import export, load_exported
-from mtrain.generate import DEFAULT_MIN_P, compose
-from mtrain.sampling import SamplingConfig
+from mtrain.artifacts import export, load_exported
+from mtrain.generation.compose import DEFAULT_MIN_P, compose
+from mtrain.generation.sampling import SamplingConfig
 
 CPU_ENV = {
     "DS_ACCELERATOR": "cpu",

@@ -14,9 +14,9 @@ import numpy as np
 from data_pipeline.reader import iter_pieces, load_card, shard_urls
 from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.data import document
-from mtrain.generation import to_midi
-from mtrain.music_metrics import METRICS, metrics_for_midi_dir
-from mtrain.set_comparison import compare_sets, finite_values, mean_std
+from mtrain.evaluation.music_metrics import METRICS, metrics_for_midi_dir
+from mtrain.evaluation.set_comparison import compare_sets, finite_values, mean_std
+from mtrain.generation.repair import to_midi
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,150 @@
+"""Joins the slices of a prepare run into one dataset (what ``python -m data_pipeline.merge`` runs).
+
+Checks that every slice is present and was made with the same config, adds up their cards,
+joins manifests and failures, gives every label seen often enough its own conditioning token,
+learns the sentencepiece vocabulary over the train shards if one is configured, and writes the
+tokenizer artifact and the dataset card (last: a dataset without a card is unfinished).
+"""
+
+import json
+import logging
+import time
+from collections import Counter
+from datetime import UTC, datetime
+
+from omegaconf import OmegaConf
+
+from data_pipeline import learned_vocab, storage
+from data_pipeline.config import PrepareConfig
+from data_pipeline.learned_vocab import LearnedVocab
+from data_pipeline.manifest import SPLITS
+from data_pipeline.reader import CARD_NAME, iter_pieces
+from data_pipeline.slice_run import slice_dir
+from data_pipeline.tokenizer import MusicTokenizer, build_base_tokenizer
+
+log = logging.getLogger(__name__)
+CARD_FORMAT = 1
+
+
+def _load_slice_cards(output: str) -> list[dict]:
+    fs, root = storage.filesystem(storage.join(output, "slices"))
+    found = sorted(fs.glob(f"{root}/*/card.json"))
+    if not found:
+        raise FileNotFoundError(
+            f"no slice cards under {storage.join(output, 'slices')}: run "
+            f"`python -m data_pipeline.prepare output={output}` first"
+        )
+    cards = [json.loads(fs.cat_file(p)) for p in found]
+    count = cards[0]["slice"]["count"]
+    cards = [c for c in cards if c["slice"]["count"] == count]
+    present = {c["slice"]["index"] for c in cards}
+    missing = sorted(set(range(count)) - present)
+    if missing:
+        raise RuntimeError(
+            f"slices {missing} of {count} are missing or unfinished under {output}: run "
+            f"`python -m data_pipeline.prepare output={output} num_slices={count} "
+            f"slice_index=<i> merge=false` for each, then merge again"
+        )
+    reference = _comparable_config(cards[0])
+    for card in cards[1:]:
+        if _comparable_config(card) != reference:
+            raise RuntimeError(
+                f"slice {card['slice']['index']} of {output} was prepared with a different "
+                "config than slice 0; prepare all slices with the same overrides"
+            )
+    return sorted(cards, key=lambda c: c["slice"]["index"])
+
+
+def _comparable_config(card: dict) -> dict:
+    config = dict(card["config"])
+    config.pop("slice_index", None)
+    config.pop("merge", None)
+    return {"config": config, "base_tokenizer": card["base_tokenizer"]}
+
+
+def _join_jsonl(output: str, cards: list[dict], name: str) -> None:
+    parts = [
+        storage.read_bytes(
+            storage.join(slice_dir(output, c["slice"]["index"], c["slice"]["count"]), name)
+        )
+        for c in cards
+    ]
+    storage.write_bytes(storage.join(output, name), b"".join(parts))
+
+
+def _sum_splits(cards: list[dict]) -> dict:
+    splits = {}
+    for split in SPLITS:
+        parts = [c["splits"][split] for c in cards]
+        splits[split] = {key: sum(p[key] for p in parts) for key in ("pieces", "tokens", "notes")}
+        splits[split]["duration_s"] = round(sum(p["duration_s"] for p in parts), 3)
+        splits[split]["shards"] = [s for p in parts for s in p["shards"]]
+    return splits
+
+
+def _learn_vocab(cfg: PrepareConfig, output: str, splits: dict, base) -> LearnedVocab:
+    urls = [storage.join(output, s["name"]) for s in splits["train"]["shards"]]
+    limit = cfg.tokenizer.learned.max_pieces
+
+    # Sorted by content hash, so the vocabulary (and the tokenizer hash) does not depend on
+    # how the corpus was sliced or in which order the shards were written.
+    pieces = sorted(
+        ((meta["hash"], tokens) for tokens, meta in iter_pieces(urls)), key=lambda p: p[0]
+    )
+    train_pieces = [tokens for _, tokens in pieces[:limit]]
+
+    specials = len(base.special_tokens)
+    bar_id = base.vocab.get("Bar_None")
+    start = time.monotonic()
+    model = learned_vocab.train(
+        train_pieces, range(specials, len(base)), bar_id, cfg.tokenizer.learned, cfg.seed
+    )
+    log.info(
+        "learned a %s vocabulary of %d pieces in %.1f s",
+        cfg.tokenizer.learned.kind.value,
+        cfg.tokenizer.learned.size,
+        time.monotonic() - start,
+    )
+    return LearnedVocab(model)
+
+
+def merge_slices(output: str) -> dict:
+    cards = _load_slice_cards(output)
+    cfg: PrepareConfig = OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(PrepareConfig), cards[0]["config"])
+    )
+    splits = _sum_splits(cards)
+    label_counts = Counter()
+    for card in cards:
+        label_counts.update(card["labels"])
+    labels = sorted(n for n, c in label_counts.items() if c >= cfg.labels.min_count)
+
+    base = build_base_tokenizer(cfg.tokenizer)
+    learned = None
+    if cfg.tokenizer.learned.kind.value != "none":
+        learned = _learn_vocab(cfg, output, splits, base)
+    tokenizer = MusicTokenizer(base, labels, learned)
+    tokenizer.save(storage.join(output, "tokenizer"))
+
+    _join_jsonl(output, cards, "manifest.jsonl")
+    _join_jsonl(output, cards, "failures.jsonl")
+    by_reason = Counter()
+    for card in cards:
+        by_reason.update(card["failures"]["by_reason"])
+    card = {
+        "format": CARD_FORMAT,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "source": cfg.source,
+        "tokenizer": {"path": "tokenizer", **tokenizer.describe()},
+        "splits": splits,
+        "files": {k: sum(c["files"][k] for c in cards) for k in cards[0]["files"]},
+        "failures": {
+            "total": sum(by_reason.values()),
+            "by_reason": dict(sorted(by_reason.items())),
+        },
+        "labels": dict(sorted(label_counts.items())),
+        "slices": [{"index": c["slice"]["index"], **c["throughput"]} for c in cards],
+        "config": {**cards[0]["config"], "slice_index": None},
+    }
+    storage.write_bytes(storage.join(output, CARD_NAME), json.dumps(card, indent=2).encode())
+    return card

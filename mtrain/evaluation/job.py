@@ -1,0 +1,212 @@
+"""An evaluation job, what ``python -m mtrain.evaluate`` runs: a trained model, or any folder
+of MIDI files.
+
+``checkpoint=<export or run dir> data_path=<dataset> output=<dir>``
+scores a split of the prepared dataset (NLL and perplexity per token, bits per note and per
+second of music, NLL by token type), then generates ``music.num_samples`` pieces and compares
+their musical metrics with as many pieces of the split (mean/std per feature, mgeval's
+overlapping area and KL divergence, a histogram per feature).
+
+``midi_dir=<folder> output=<dir> [reference_dir=<folder>]`` computes
+the same metrics for every MIDI file under a folder, and compares it with a reference folder
+when one is given: the code path the model's samples go through.
+
+Writes ``report.json``, ``report.md``, per-file ``*_metrics.json`` and ``plots/*.png``; logs
+them to wandb with ``logger.mode=offline|online``.
+"""
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from mtrain.artifacts import load_for_data
+from mtrain.config import LoggerConfig, WandbMode
+from mtrain.evaluation import reports
+from mtrain.evaluation.likelihood import evaluate_split
+from mtrain.generation.compose import DEFAULT_MIN_P, compose
+from mtrain.generation.prompts import build_prompt, parse_labels
+from mtrain.generation.sampling import SamplingConfig
+from mtrain.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MusicEvalConfig:
+    """The generated-vs-reference comparison of a model evaluation."""
+
+    # Pieces generated, and reference pieces taken from the split; 0 skips the comparison.
+    num_samples: int = 16
+    batch_size: int = 8
+    # Conditioning labels for the samples (kind:value+...); none: the model picks its own.
+    label: str | None = None
+    # max_new_tokens is also the token budget each reference piece is cut to.
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(max_new_tokens=384, min_p=DEFAULT_MIN_P)
+    )
+
+
+@dataclass
+class EvaluateConfig:
+    # An exported model directory, or a run directory (its newest checkpoint is exported).
+    checkpoint: str | None = None
+    # The prepared dataset to score (a directory or URL written by data_pipeline.prepare).
+    data_path: str = "data/bach"
+    output: str = "???"
+    split: str = "test"
+    batch_size: int = 8
+    max_pieces: int | None = None
+    music: MusicEvalConfig = field(default_factory=MusicEvalConfig)
+    # Where the model runs: auto (the GPU when there is one), cpu, cuda, cuda:1, ...
+    device: str = "auto"
+    # Metrics only, no model: every MIDI file under midi_dir, against reference_dir if given.
+    midi_dir: str | None = None
+    reference_dir: str | None = None
+    logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(mode=WandbMode.disabled))
+
+
+def markdown(report: dict) -> str:
+    """The report as Markdown: the likelihood tables of a model, then the musical metrics."""
+    lines = []
+    if "likelihood" in report:
+        lines += likelihood_markdown(report)
+    if "metrics" in report:
+        lines += [f"# Musical metrics of {report['midi_dir']} ({report['pieces']} pieces)", ""]
+        lines.append(reports.markdown_summary(report["metrics"]))
+    if "music" in report:
+        lines += ["## Musical metrics: generated vs reference", ""]
+        lines.append(reports.markdown_comparison(report["music"]))
+    return "\n".join(lines) + "\n"
+
+
+def likelihood_markdown(report: dict) -> list[str]:
+    lines = [
+        f"# Evaluation: {report['checkpoint']} on {report['data_path']} ({report['split']})",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+    ]
+    for key in (
+        "pieces",
+        "tokens",
+        "notes",
+        "seconds",
+        "perplexity",
+        "bits_per_token",
+        "bits_per_note",
+        "bits_per_second",
+    ):
+        value = report["likelihood"][key]
+        lines.append(
+            f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
+        )
+    lines += [
+        "",
+        "| token type | tokens | NLL (nats) | share of bits |",
+        "| --- | --- | --- | --- |",
+    ]
+    for kind, row in report["likelihood"]["by_token_type"].items():
+        lines.append(
+            f"| {kind} | {row['tokens']} | {row['nll_nats']:.3f} | {row['share_of_bits']:.1%} |"
+        )
+    return [*lines, ""]
+
+
+def evaluate_model(cfg: EvaluateConfig, out: Path) -> dict:
+    model, meta, tokenizer, _, model_dir = load_for_data(
+        cfg.checkpoint, cfg.data_path, cfg.split, cfg.device
+    )
+    report = {
+        "checkpoint": str(model_dir),
+        "step": meta["step"],
+        "data_path": cfg.data_path,
+        "split": cfg.split,
+        "likelihood": evaluate_split(
+            model, tokenizer, cfg.data_path, cfg.split, cfg.batch_size, cfg.max_pieces
+        ),
+    }
+    m = cfg.music
+    if m.num_samples:
+        log.info("generating %d pieces to compare with the %s split", m.num_samples, cfg.split)
+        prompt = build_prompt(tokenizer, parse_labels(m.label), None)
+        # The budget both sets are held to: what fits in the model's context after the head.
+        budget = min(m.sampling.max_new_tokens, model.config.max_seq_len - len(prompt))
+        sampling = dataclasses.replace(m.sampling, max_new_tokens=budget)
+        pieces = compose(model, tokenizer, prompt, m.num_samples, sampling, m.batch_size)
+        (out / "generated").mkdir(exist_ok=True)
+        for i, piece in enumerate(pieces):
+            piece.score.dump_midi(str(out / "generated" / f"sample-{i:03d}.mid"))
+        reports.write_reference(
+            tokenizer,
+            cfg.data_path,
+            cfg.split,
+            m.num_samples,
+            budget,
+            out / "reference",
+        )
+        report["music"] = reports.compare_folders(out / "generated", out / "reference", out)
+        report["music"]["repairs"] = sum(p.repairs for p in pieces)
+    return report
+
+
+def evaluate_midi(cfg: EvaluateConfig, out: Path) -> dict:
+    report = {"midi_dir": cfg.midi_dir}
+    if cfg.reference_dir:
+        report["music"] = reports.compare_folders(Path(cfg.midi_dir), Path(cfg.reference_dir), out)
+    else:
+        per_file = reports.folder_metrics(Path(cfg.midi_dir), out, "midi_dir")
+        report["metrics"] = reports.summarize(per_file)
+        report["pieces"] = len(per_file)
+    return report
+
+
+def evaluate(cfg: EvaluateConfig, overrides: list[str] = ()) -> dict:
+    if bool(cfg.checkpoint) == bool(cfg.midi_dir):
+        raise ValueError(
+            "give checkpoint=<export or run dir> to evaluate a model, or midi_dir=<folder> "
+            "for the musical metrics of MIDI files (not both)"
+        )
+    for key in ("midi_dir", "reference_dir"):
+        if getattr(cfg, key) and not Path(getattr(cfg, key)).is_dir():
+            raise FileNotFoundError(f"{key}={getattr(cfg, key)} is not a directory")
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    report = evaluate_model(cfg, out) if cfg.checkpoint else evaluate_midi(cfg, out)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(markdown(report))
+    log_to_wandb(cfg, out, report, overrides)
+    return report
+
+
+def log_to_wandb(cfg: EvaluateConfig, out: Path, report: dict, overrides) -> None:
+    """Headline numbers to the summary, the feature comparison as a table, the plots as
+    images."""
+    config = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+    tracker = Tracker(cfg.logger, f"evaluate-{out.name}", out, config, None, overrides)
+    if tracker.run is None:
+        return
+    import wandb
+
+    summary = {
+        f"likelihood/{k}": v
+        for k, v in report.get("likelihood", {}).items()
+        if isinstance(v, int | float)
+    }
+    media = {}
+    if "music" in report:
+        features = report["music"]["features"]
+        columns = ["feature", *next(iter(features.values()))]
+        rows = [[name, *row.values()] for name, row in features.items()]
+        media["music/comparison"] = wandb.Table(columns=columns, data=rows)
+        summary |= {f"music/{name}/oa": row["oa"] for name, row in features.items()}
+        summary |= {f"music/{name}/kl": row["kl"] for name, row in features.items()}
+        for name, path in report["music"]["plots"].items():
+            media[f"music/plots/{name}"] = wandb.Image(path)
+    if media:
+        tracker.run.log(media)
+    tracker.run.summary.update(summary)
+    tracker.finish()

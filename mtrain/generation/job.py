@@ -1,0 +1,145 @@
+"""A generation job, what ``python -m mtrain.generate`` runs.
+
+Three modes, from what is given: unconditional (neither), conditioned on label tokens
+(``label=<kind>:<value>``, as the dataset card lists them), and continuation of the first bars
+or seconds of a prompt MIDI file (with or without labels). Every sample is written as a valid
+``.mid`` (token orders the decoder would refuse are repaired, and counted), a piano-roll
+``.png`` and, where a General MIDI SoundFont is installed, a ``.wav``; ``samples.json`` holds
+each sample's tokens, repairs and musical metrics.
+"""
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from mtrain.artifacts import load_for_inference
+from mtrain.config import LoggerConfig, WandbMode
+from mtrain.generation.compose import DEFAULT_MIN_P, compose
+from mtrain.generation.prompts import build_prompt, parse_labels, prompt_from_midi
+from mtrain.generation.render import RenderConfig, Renderer, wandb_media
+from mtrain.generation.sampling import SamplingConfig
+from mtrain.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerateConfig:
+    # An exported model directory, a run directory or a checkpoint directory (exported first).
+    checkpoint: str = "???"
+    output: str = "???"
+    num_samples: int = 4
+    # Samples drawn together in one batch (one forward pass per token for all of them).
+    batch_size: int = 4
+    # Conditioning labels as kind:value, several joined by '+': label=collection:bach.
+    label: str | None = None
+    # A MIDI file (path or URL) to continue: its first prompt_bars bars, or prompt_seconds.
+    prompt: str | None = None
+    prompt_bars: int | None = None
+    prompt_seconds: float | None = None
+    # Length limits on each whole piece (prompt included) besides sampling.max_new_tokens.
+    max_bars: int | None = None
+    max_seconds: float | None = None
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(min_p=DEFAULT_MIN_P))
+    render: RenderConfig = field(default_factory=RenderConfig)
+    device: str = "auto"
+    logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(mode=WandbMode.disabled))
+
+
+def mode_of(cfg: GenerateConfig) -> str:
+    if cfg.prompt:
+        return "continuation"
+    return "label" if cfg.label else "unconditional"
+
+
+def markdown(rows: list[dict]) -> str:
+    columns = ["sample", "new_tokens", "repairs", "notes", "seconds", "pitch_range"]
+    columns += ["pitch_class_entropy", "scale_consistency", "polyphony", "note_density"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for row in rows:
+        cells = [row[c] if isinstance(row[c], int | str) else f"{row[c]:.3g}" for c in columns]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def generate_samples(cfg: GenerateConfig, overrides: list[str] = ()) -> dict:
+    model, meta, tokenizer, model_dir = load_for_inference(cfg.checkpoint, cfg.device)
+    labels = parse_labels(cfg.label)
+    prompt_ids = None
+    if cfg.prompt:
+        bars = cfg.prompt_bars if cfg.prompt_seconds is not None else (cfg.prompt_bars or 4)
+        prompt_ids = prompt_from_midi(tokenizer, cfg.prompt, bars, cfg.prompt_seconds)
+    prompt = build_prompt(tokenizer, labels, prompt_ids)
+    log.info(
+        "generating %d %s samples from %s (step %d) on %s: prompt of %d tokens, up to %d new",
+        cfg.num_samples,
+        mode_of(cfg),
+        model_dir,
+        meta["step"],
+        model.wte.weight.device,
+        len(prompt),
+        cfg.sampling.max_new_tokens,
+    )
+    started = time.perf_counter()
+    pieces = compose(
+        model,
+        tokenizer,
+        prompt,
+        cfg.num_samples,
+        cfg.sampling,
+        cfg.batch_size,
+        cfg.max_bars,
+        cfg.max_seconds,
+    )
+    elapsed = time.perf_counter() - started
+    new_tokens = sum(p.new_tokens for p in pieces)
+    log.info(
+        "%d tokens in %.1f s: %.0f tokens/s; %d tokens repaired",
+        new_tokens,
+        elapsed,
+        new_tokens / elapsed,
+        sum(p.repairs for p in pieces),
+    )
+    out = Path(cfg.output)
+    renderer = Renderer(cfg.render)
+    rows, files = [], []
+    for i, piece in enumerate(pieces):
+        name = f"sample-{i:03d}"
+        files.append(renderer.write(piece.score, out / name, f"{name} ({mode_of(cfg)})"))
+        rows.append({"sample": name, **piece.stats()})
+    report = {
+        "checkpoint": str(model_dir),
+        "step": meta["step"],
+        "mode": mode_of(cfg),
+        "labels": labels,
+        "prompt": cfg.prompt,
+        "prompt_tokens": len(prompt),
+        "tokens_per_s": new_tokens / elapsed,
+        "config": OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True),
+        "samples": rows,
+        "files": [{k: str(v) for k, v in f.items()} for f in files],
+    }
+    (out / "samples.json").write_text(json.dumps(report, indent=2))
+    (out / "samples.md").write_text(markdown(rows))
+    log_to_wandb(cfg, out, report, files, overrides)
+    return report
+
+
+def log_to_wandb(
+    cfg: GenerateConfig, out: Path, report: dict, files: list[dict], overrides
+) -> None:
+    """The samples' stats as a wandb table, their piano rolls as images and audio as audio."""
+    tracker = Tracker(cfg.logger, f"generate-{out.name}", out, report["config"], None, overrides)
+    if tracker.run is None:
+        return
+    import wandb
+
+    rows = report["samples"]
+    table = wandb.Table(columns=list(rows[0]), data=[list(row.values()) for row in rows])
+    tracker.run.log({"samples/stats": table, **wandb_media(files, "samples")})
+    tracker.run.summary.update({"tokens_per_s": report["tokens_per_s"], "mode": report["mode"]})
+    tracker.finish()
