@@ -4,9 +4,11 @@ typed config, the dataclasses validate themselves, and a bad input of any kind e
 naming it and the fix, from rank 0 only, with exit code 2 (the input, not the program).
 """
 
+import io
 import logging
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +34,10 @@ EXIT_INPUT = 2
 # calls itself, DeepSpeed's probes for compilers and async I/O that training does not use.
 NOISE = (r".*set_vital.*", r".*torch\.distributed\.\w+_tensor` is deprecated")
 INPUT_ERRORS = (InputError, ValueError, FileNotFoundError, NotADirectoryError)
+# Lines of Hydra's error report that say nothing about the input.
+HYDRA_CHATTER = ("Set the environment variable HYDRA_FULL_ERROR", "reference_type=", "object_type=")
+OTHER_RANKS_WAIT_S = 3.0
+log = logging.getLogger(__name__)
 
 
 def rank() -> int:
@@ -43,10 +49,9 @@ def rank() -> int:
 def quiet_third_parties() -> None:
     for pattern in NOISE:
         warnings.filterwarnings("ignore", message=pattern)
-    # DeepSpeed logs its accelerator and op-builder probes (gcc, libaio) at INFO/WARNING.
-    os.environ.setdefault("DS_ACCELERATOR_VERBOSE", "0")
-    for name in ("DeepSpeed", "deepspeed"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    # DeepSpeed's op builders probe for libaio by compiling a test program through distutils,
+    # whose compiler logs each gcc command line at INFO.
+    logging.getLogger("compilers").setLevel(logging.WARNING)
 
 
 def entry_point(
@@ -64,6 +69,7 @@ def entry_point(
         nonlocal started
         started = True
         sys.stderr = sys.__stderr__
+        quiet_third_parties()  # again: Hydra has just configured logging
         if rank() != 0:
             # Other ranks log to their own file in full, to the console only what is off.
             for handler in logging.getLogger().handlers:
@@ -73,25 +79,50 @@ def entry_point(
             cfg = OmegaConf.to_object(raw)
             code = body(cfg, list(HydraConfig.get().overrides.task))
         except (*INPUT_ERRORS, OmegaConfBaseException) as exc:
-            if rank() == 0:
-                # stderr whatever the app's logging (some log to stdout): this is what went wrong.
-                print(f"error: {exc}", file=sys.stderr, flush=True)
-            sys.exit(EXIT_INPUT)
+            refuse(str(exc))
         sys.exit(code or 0)
 
     def main() -> None:
         quiet_third_parties()
-        if rank() != 0:
-            # Hydra reports a bad override on stderr before the app starts: rank 0 says it once
-            # (stderr is given back as soon as the app runs).
-            sys.stderr = open(os.devnull, "w")  # noqa: SIM115
+        # Hydra reports an override it cannot compose on stderr, over several lines, and exits
+        # with 1 before the app starts: held back here and said as one line.
+        held = sys.stderr = io.StringIO()
         try:
             run()
         except SystemExit as exc:
             sys.stderr = sys.__stderr__
-            # Hydra exits 1 on an override it cannot compose: that is the input too.
             if not started and exc.code not in (0, None):
-                sys.exit(EXIT_INPUT)
+                refuse(one_line(held.getvalue()))
+            if not started and rank() == 0:  # --help, --cfg and the like: said as Hydra says it
+                sys.stderr.write(held.getvalue())
             raise
 
     return main
+
+
+def refuse(message: str) -> None:
+    """Ends the process for a bad input: rank 0 says why on stderr (whatever the app's logging
+    does with its own lines); the other ranks, which met the same input, note it in their log
+    file and give rank 0 a moment, so that a launcher stopping the job at the first exit
+    reports rank 0's line as the root cause."""
+    if rank() == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    else:
+        log.info("input error (rank 0 reports it): %s", message)
+        time.sleep(OTHER_RANKS_WAIT_S)
+    sys.exit(EXIT_INPUT)
+
+
+def one_line(hydra_report: str) -> str:
+    """Hydra's multi-line composition error as one line: its sentences joined, option lists
+    comma-separated; its search path, stack-trace hint and type dump left out."""
+    sentences: list[str] = []
+    for line in hydra_report.split("Config search path:")[0].splitlines():
+        text = line.strip().rstrip(".")
+        if not text or text.startswith(HYDRA_CHATTER):
+            continue
+        if line.startswith("\t") and sentences:  # one option of a list
+            sentences[-1] += (" " if sentences[-1].endswith(":") else ", ") + text
+        else:
+            sentences.append(text)
+    return "; ".join(sentences) or "the config could not be composed"

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from data_pipeline.errors import require
+
 
 @dataclass
 class SamplingConfig:
@@ -24,17 +26,18 @@ class SamplingConfig:
     max_new_tokens: int = 512
 
     def __post_init__(self):
-        checks = [
-            (self.temperature >= 0, "temperature", "must be >= 0"),
-            (self.top_k >= 0, "top_k", "must be >= 0"),
-            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
-            (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
-            (self.max_new_tokens >= 0, "max_new_tokens", "must be >= 0"),
-        ]
-        for ok, name, rule in checks:
-            if not ok:
-                raise ValueError(f"sampling.{name}={getattr(self, name)} {rule}")
+        require(
+            self,
+            "sampling",
+            [
+                (self.temperature >= 0, "temperature", "must be >= 0"),
+                (self.top_k >= 0, "top_k", "must be >= 0"),
+                (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
+                (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
+                (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
+                (self.max_new_tokens >= 0, "max_new_tokens", "must be >= 0"),
+            ],
+        )
 
 
 def disallow(logits: torch.Tensor, token_ids) -> torch.Tensor:
