@@ -92,7 +92,7 @@ def entry_point(
         except SystemExit as exc:
             sys.stderr = sys.__stderr__
             if not started and exc.code not in (0, None):
-                refuse(one_line(held.getvalue()))
+                refuse(held.getvalue())
             if not started and rank() == 0:  # --help, --cfg and the like: said as Hydra says it
                 sys.stderr.write(held.getvalue())
             raise
@@ -106,23 +106,26 @@ def refuse(message: str) -> None:
     file and give rank 0 a moment, so that a launcher stopping the job at the first exit
     reports rank 0's line as the root cause."""
     if rank() == 0:
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
     else:
         log.info("input error (rank 0 reports it): %s", message)
         time.sleep(OTHER_RANKS_WAIT_S)
     sys.exit(EXIT_INPUT)
 
 
-def one_line(hydra_report: str) -> str:
-    """Hydra's multi-line composition error as one line: its sentences joined, option lists
-    comma-separated; its search path, stack-trace hint and type dump left out."""
+def one_line(report: str) -> str:
+    """A multi-line error report (Hydra's, OmegaConf's, a list of config problems) as one
+    line: its sentences joined, option lists comma-separated; Hydra's search path, stack-trace
+    hint and type dump left out."""
     sentences: list[str] = []
-    for line in hydra_report.split("Config search path:")[0].splitlines():
+    for line in report.split("Config search path:")[0].splitlines():
         text = line.strip().rstrip(".")
         if not text or text.startswith(HYDRA_CHATTER):
             continue
-        if line.startswith("\t") and sentences:  # one option of a list
-            sentences[-1] += (" " if sentences[-1].endswith(":") else ", ") + text
+        if sentences and sentences[-1].endswith(":"):
+            sentences[-1] += " " + text
+        elif sentences and line.startswith("\t"):  # the next option of a list
+            sentences[-1] += ", " + text
         else:
             sentences.append(text)
     return "; ".join(sentences) or "the config could not be composed"
