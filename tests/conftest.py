@@ -56,6 +56,23 @@ def bach_dataset(tmp_path_factory) -> Path:
     return root / "ds"
 
 
+def comparable(card: dict) -> dict:
+    """What of a dataset card must not depend on how it was made (slices, workers, hosts):
+    split counts with the pieces in shards added up, files, failures, labels, tokenizer."""
+    splits = {
+        name: {k: v for k, v in split.items() if k != "shards"}
+        | {"shard_pieces": sum(s["pieces"] for s in split["shards"])}
+        for name, split in card["splits"].items()
+    }
+    return {
+        "splits": splits,
+        "files": card["files"],
+        "failures": card["failures"],
+        "labels": card["labels"],
+        "tokenizer": card["tokenizer"],
+    }
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -15,9 +15,11 @@ from conftest import run_module
 
 from data_pipeline.midi_file import read_score
 from data_pipeline.tokenizer import MusicTokenizer
+from mtrain.evaluation.music_metrics import compute_all
 from mtrain.generation.prompts import banned_for
 from mtrain.generation.render import find_soundfont
 
+pytestmark = pytest.mark.slow
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
 DUO_PROGRAMS = {73, 42}
 
@@ -61,8 +63,11 @@ def test_unconditional_samples_are_valid_midi_with_piano_rolls(unconditional):
         score = read_score(midi.read_bytes())  # the strict reader: whole chunks, parseable
         assert score.note_num() == row["notes"] > 0
         assert (unconditional / f"{row['sample']}.png").read_bytes()[:4] == b"\x89PNG"
-        assert row["repairs"] >= 0 and 0 < row["new_tokens"] <= 120
-        assert 0 <= row["pitch_class_entropy"] <= 3.59  # log2(12)
+        assert 0 < row["new_tokens"] <= 120
+        # The reported metrics are those of the file written, not of some other score.
+        assert row["pitch_class_entropy"] == pytest.approx(
+            compute_all(score)["pitch_class_entropy"]
+        )
 
 
 @pytest.mark.skipif(find_soundfont() is None, reason="no GM SoundFont (fluid-soundfont-gm)")

@@ -12,6 +12,8 @@ from s3_server import SECRET, moto_server, patched_environ
 from data_pipeline.reader import iter_pieces, load_card, shard_urls
 from data_pipeline.tokenizer import MusicTokenizer
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def s3_env():

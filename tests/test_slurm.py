@@ -13,16 +13,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_module
-from test_slices import comparable
+from conftest import REPO, comparable, run_module
 
 from data_pipeline.reader import load_card
 from mtrain.evaluation.music_metrics import METRICS
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("slurmctld") is None or shutil.which("sbatch") is None,
-    reason="Slurm is not installed (apt-get install -y --no-install-recommends slurm-wlm)",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which("slurmctld") is None or shutil.which("sbatch") is None,
+        reason="Slurm is not installed (apt-get install -y --no-install-recommends slurm-wlm)",
+    ),
+]
 TRAIN = (
     "model=tiny",
     "deepspeed=cpu",

@@ -1,10 +1,12 @@
 """Sources and configs: the built-in music21 corpus, bad overrides, bad source names."""
 
+import pytest
 from conftest import run_module
 
 from data_pipeline.reader import iter_pieces, load_card, shard_urls
 
 
+@pytest.mark.slow
 def test_builtin_corpus_converts_labels_and_caches(tmp_path):
     out, cache = tmp_path / "ds", tmp_path / "cache"
     args = (
