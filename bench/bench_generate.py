@@ -35,7 +35,7 @@ from mtrain.evaluation.music_metrics import METRICS, compute_all
 from mtrain.generation.decoding import decode
 from mtrain.generation.sampling import SamplingConfig
 from mtrain.hf_export import maps_to_gpt2, save_gpt2
-from mtrain.model import GPT, GPTConfig, num_params
+from mtrain.model import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 PAD, BOS, EOS = (SPECIAL_TOKENS.index(name) for name in ("PAD", "BOS", "EOS"))
@@ -178,7 +178,8 @@ def generation_report(args, model: GPT, hf, why_no_hf: str | None) -> dict:
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     print(
         f"model: {cfg.n_layer} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size}, "
-        f"{num_params(model) / 1e6:.1f}M params, positional={cfg.positional}; fp32, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+        f"positional={cfg.positional}; fp32, "
         f"{torch.get_num_threads()} threads; temperature {sampling.temperature}, top_k "
         f"{sampling.top_k}, prompt [BOS], EOS banned so every row gets {args.tokens} tokens"
     )
@@ -227,13 +228,13 @@ def generation_report(args, model: GPT, hf, why_no_hf: str | None) -> dict:
 
 def dataset_scores(path: str, limit: int) -> list:
     """Up to ``limit`` training pieces of a prepared dataset, decoded to scores."""
-    from mtrain.data import SKIP, DataConfig, ShardReader, open_dataset, split_shards
+    from data_pipeline.reader import SKIP, ShardReader, split_shares
+    from mtrain.data import DataConfig, open_dataset
 
-    cfg = DataConfig(path=path)
-    card, tokenizer = open_dataset(cfg)
+    card, tokenizer = open_dataset(DataConfig(path=path))
     reader = ShardReader(len(tokenizer.base), SKIP)
     scores = []
-    for shard in split_shards(cfg, card, "train"):
+    for shard in split_shares(path, "train", card):
         for piece in reader.read(shard):
             if piece is not None:
                 scores.append(tokenizer.base_ids_to_midi(piece.tokens))

@@ -18,6 +18,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -74,9 +76,20 @@ def hf_loop(dataset: str, model_overrides: dict, micro_batch: int) -> float:
     return inputs.numel() / statistics.median(times[5:])
 
 
+def measure_throughput(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], steps: int) -> float:
+    """Tokens per second a loader alone delivers over ``steps`` batches, timed from its first
+    batch so that worker start-up is left out."""
+    batches = iter(batches)
+    next(batches)
+    start, tokens = time.perf_counter(), 0
+    for inputs, _ in islice(batches, steps):
+        tokens += inputs.numel()
+    return tokens / (time.perf_counter() - start)
+
+
 def loader_report(dataset: str, consumed: float) -> None:
     """One loader process (num_workers=0, so the number is per worker) against the trainer."""
-    from mtrain.data import DataConfig, StreamingData, measure_throughput
+    from mtrain.data import DataConfig, StreamingData
 
     data = StreamingData(DataConfig(path=dataset, num_workers=0), 128, 8)
     per_worker = measure_throughput(data.train_batches(), 300)

@@ -107,7 +107,3 @@ class LearnedVocab:
 
     def decode(self, piece_ids: np.ndarray) -> np.ndarray:
         return text_to_ids(self._sp.decode([int(i) for i in piece_ids]))
-
-    def piece_length(self, piece_id: int) -> int:
-        """How many base tokens a piece stands for."""
-        return len(self._sp.id_to_piece(int(piece_id)))

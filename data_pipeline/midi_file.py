@@ -1,8 +1,12 @@
-"""Reading MIDI bytes strictly: a file is checked chunk by chunk before symusic parses it, so
-a cut-off or padded file is refused whatever the parser's own leniency (symusic 0.5 reads a
-truncated track as if it simply ended)."""
+"""MIDI files: their bytes read strictly, and where their bars fall.
+
+A file is checked chunk by chunk before symusic parses it, so a cut-off or padded file is
+refused whatever the parser's own leniency (symusic 0.5 reads a truncated track as if it simply
+ended).
+"""
 
 import struct
+from collections.abc import Iterator
 
 import symusic
 
@@ -56,3 +60,24 @@ def read_score(data: bytes) -> symusic.Score:
         return symusic.Score.from_midi(data)
     except Exception as exc:  # symusic raises RuntimeError("MiniMidi: ...") on bad bytes
         raise MidiFileError("parse_error", f"{type(exc).__name__}: {exc}") from exc
+
+
+def barline_ticks(score: symusic.Score) -> Iterator[int]:
+    """The tick of every bar line of ``score`` from 0 on, without end. Bars are 4/4 until the
+    first time signature, as in MIDI; a time signature takes effect at the first bar line at or
+    after it (MIDI's delayed time signature, and how MidiTok places it when it tokenizes), so a
+    change off a bar line never cuts a bar short. Signatures with a zero numerator or
+    denominator are ignored."""
+    signatures = sorted(
+        (sig for sig in score.time_signatures if sig.numerator > 0 and sig.denominator > 0),
+        key=lambda sig: sig.time,
+    )
+    tick, ticks_per_bar, upcoming = 0, 4 * score.ticks_per_quarter, iter(signatures)
+    sig = next(upcoming, None)
+    while True:
+        # Of the signatures up to this bar line, the last one sets the bar it starts.
+        while sig is not None and sig.time <= tick:
+            ticks_per_bar = max(1, 4 * score.ticks_per_quarter * sig.numerator // sig.denominator)
+            sig = next(upcoming, None)
+        yield tick
+        tick += ticks_per_bar

@@ -9,13 +9,13 @@ beside the cache entry) and reported as a quarantined source, never retried on e
 import copy
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
+from data_pipeline import storage
 from data_pipeline.pool import ResilientPool, TaskFailure
 
 log = logging.getLogger(__name__)
@@ -135,11 +135,7 @@ def convert_work(task: tuple[CorpusWork, str]) -> str:
     work, out = task
     score = corpus.parse(work.source_path, number=work.number)
     _separate_shared_meters(score)
-    data = music21.midi.translate.music21ObjectToMidiFile(score).writestr()
-    tmp = f"{out}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, out)
+    storage.write_bytes(out, music21.midi.translate.music21ObjectToMidiFile(score).writestr())
     return out
 
 
@@ -157,7 +153,6 @@ def ensure_converted(
     for work in works:
         path = work.cache_path(root)
         if not path.exists() and not path.with_suffix(".failed.json").exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
             todo.append((work, str(path)))
     if todo:
         log.info("converting %d music21 works to MIDI (cached in %s)", len(todo), root)
@@ -166,8 +161,9 @@ def ensure_converted(
             bar = tqdm(pool.imap(todo), total=len(todo), unit="work", desc="music21 → MIDI")
             for (work, path), result in zip(todo, bar, strict=True):
                 if isinstance(result, TaskFailure):
-                    Path(path).with_suffix(".failed.json").write_text(
-                        json.dumps({"work": work.name, "reason": result.reason})
+                    storage.write_bytes(
+                        str(Path(path).with_suffix(".failed.json")),
+                        json.dumps({"work": work.name, "reason": result.reason}).encode(),
                     )
         elapsed = time.monotonic() - start
         log.info(

@@ -23,7 +23,9 @@ class Rejection:
 
 
 @dataclass
-class Piece:
+class TokenizedFile:
+    """A MIDI file that passed every check: its content hash, base token ids and measures."""
+
     hash: str
     tokens: np.ndarray
     notes: int
@@ -55,7 +57,7 @@ def init_worker(setup: WorkerSetup) -> None:
     _state["tokenizer"] = build_base_tokenizer(setup.tokenizer)
 
 
-def process_file(url: str) -> Piece | Rejection | OtherSlice:
+def process_file(url: str) -> TokenizedFile | Rejection | OtherSlice:
     setup: WorkerSetup = _state["setup"]
     try:
         data = storage.read_bytes(url)
@@ -73,7 +75,7 @@ def process_file(url: str) -> Piece | Rejection | OtherSlice:
     if len(tokens) == 0:
         return Rejection("no_tokens", "the tokenizer produced no tokens", digest)
     dtype = np.uint16 if tokens.max() < np.iinfo(np.uint16).max else np.int32
-    return Piece(digest, tokens.astype(dtype), **stats)
+    return TokenizedFile(digest, tokens.astype(dtype), **stats)
 
 
 def check_and_measure(data: bytes, limits: LimitsConfig) -> Rejection | tuple:

@@ -1,15 +1,26 @@
-"""Reading a prepared dataset back: its card, its shard URLs and its pieces."""
+"""Reading a prepared dataset back: its card, its shards and, checked, the pieces they hold."""
 
 import io
 import json
-from collections.abc import Iterator
+import logging
+import multiprocessing as mp
+import sys
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
-import webdataset as wds
 
 from data_pipeline import storage
+from data_pipeline.errors import InputError
+
+log = logging.getLogger(__name__)
 
 CARD_NAME = "dataset.json"
+SKIP, RAISE = "skip", "raise"
+# What a damaged shard raises while it is read or decoded.
+SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, KeyError, ValueError)
 
 
 def load_card(output: str) -> dict:
@@ -28,12 +39,124 @@ def shard_urls(output: str, split: str, card: dict | None = None) -> list[str]:
     return [storage.join(output, s["name"]) for s in card["splits"][split]["shards"]]
 
 
-def decode_tokens(npy: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(npy), allow_pickle=False)
+class CorruptShardError(InputError):
+    """A shard that cannot be read whole, read with on_corrupt=raise (or every shard damaged)."""
+
+
+@dataclass(frozen=True)
+class StoredPiece:
+    """A piece as a shard stores it: its key (the MIDI file's content hash), its base token
+    ids and its metadata (hash, name, labels, notes, duration_s, tracks, programs)."""
+
+    key: str
+    tokens: np.ndarray
+    meta: dict
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return self.meta["labels"]
+
+
+@dataclass(frozen=True)
+class ShardShare:
+    """Every ``stride``-th piece of a shard from ``offset`` on: a reader's share of it (the
+    whole shard by default). ``pieces`` is the shard's piece count on the dataset card; None
+    reads what the shard holds, unchecked against a count."""
+
+    url: str
+    pieces: int | None = None
+    offset: int = 0
+    stride: int = 1
+
+    @property
+    def size(self) -> int:
+        return len(range(self.offset, self.pieces, self.stride))
+
+
+def shard_shares(output: str, shards: list[dict]) -> list[ShardShare]:
+    """Whole shards, from a card's entries for them, with their piece counts."""
+    return [ShardShare(storage.join(output, s["name"]), s["pieces"]) for s in shards]
+
+
+def split_shares(output: str, split: str, card: dict) -> list[ShardShare]:
+    """The whole shards of ``split``, in card order; refused when the split has none."""
+    shards = card["splits"][split]["shards"]
+    if not shards:
+        raise ValueError(f"split {split!r} of dataset {output} has no pieces")
+    return shard_shares(output, shards)
+
+
+class ShardReader:
+    """Reads pieces out of shard shares, checking each: a 1-D integer array of base ids below
+    ``base_vocab_size`` (when given), with its metadata. A damaged shard (unreadable, cut short,
+    holding bad samples or another piece count than the card's) raises CorruptShardError
+    naming it with ``on_corrupt=raise``; with ``skip`` the rest of it is skipped, with a
+    warning and a count in ``corrupt``, a process-shared Value from ``context`` (the context
+    the DataLoader workers that share it start from)."""
+
+    def __init__(
+        self,
+        base_vocab_size: int | None = None,
+        on_corrupt: str = RAISE,
+        context: mp.context.BaseContext | None = None,
+    ):
+        self.base_vocab_size, self.on_corrupt = base_vocab_size, on_corrupt
+        self.corrupt = (context or mp).Value("l", 0)
+        self.damaged: set[str] = set()
+
+    def read(self, share: ShardShare, start: int = 0) -> Iterator[StoredPiece | None]:
+        """The share's pieces from its ``start``-th on. With a piece count, one item per piece
+        the card records: None for each one lost to damage, so positions stay the card's."""
+        # Imported here: webdataset pulls in torch, which reading a card never needs.
+        from webdataset.tariterators import tarfile_samples
+
+        storage.register_webdataset_schemes()
+        end = sys.maxsize if share.pieces is None else share.pieces
+        wanted = range(share.offset + start * share.stride, end, share.stride)
+        done = found = 0
+        try:
+            for index, sample in enumerate(tarfile_samples([{"url": share.url}])):
+                found = index + 1
+                if index in wanted:
+                    yield self._piece(sample)
+                    done += 1
+        except SHARD_ERRORS as err:
+            # WebDataset appends the stream and URL to the arguments: the first one says it.
+            self._damaged(share.url, f"{type(err).__name__}: {err.args[0] if err.args else ''}")
+        else:
+            # Garbage in the middle of a tar ends it silently: only the count tells.
+            if share.pieces is not None and found != share.pieces:
+                self._damaged(share.url, f"{found} pieces, dataset.json says {share.pieces}")
+        if share.pieces is not None:
+            yield from repeat(None, len(wanted) - done)
+
+    def pieces(self, shares: Iterable[ShardShare]) -> Iterator[StoredPiece]:
+        """Every piece of ``shares`` in order; with ``skip``, those a damage lost left out."""
+        for share in shares:
+            yield from (piece for piece in self.read(share) if piece is not None)
+
+    def _piece(self, sample: dict) -> StoredPiece:
+        key = sample["__key__"]
+        tokens = np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False)
+        if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+            raise ValueError(f"piece {key} is not a 1-D integer array")
+        limit = self.base_vocab_size
+        if tokens.size and (tokens.min() < 0 or (limit is not None and tokens.max() >= limit)):
+            raise ValueError(f"piece {key} holds ids outside the base vocabulary")
+        return StoredPiece(key, tokens.astype(np.int64), json.loads(sample["json"]))
+
+    def _damaged(self, url: str, why: str) -> None:
+        if self.on_corrupt == RAISE:
+            raise CorruptShardError(f"shard {url} is damaged ({why})")
+        self.damaged.add(url)
+        with self.corrupt.get_lock():
+            self.corrupt.value += 1
+        log.warning("skipping the rest of damaged shard %s (%s)", url, why)
 
 
 def iter_pieces(urls: list[str]) -> Iterator[tuple[np.ndarray, dict]]:
-    """(base token ids, metadata) of every piece in the shards, in order."""
-    storage.register_webdataset_schemes()
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        yield decode_tokens(sample["tokens.npy"]), json.loads(sample["json"])
+    """(base token ids, metadata) of every piece in the shards, in order, checked by the
+    reader but not against a card's piece counts: for tools holding URLs without a card."""
+    reader = ShardReader()
+    for piece in reader.pieces(ShardShare(url) for url in urls):
+        yield piece.tokens, piece.meta

@@ -15,15 +15,18 @@ from datetime import UTC, datetime
 from omegaconf import OmegaConf
 
 from data_pipeline import learned_vocab, storage
-from data_pipeline.config import PrepareConfig
+from data_pipeline.config import LearnedVocabConfig, PrepareConfig
 from data_pipeline.learned_vocab import LearnedVocab
 from data_pipeline.manifest import SPLITS
-from data_pipeline.reader import CARD_NAME, iter_pieces
+from data_pipeline.reader import CARD_NAME, ShardReader, shard_shares
 from data_pipeline.slice_run import slice_dir
 from data_pipeline.tokenizer import MusicTokenizer, build_base_tokenizer
 
 log = logging.getLogger(__name__)
 CARD_FORMAT = 1
+# Base tokens of train data per learned-vocabulary unit below which the vocabulary is too large
+# for its corpus (most units would be rare).
+MIN_TOKENS_PER_UNIT = 1000
 
 
 def _load_slice_cards(output: str) -> list[dict]:
@@ -83,16 +86,15 @@ def _sum_splits(cards: list[dict]) -> dict:
 
 
 def _learn_vocab(cfg: PrepareConfig, output: str, splits: dict, base) -> LearnedVocab:
-    urls = [storage.join(output, s["name"]) for s in splits["train"]["shards"]]
-    limit = cfg.tokenizer.learned.max_pieces
-
+    # A damaged shard stops the merge, named: a vocabulary learned without it would differ.
+    reader = ShardReader(len(base))
+    pieces = reader.pieces(shard_shares(output, splits["train"]["shards"]))
     # Sorted by content hash, so the vocabulary (and the tokenizer hash) does not depend on
     # how the corpus was sliced or in which order the shards were written.
-    pieces = sorted(
-        ((meta["hash"], tokens) for tokens, meta in iter_pieces(urls)), key=lambda p: p[0]
-    )
-    train_pieces = [tokens for _, tokens in pieces[:limit]]
+    ordered = sorted(pieces, key=lambda piece: piece.key)
+    train_pieces = [piece.tokens for piece in ordered[: cfg.tokenizer.learned.max_pieces]]
 
+    _warn_if_too_large(cfg.tokenizer.learned, train_pieces)
     specials = len(base.special_tokens)
     bar_id = base.vocab.get("Bar_None")
     start = time.monotonic()
@@ -106,6 +108,25 @@ def _learn_vocab(cfg: PrepareConfig, output: str, splits: dict, base) -> Learned
         time.monotonic() - start,
     )
     return LearnedVocab(model)
+
+
+def _warn_if_too_large(cfg: LearnedVocabConfig, pieces: list) -> None:
+    """A learned unit seen a handful of times is an embedding the model barely trains: say so
+    when the corpus gives fewer than MIN_TOKENS_PER_UNIT base tokens per unit."""
+    tokens = sum(len(piece) for piece in pieces)
+    if tokens >= MIN_TOKENS_PER_UNIT * cfg.size:
+        return
+    log.warning(
+        "tokenizer.learned.size=%d is large for this corpus: %d train pieces, %d base tokens, "
+        "%.0f per learned unit (aim for at least %d); use tokenizer.learned.size=%d or less, "
+        "or more pieces",
+        cfg.size,
+        len(pieces),
+        tokens,
+        tokens / cfg.size,
+        MIN_TOKENS_PER_UNIT,
+        max(1, tokens // MIN_TOKENS_PER_UNIT),
+    )
 
 
 def merge_slices(output: str) -> dict:

@@ -17,7 +17,14 @@ from tqdm import tqdm
 from data_pipeline import storage
 from data_pipeline.config import PrepareConfig
 from data_pipeline.manifest import SPLITS, ManifestRow, content_hash, slice_of, split_of
-from data_pipeline.piece import OtherSlice, Piece, Rejection, WorkerSetup, init_worker, process_file
+from data_pipeline.piece import (
+    OtherSlice,
+    Rejection,
+    TokenizedFile,
+    WorkerSetup,
+    init_worker,
+    process_file,
+)
 from data_pipeline.pool import ResilientPool, TaskFailure
 from data_pipeline.shards import ShardWriter
 from data_pipeline.sources import SourceFile, discover
@@ -87,7 +94,7 @@ def _record(file, result, cfg, writers, tally) -> None:
         if _owned(result.hash, file.name, cfg):
             tally.add(_quarantine(file, result.hash, result.code, result.detail))
         return
-    assert isinstance(result, Piece)
+    assert isinstance(result, TokenizedFile)
     row = ManifestRow(
         file.name,
         file.url,

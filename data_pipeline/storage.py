@@ -4,6 +4,7 @@ Endpoints and credentials come from the standard AWS environment (``AWS_ENDPOINT
 ``AWS_ACCESS_KEY_ID`` ...) or ``~/.aws``; they never appear in a config and are never logged.
 """
 
+import contextlib
 import os
 import shutil
 from typing import IO
@@ -38,10 +39,16 @@ def write_bytes(url: str, data: bytes) -> None:
         fs.pipe_file(path, data)
         return
     fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    # Written beside the target and renamed over it: a rename within a filesystem is atomic.
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def exists(url: str) -> bool:

@@ -22,26 +22,28 @@ from safetensors.torch import load_model, save_model
 
 from data_pipeline.reader import load_card
 from data_pipeline.tokenizer import MusicTokenizer
-from mtrain import checkpoint
+from mtrain.checkpoint import latest_complete
 from mtrain.hf_export import maps_to_gpt2, save_gpt2
 from mtrain.model import GPT, GPTConfig
+from mtrain.run_dir import COMPLETE_CHECKPOINTS, CheckpointDir, RunDir
 
 log = logging.getLogger(__name__)
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
-# Written by the trainer into its run directory: the model shape with the vocabulary size.
-MODEL_CONFIG = "model_config.json"
+# An exported model directory's contents.
+WEIGHTS, CONFIG, TOKENIZER, HF = "model.safetensors", "config.json", "tokenizer", "hf"
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    if (path / checkpoint.MARKER).exists():
-        return path
-    if path.is_dir() and not path.name.startswith("step_"):
-        found = checkpoint.latest_complete(path / "checkpoints")
+def resolve_checkpoint(path: Path) -> CheckpointDir:
+    """``path`` itself when it is a complete checkpoint, else a run directory's newest."""
+    given = CheckpointDir(path)
+    if given.complete:
+        return given
+    if path.is_dir() and not given.named_as_step:
+        found = latest_complete(RunDir(path))
         if found is not None:
             return found
     raise FileNotFoundError(
         f"checkpoint={path}: no complete checkpoint or model there; give an exported model "
-        f"directory ({WEIGHTS}), a run directory with checkpoints/step_*/{checkpoint.MARKER}, "
+        f"directory ({WEIGHTS}), a run directory with {COMPLETE_CHECKPOINTS}, "
         "or one such step directory"
     )
 
@@ -60,16 +62,16 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     return {name: tensor.contiguous() for name, tensor in lazy.items()}
 
 
-def verify_against_probe(model: GPT, ckpt: Path) -> float:
+def verify_against_probe(model: GPT, ckpt: CheckpointDir) -> float:
     """The consolidated model must reproduce the logits the training engine computed at save
     time on a fixed batch; returns the largest difference (the check fails above 1e-4)."""
-    probe = torch.load(ckpt / checkpoint.PROBE, weights_only=True)
+    probe = torch.load(ckpt.probe, weights_only=True)
     with torch.no_grad():
         logits = model.eval()(probe["inputs"]).logits
     diff = (logits - probe["logits"]).abs().max().item()
     if diff > 1e-4:
         raise RuntimeError(
-            f"the weights merged from {ckpt} give logits {diff:.2e} away from the training "
+            f"the weights merged from {ckpt.path} give logits {diff:.2e} away from the training "
             "engine's on the probe batch: the checkpoint is damaged or was saved by another "
             "model shape"
         )
@@ -77,30 +79,30 @@ def verify_against_probe(model: GPT, ckpt: Path) -> float:
 
 
 def export(ckpt_path: Path, output: Path) -> Path:
-    ckpt = resolve_checkpoint(ckpt_path)
-    run_dir = ckpt.parent.parent
-    model_cfg = GPTConfig(**json.loads((run_dir / MODEL_CONFIG).read_text()))
+    """Exports the checkpoint ``ckpt_path`` names (a step or run directory) to ``output``."""
+    found = resolve_checkpoint(ckpt_path)
+    ckpt, run = found.path, found.run
+    model_cfg = GPTConfig(**json.loads(run.model_config.read_text()))
     model = GPT(model_cfg)
     model.load_state_dict(consolidated_state_dict(ckpt), strict=True)
     output.mkdir(parents=True, exist_ok=True)
     tmp = output / f"{WEIGHTS}.partial"
     save_model(model, str(tmp))  # stores tied tensors once
     tmp.replace(output / WEIGHTS)
-    verified = verify_against_probe(model, ckpt)
+    verified = verify_against_probe(model, found)
     gpt2_reason = maps_to_gpt2(model)
     if gpt2_reason is None:
-        save_gpt2(model, output / "hf")
+        save_gpt2(model, output / HF)
     else:
         log.info("no Hugging Face export: %s", gpt2_reason)
-    tokenizer_dir = run_dir / "tokenizer"
-    if (output / "tokenizer").exists():
-        shutil.rmtree(output / "tokenizer")
-    shutil.copytree(tokenizer_dir, output / "tokenizer")
+    if (output / TOKENIZER).exists():
+        shutil.rmtree(output / TOKENIZER)
+    shutil.copytree(run.tokenizer, output / TOKENIZER)
     meta = {
         "model": dataclasses.asdict(model_cfg),
         "checkpoint": str(ckpt.resolve()),
-        "step": json.loads((ckpt / checkpoint.MARKER).read_text())["step"],
-        "tokenizer_hash": json.loads((tokenizer_dir / "artifact.json").read_text())["hash"],
+        "step": json.loads(found.marker.read_text())["step"],
+        "tokenizer_hash": json.loads((run.tokenizer / "artifact.json").read_text())["hash"],
         "verified_logits_max_abs_diff": verified,
         "hf_gpt2": gpt2_reason is None,
     }
@@ -138,12 +140,12 @@ def exported_model_dir(checkpoint_path: str | Path) -> Path:
     if (path / WEIGHTS).exists():
         return path
     ckpt = resolve_checkpoint(path)
-    output = path / "export"
+    output = (ckpt if ckpt.path == path else RunDir(path)).export
     if (output / CONFIG).exists():
         made_from = json.loads((output / CONFIG).read_text()).get("checkpoint")
-        if made_from == str(ckpt.resolve()):
+        if made_from == str(ckpt.path.resolve()):
             return output
-    return export(ckpt, output)
+    return export(ckpt.path, output)
 
 
 class ModelAndData(NamedTuple):
@@ -169,7 +171,7 @@ def load_for_inference(
     model_dir = exported_model_dir(checkpoint_path)
     model, meta = load_exported(model_dir)
     model.to(pick_device(device))
-    return model, meta, MusicTokenizer.load(str(model_dir / "tokenizer")), model_dir
+    return model, meta, MusicTokenizer.load(str(model_dir / TOKENIZER)), model_dir
 
 
 def load_for_data(

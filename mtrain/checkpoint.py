@@ -1,9 +1,9 @@
 """Checkpoints that are complete or absent.
 
-Each one is a directory ``checkpoints/step_00001000/`` holding DeepSpeed's (partitioned) model
-and optimizer state, one ``trainer_state_rank<r>.pt`` per rank (data position, RNG) and, written
-last by rank 0 once every rank has finished, a ``COMPLETE`` marker. A directory without the
-marker (a job killed mid-save) is never loaded; the newest complete one is.
+Each one is a directory ``checkpoints/step_00001000/`` (``run_dir.CheckpointDir``) holding
+DeepSpeed's (partitioned) model and optimizer state, one trainer state per rank (data position,
+RNG) and, written last by rank 0 once every rank has finished, a ``COMPLETE`` marker. A
+directory without the marker (a job killed mid-save) is never loaded; the newest complete one is.
 """
 
 import json
@@ -11,32 +11,30 @@ import logging
 import random
 import shutil
 import time
-from pathlib import Path
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from mtrain import distributed
+from mtrain.run_dir import CheckpointDir, RunDir
+
+if TYPE_CHECKING:
+    from mtrain.config import TrainerConfig
 
 log = logging.getLogger(__name__)
-MARKER = "COMPLETE"
 
 
-def tag_of(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def checkpoint_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.glob("step_*") if p.is_dir())
-
-
-def latest_complete(root: Path) -> Path | None:
+def latest_complete(run: RunDir) -> CheckpointDir | None:
     """The newest checkpoint with its marker; incomplete newer ones are named and skipped."""
-    for path in reversed(checkpoint_dirs(root)):
-        if (path / MARKER).exists():
-            return path
+    for ckpt in reversed(run.checkpoint_dirs()):
+        if ckpt.complete:
+            return ckpt
         log.warning(
-            "ignoring checkpoint %s: no %s marker (the run stopped while saving it)", path, MARKER
+            "ignoring checkpoint %s: no %s marker (the run stopped while saving it)",
+            ckpt.path,
+            ckpt.marker.name,
         )
     return None
 
@@ -60,9 +58,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-PROBE = "probe.pt"
-
-
 @torch.no_grad()
 def probe_logits(engine, vocab_size: int, seq_len: int) -> dict:
     """The model's logits on a fixed batch (a forward on every rank, as ZeRO-3 needs): the
@@ -76,52 +71,87 @@ def probe_logits(engine, vocab_size: int, seq_len: int) -> dict:
     return {"inputs": inputs, "logits": logits}
 
 
-def save(
-    engine, root: Path, step: int, client_state: dict, rank_state: dict, keep_last: int, probe: dict
-):
-    """Saves on every rank (collective); returns the checkpoint directory."""
-    tag = tag_of(step)
-    path = root / tag
-    start = time.monotonic()
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
-    if engine.global_rank == 0:
-        torch.save(probe, path / PROBE)
-    torch.save(
-        {**rank_state, "rng": rng_state()}, path / f"trainer_state_rank{engine.global_rank}.pt"
-    )
-    distributed.barrier()  # every rank's files are on disk before the marker says so
-    if engine.global_rank == 0:
-        (path / MARKER).write_text(json.dumps({"step": step, "time": time.time()}))
-        _prune(root, keep_last)
-    distributed.barrier()
-    log.info("saved checkpoint %s in %.1f s", path, time.monotonic() - start)
-    return path
+class Checkpointer:
+    """Saves every ``trainer.save_every`` steps and at the last one (a step component, due at
+    the same steps on every rank), and resumes a run from its newest complete checkpoint.
+
+    ``state()`` gives what the trainer keeps besides the engine: the client state every rank
+    shares (step, counters) and this rank's own (its data position).
+    """
+
+    def __init__(
+        self,
+        engine,
+        run: RunDir,
+        cfg: "TrainerConfig",
+        probe_shape: tuple[int, int],
+        state: Callable[[], tuple[dict, dict]],
+    ):
+        self.engine, self.run_dir, self.cfg = engine, run, cfg
+        self.probe_shape, self.state = probe_shape, state
+
+    def due(self, step: int) -> bool:
+        return step % self.cfg.save_every == 0 or step == self.cfg.max_steps
+
+    def run(self, step: int, metrics: dict) -> dict:
+        self.save(step)
+        return {}
+
+    def save(self, step: int) -> CheckpointDir:
+        """Saves on every rank (collective); returns the checkpoint directory."""
+        engine, ckpt = self.engine, self.run_dir.checkpoint(step)
+        client_state, rank_state = self.state()
+        probe = probe_logits(engine, *self.probe_shape)
+        start = time.monotonic()
+        engine.save_checkpoint(
+            str(self.run_dir.checkpoints), tag=ckpt.path.name, client_state=client_state
+        )
+        if engine.global_rank == 0:
+            torch.save(probe, ckpt.probe)
+        torch.save({**rank_state, "rng": rng_state()}, ckpt.trainer_state(engine.global_rank))
+        distributed.barrier()  # every rank's files are on disk before the marker says so
+        if engine.global_rank == 0:
+            ckpt.marker.write_text(json.dumps({"step": step, "time": time.time()}))
+            _prune(self.run_dir, self.cfg.keep_last)
+        distributed.barrier()
+        log.info("saved checkpoint %s in %.1f s", ckpt.path, time.monotonic() - start)
+        return ckpt
+
+    def resume(self) -> tuple[CheckpointDir, dict, dict] | None:
+        """The newest complete checkpoint, loaded into the engine, with its client state and
+        this rank's state; None when there is none."""
+        ckpt = latest_complete(self.run_dir)
+        if ckpt is None:
+            return None
+        return ckpt, *load(self.engine, ckpt)
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    complete = [p for p in checkpoint_dirs(root) if (p / MARKER).exists()]
+def _prune(run: RunDir, keep_last: int) -> None:
+    """Deletes all but the newest ``keep_last`` complete checkpoints; an incomplete one newer
+    than the newest complete one is left alone (it may be being written)."""
+    complete = [c.path for c in run.checkpoint_dirs() if c.complete]
     if not complete:
         return
     keep = set(complete[-keep_last:])
     newest = complete[-1]
-    for path in checkpoint_dirs(root):
-        if path not in keep and path.name < newest.name:
-            shutil.rmtree(path, ignore_errors=True)
+    for ckpt in run.checkpoint_dirs():
+        if ckpt.path not in keep and ckpt.path.name < newest.name:
+            shutil.rmtree(ckpt.path, ignore_errors=True)
 
 
-def load(engine, path: Path) -> tuple[dict, dict]:
+def load(engine, ckpt: CheckpointDir) -> tuple[dict, dict]:
     """Restores model, optimizer and scheduler into the engine; returns the client state and
     this rank's trainer state (RNG restored already)."""
     _, client_state = engine.load_checkpoint(
-        str(path.parent),
-        tag=path.name,
+        str(ckpt.path.parent),
+        tag=ckpt.path.name,
         load_optimizer_states=True,
         load_lr_scheduler_states=True,
     )
-    rank_file = path / f"trainer_state_rank{engine.global_rank}.pt"
+    rank_file = ckpt.trainer_state(engine.global_rank)
     if not rank_file.exists():
         raise RuntimeError(
-            f"{rank_file} is missing: checkpoint {path} was saved by a run with a different "
+            f"{rank_file} is missing: checkpoint {ckpt.path} was saved by a run with a different "
             "number of ranks; resume with the same world size or start from an export "
             "(init_from=)"
         )

@@ -1,16 +1,20 @@
 """Typed configs of the trainer, registered with Hydra's ConfigStore.
 
 ``conf/train.yaml`` merges onto ``TrainConfig``: a misspelt key or a wrong type fails in Hydra
-before any process group starts, and ``check`` rejects impossible batch arithmetic with the
-keys and a fix named.
+before any process group starts, each dataclass rejects impossible values in ``__post_init__``
+naming ``section.key``, and ``plan_batch`` rejects impossible batch arithmetic with a fix.
 """
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 
-from data_pipeline.errors import ConfigError
+from data_pipeline.errors import ConfigError, require
 from mtrain.data import DataConfig
 from mtrain.model import GPTConfig
+from mtrain.tracking import LoggerConfig
+
+AT_LEAST_1 = "must be at least 1"
 
 
 class Schedule(Enum):
@@ -37,6 +41,16 @@ class OptimConfig:
     warmup_steps: int = 100
     decay_fraction: float = 0.2
 
+    def __post_init__(self):
+        require(
+            self,
+            "optim",
+            [
+                (self.warmup_steps >= 0, "warmup_steps", "must be at least 0"),
+                (0 < self.decay_fraction <= 1, "decay_fraction", "must be in (0, 1]"),
+            ],
+        )
+
 
 @dataclass
 class DeepSpeedConfig:
@@ -52,6 +66,20 @@ class DeepSpeedConfig:
     zero_init: bool = False
     # Seconds before a collective gives up (a hung rank otherwise blocks the others for long).
     timeout_s: int = 1800
+
+    def __post_init__(self):
+        require(
+            self,
+            "deepspeed",
+            [
+                (self.zero_stage in (0, 1, 2, 3), "zero_stage", "must be 0, 1, 2 or 3"),
+                (
+                    not self.offload_params or self.zero_stage == 3,
+                    "offload_params",
+                    "needs deepspeed.zero_stage=3",
+                ),
+            ],
+        )
 
 
 @dataclass
@@ -75,28 +103,28 @@ class TrainerConfig:
     sample_count: int = 2
     sample_tokens: int = 256
 
-
-class WandbMode(Enum):
-    offline = "offline"
-    online = "online"
-    disabled = "disabled"
-
-
-@dataclass
-class LoggerConfig:
-    mode: WandbMode = WandbMode.offline
-    project: str = "mtrain"
-    entity: str | None = None
-    # Runs of one experiment share a group; the overrides become tags.
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
+    def __post_init__(self):
+        require(
+            self,
+            "trainer",
+            [
+                (self.max_steps >= 1, "max_steps", AT_LEAST_1),
+                (self.keep_last >= 1, "keep_last", AT_LEAST_1),
+                (self.save_every >= 1, "save_every", AT_LEAST_1),
+                (self.log_every >= 1, "log_every", AT_LEAST_1),
+                (self.eval_every >= 0, "eval_every", "must be at least 0 (0: never)"),
+                (self.sample_every >= 0, "sample_every", "must be at least 0 (0: never)"),
+                (self.max_nonfinite_in_row >= 1, "max_nonfinite_in_row", AT_LEAST_1),
+            ],
+        )
 
 
 @dataclass
 class TrainConfig:
-    # Names the run directory and the wandb run; stable across requeues of one Slurm job.
-    run_name: str = "${oc.env:SLURM_JOB_NAME,mtrain}-${oc.env:SLURM_JOB_ID,local}"
-    run_dir: str = "runs/${run_name}"
+    # Checkpoints, metrics, samples and the wandb run; stable across requeues of one Slurm job.
+    run_dir: str = "runs/${oc.env:SLURM_JOB_NAME,mtrain}-${oc.env:SLURM_JOB_ID,local}"
+    # The run's name in logs and wandb; the run directory's name when not given.
+    run_name: str | None = None
     # An exported model (python -m mtrain.export) whose weights start this run: fine-tuning.
     init_from: str | None = None
     model: GPTConfig = field(default_factory=GPTConfig)
@@ -105,6 +133,21 @@ class TrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+    def __post_init__(self):
+        """What spans two sections."""
+        self.run_name = self.run_name or Path(self.run_dir).name
+        require(
+            self.optim,
+            "optim",
+            [
+                (
+                    self.optim.warmup_steps <= self.trainer.max_steps,
+                    "warmup_steps",
+                    f"must be in [0, trainer.max_steps={self.trainer.max_steps}]",
+                )
+            ],
+        )
 
 
 @dataclass(frozen=True)
@@ -139,25 +182,3 @@ def plan_batch(cfg: TrainConfig, world_size: int) -> BatchPlan:
             f"use {lower or per_micro} or {lower + per_micro}"
         )
     return BatchPlan(micro, seq_len, t.global_batch_tokens // per_micro, world_size)
-
-
-def check(cfg: TrainConfig) -> None:
-    """Checks what types cannot: ranges and combinations."""
-    problems = []
-    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
-        problems.append(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} must be 0, 1, 2 or 3")
-    if cfg.deepspeed.offload_params and cfg.deepspeed.zero_stage != 3:
-        problems.append("deepspeed.offload_params=true needs deepspeed.zero_stage=3")
-    if cfg.trainer.max_steps < 1:
-        problems.append(f"trainer.max_steps={cfg.trainer.max_steps} must be at least 1")
-    if not 0 <= cfg.optim.warmup_steps <= cfg.trainer.max_steps:
-        problems.append(
-            f"optim.warmup_steps={cfg.optim.warmup_steps} must be in "
-            f"[0, trainer.max_steps={cfg.trainer.max_steps}]"
-        )
-    if not 0 < cfg.optim.decay_fraction <= 1:
-        problems.append(f"optim.decay_fraction={cfg.optim.decay_fraction} must be in (0, 1]")
-    if cfg.trainer.keep_last < 1:
-        problems.append(f"trainer.keep_last={cfg.trainer.keep_last} must be at least 1")
-    if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

@@ -20,39 +20,39 @@
   sequences whatever the world size.
 """
 
-import json
-import logging
 import multiprocessing as mp
-import tarfile
-import time
+import multiprocessing.forkserver
+import signal
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import islice, repeat
+from itertools import islice
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
-from webdataset.tariterators import tarfile_samples
 
 from data_pipeline import storage
-from data_pipeline.reader import decode_tokens, load_card
+from data_pipeline.errors import require
+from data_pipeline.reader import (
+    RAISE,
+    SKIP,
+    CorruptShardError,
+    ShardReader,
+    ShardShare,
+    StoredPiece,
+    load_card,
+    split_shares,
+)
 from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.augment import Augmenter
 from mtrain.packing import SequencePacker
 
-log = logging.getLogger(__name__)
-
-SKIP, RAISE = "skip", "raise"
-# What a damaged shard raises while it is read or decoded.
-SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, KeyError, ValueError)
 # Loader workers start after the process group, whose gloo/NCCL threads may hold a lock at
 # the moment of a fork: a forked worker could then hang before its first line (seen in a 2-rank
 # Slurm job). A fork server is a clean, single-threaded parent to fork them from.
 WORKERS = mp.get_context("forkserver")
-# The smallest value each numeric DataConfig field can take.
-LEAST = dict(shuffle_buffer=1, num_workers=0, transpose_range=0, velocity_shift=0)
 
 
 @dataclass
@@ -73,38 +73,33 @@ class DataConfig:
     on_corrupt_shard: str = SKIP
 
     def __post_init__(self):
-        for name, least in LEAST.items():
-            if getattr(self, name) < least:
-                raise ValueError(f"data.{name}={getattr(self, name)} must be at least {least}")
-        if self.on_corrupt_shard not in (SKIP, RAISE):
-            raise ValueError(
-                f"data.on_corrupt_shard={self.on_corrupt_shard!r}: use {SKIP!r} or {RAISE!r}"
-            )
+        require(
+            self,
+            "data",
+            [
+                (self.num_workers >= 0, "num_workers", "must be at least 0"),
+                (self.shuffle_buffer >= 1, "shuffle_buffer", "must be at least 1"),
+                (self.transpose_range >= 0, "transpose_range", "must be at least 0 (0: off)"),
+                (self.velocity_shift >= 0, "velocity_shift", "must be at least 0 (0: off)"),
+                (
+                    self.on_corrupt_shard in (SKIP, RAISE),
+                    "on_corrupt_shard",
+                    f"must be {SKIP!r} or {RAISE!r}",
+                ),
+            ],
+        )
 
 
-class CorruptShardError(RuntimeError):
-    """A shard that cannot be read whole, with on_corrupt_shard=raise (or every shard)."""
-
-
-@dataclass(frozen=True)
-class Piece:
-    key: str
-    tokens: np.ndarray
-    labels: dict[str, str]
-
-
-@dataclass(frozen=True)
-class ShardSlice:
-    """Every ``stride``-th piece of a shard from ``offset`` on: one stream's share of it."""
-
-    url: str
-    pieces: int
-    offset: int = 0
-    stride: int = 1
-
-    @property
-    def size(self) -> int:
-        return len(range(self.offset, self.pieces, self.stride))
+def start_worker_server() -> None:
+    """Starts the fork server the loader workers come from with SIGUSR1 ignored. Slurm sends a
+    preemption's USR1 to every process of the job; the rank checkpoints on it, but a worker
+    would die of it (the default action) and take the rank down at its next batch. An ignored
+    signal stays ignored across exec: in the server and in every worker it forks."""
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 def open_dataset(cfg: DataConfig) -> tuple[dict, MusicTokenizer]:
@@ -124,16 +119,9 @@ def open_dataset(cfg: DataConfig) -> tuple[dict, MusicTokenizer]:
     return card, tokenizer
 
 
-def split_shards(cfg: DataConfig, card: dict, split: str) -> list[ShardSlice]:
-    shards = card["splits"][split]["shards"]
-    if not shards:
-        raise ValueError(f"split {split!r} of dataset {cfg.path} has no pieces")
-    return [ShardSlice(storage.join(cfg.path, s["name"]), s["pieces"]) for s in shards]
-
-
 def stream_plan(
-    shards: list[ShardSlice], epoch: int, seed: int, stream: int, num_streams: int
-) -> list[ShardSlice]:
+    shards: list[ShardShare], epoch: int, seed: int, stream: int, num_streams: int
+) -> list[ShardShare]:
     """What ``stream`` reads in ``epoch``: its whole shards in this epoch's order or, with
     fewer shards than streams, its every n-th piece of the one shard it shares."""
     order = np.random.default_rng([seed, epoch]).permutation(len(shards))
@@ -142,10 +130,10 @@ def stream_plan(
         return shards[stream::num_streams]
     shard = shards[stream % len(shards)]
     readers = len(range(stream % len(shards), num_streams, len(shards)))
-    return [ShardSlice(shard.url, shard.pieces, stream // len(shards), readers)]
+    return [ShardShare(shard.url, shard.pieces, stream // len(shards), readers)]
 
 
-def check_enough_pieces(shards: list[ShardSlice], num_streams: int) -> None:
+def check_enough_pieces(shards: list[ShardShare], num_streams: int) -> None:
     """Every stream must get a piece each epoch, or its worker would spin forever."""
     if len(shards) >= num_streams:
         return
@@ -157,61 +145,6 @@ def check_enough_pieces(shards: list[ShardSlice], num_streams: int) -> None:
             f"{readers} streams share a shard, but one holds only {smallest} pieces; use "
             "fewer data.num_workers or prepare the dataset with smaller shards"
         )
-
-
-class ShardReader:
-    """Reads pieces out of shard slices. A damaged shard (unreadable, cut short, or holding
-    bad samples) is skipped from the damage on, with a warning and a count shared by all
-    DataLoader workers, or raised with on_corrupt_shard=raise."""
-
-    def __init__(self, base_vocab_size: int, on_corrupt: str):
-        self.base_vocab_size, self.on_corrupt = base_vocab_size, on_corrupt
-        self.corrupt = WORKERS.Value("l", 0)  # shared with the workers: from their context
-        self.damaged: set[str] = set()
-
-    def read(self, shard: ShardSlice, start: int = 0) -> Iterator[Piece | None]:
-        """The slice's pieces from its ``start``-th on, one item per piece the card records:
-        None for each one lost to damage, so positions stay those of the card."""
-        wanted = range(shard.offset + start * shard.stride, shard.pieces, shard.stride)
-        done = found = 0
-        try:
-            for index, sample in enumerate(tarfile_samples([{"url": shard.url}])):
-                found = index + 1
-                if done < len(wanted) and index == wanted[done]:
-                    yield self._piece(sample)
-                    done += 1
-        except SHARD_ERRORS as err:
-            # WebDataset appends the stream and URL to the arguments: the first one says it.
-            self._damaged(shard.url, f"{type(err).__name__}: {err.args[0] if err.args else ''}")
-        else:
-            # Garbage in the middle of a tar ends it silently: only the count tells.
-            if found != shard.pieces:
-                self._damaged(shard.url, f"{found} pieces, dataset.json says {shard.pieces}")
-        yield from repeat(None, len(wanted) - done)
-
-    def _piece(self, sample: dict) -> Piece:
-        tokens = decode_tokens(sample["tokens.npy"])
-        if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
-            raise ValueError(f"piece {sample['__key__']} is not a 1-D integer array")
-        if tokens.size and not 0 <= tokens.min() <= tokens.max() < self.base_vocab_size:
-            raise ValueError(f"piece {sample['__key__']} holds ids outside the base vocabulary")
-        labels = json.loads(sample["json"])["labels"]
-        return Piece(sample["__key__"], tokens.astype(np.int64), labels)
-
-    def _damaged(self, url: str, why: str) -> None:
-        if self.on_corrupt == RAISE:
-            raise CorruptShardError(f"shard {url} is damaged ({why})")
-        self.damaged.add(url)
-        with self.corrupt.get_lock():
-            self.corrupt.value += 1
-        log.warning("skipping the rest of damaged shard %s (%s)", url, why)
-
-
-def document(tokenizer: MusicTokenizer, labels: dict[str, str], base_ids: np.ndarray) -> np.ndarray:
-    """[BOS, label ids..., model ids..., EOS]: one piece as the model reads it."""
-    head = np.array([tokenizer.bos_id, *tokenizer.label_ids(labels)], dtype=np.int64)
-    tail = np.array([tokenizer.eos_id], dtype=np.int64)
-    return np.concatenate([head, tokenizer.encode_base(base_ids), tail])
 
 
 def inputs_and_targets(windows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,7 +160,7 @@ class TrainStream(IterableDataset):
         self,
         cfg: DataConfig,
         seq_len: int,
-        shards: list[ShardSlice],
+        shards: list[ShardShare],
         tokenizer: MusicTokenizer,
         reader: ShardReader,
         rank: int,
@@ -254,7 +187,6 @@ class TrainStream(IterableDataset):
         self.packer = SequencePacker(self.seq_len, state["carry"])
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        storage.register_webdataset_schemes()
         worker = get_worker_info()
         workers, worker_id = (1, 0) if worker is None else (worker.num_workers, worker.id)
         stream, num_streams = self.rank * workers + worker_id, self.world_size * workers
@@ -273,18 +205,18 @@ class TrainStream(IterableDataset):
             if self.reader.damaged >= {s.url for s in self.shards}:
                 raise CorruptShardError(f"every shard of {self.cfg.path} is damaged")
 
-    def _slots(self, plan: list[ShardSlice], start: int) -> Iterator[Piece | None]:
+    def _slots(self, plan: list[ShardShare], start: int) -> Iterator[StoredPiece | None]:
         """The epoch's pieces from position ``start`` on; shards before it stay unopened."""
         for shard in plan:
             if start < shard.size:
                 yield from self.reader.read(shard, start)
             start = max(0, start - shard.size)
 
-    def _document(self, piece: Piece) -> np.ndarray:
+    def _document(self, piece: StoredPiece) -> np.ndarray:
         # Seeded by the piece, not the stream: the same piece gets the same augmentation
         # whatever worker reads it.
         rng = np.random.default_rng([self.cfg.seed, self.epoch, zlib.crc32(piece.key.encode())])
-        return document(self.tokenizer, piece.labels, self.augment(piece.tokens, rng))
+        return self.tokenizer.document(piece.labels, self.augment(piece.tokens, rng))
 
 
 class StreamingData:
@@ -303,13 +235,16 @@ class StreamingData:
         self.card, self.tokenizer = open_dataset(cfg)
         self.cfg, self.seq_len, self.micro_batch_size = cfg, seq_len, micro_batch_size
         self.rank, self.world_size = rank, world_size
-        shards = split_shards(cfg, self.card, "train")
+        shards = split_shares(cfg.path, "train", self.card)
         check_enough_pieces(shards, world_size * max(1, cfg.num_workers))
-        self.reader = ShardReader(len(self.tokenizer.base), cfg.on_corrupt_shard)
+        # The damage count is shared with the workers: a Value from the context they start from.
+        self.reader = ShardReader(len(self.tokenizer.base), cfg.on_corrupt_shard, WORKERS)
         self.train = TrainStream(
             cfg, seq_len, shards, self.tokenizer, self.reader, rank, world_size
         )
         self.layout = {"rank": rank, "world_size": world_size, "num_workers": cfg.num_workers}
+        if cfg.num_workers:
+            start_worker_server()
         self._loader = StatefulDataLoader(
             self.train,
             batch_size=micro_batch_size,
@@ -327,12 +262,10 @@ class StreamingData:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """A fresh pass over ``split``: unshuffled, unaugmented, packed as in training, the
         same number of batches on every rank (at most ``max_batches``)."""
-        storage.register_webdataset_schemes()
         packer = SequencePacker(self.seq_len)
-        shards = split_shards(self.cfg, self.card, split)
-        pieces = (p for shard in shards for p in self.reader.read(shard) if p is not None)
+        pieces = self.reader.pieces(split_shares(self.cfg.path, split, self.card))
         windows = (
-            w for p in pieces for w in packer.add(document(self.tokenizer, p.labels, p.tokens))
+            w for p in pieces for w in packer.add(self.tokenizer.document(p.labels, p.tokens))
         )
         # zip over one iterator makes rounds of world_size windows and drops an incomplete one.
         mine = (round_[self.rank] for round_ in zip(*[windows] * self.world_size, strict=False))
@@ -356,14 +289,3 @@ class StreamingData:
                 "an exact resume needs the same ranks and data.num_workers"
             )
         self._loader.load_state_dict(state["loader"])
-
-
-def measure_throughput(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], steps: int) -> float:
-    """Tokens per second a loader alone delivers over ``steps`` batches, timed from its first
-    batch so that worker start-up is left out."""
-    batches = iter(batches)
-    next(batches)
-    start, tokens = time.perf_counter(), 0
-    for inputs, _ in islice(batches, steps):
-        tokens += inputs.numel()
-    return tokens / (time.perf_counter() - start)

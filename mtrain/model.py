@@ -4,6 +4,7 @@ Pre-LayerNorm blocks, causal attention, rotary or learned positions, a GELU MLP,
 output embeddings, GPT-2 initialisation, and a KV cache for generation.
 """
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from data_pipeline.errors import require
 
 POSITIONALS = ("rope", "learned")
 
@@ -46,27 +49,41 @@ class GPTConfig:
     def hidden(self) -> int:
         return self.d_ff or 4 * self.d_model
 
-    def validate(self) -> None:
-        problems = []
-        if self.vocab_size <= 0:
-            problems.append(f"model.vocab_size={self.vocab_size}: set it from the tokenizer")
-        if min(self.n_layer, self.n_head, self.d_model, self.max_seq_len) < 1:
-            problems.append("model.n_layer, n_head, d_model and max_seq_len must all be >= 1")
-        elif self.d_model % self.n_head:
-            problems.append(
-                f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}"
-            )
-        elif self.positional == "rope" and self.head_dim % 2:
-            problems.append(
-                "model.positional=rope rotates pairs of channels: the head size "
-                f"d_model/n_head={self.head_dim} must be even"
-            )
-        if self.positional not in POSITIONALS:
-            problems.append(
-                f"model.positional={self.positional!r} is not one of {', '.join(POSITIONALS)}"
-            )
-        if problems:
-            raise ValueError("invalid model config:\n  " + "\n  ".join(problems))
+    def __post_init__(self):
+        sizes_ok = min(self.n_layer, self.n_head, self.d_model, self.max_seq_len) >= 1
+        whole_heads = sizes_ok and self.d_model % self.n_head == 0
+        at_least_1 = "must be at least 1"
+        require(
+            self,
+            "model",
+            [
+                (self.vocab_size >= 0, "vocab_size", "must be 0 (set from the tokenizer) or more"),
+                (self.n_layer >= 1, "n_layer", at_least_1),
+                (self.n_head >= 1, "n_head", at_least_1),
+                (self.d_model >= 1, "d_model", at_least_1),
+                (self.max_seq_len >= 1, "max_seq_len", at_least_1),
+                (
+                    whole_heads or not sizes_ok,
+                    "d_model",
+                    f"is not divisible by model.n_head={self.n_head}",
+                ),
+                (
+                    self.positional in POSITIONALS,
+                    "positional",
+                    f"is not one of {', '.join(POSITIONALS)}",
+                ),
+                (
+                    not whole_heads or self.positional != "rope" or self.head_dim % 2 == 0,
+                    "positional",
+                    "rotates pairs of channels: the head size "
+                    f"d_model/n_head={self.d_model // max(self.n_head, 1)} must be even",
+                ),
+            ],
+        )
+
+    def with_vocab(self, vocab_size: int) -> "GPTConfig":
+        """This shape with the tokenizer's vocabulary size (checked again)."""
+        return dataclasses.replace(self, vocab_size=vocab_size)
 
 
 class ModelOutput(NamedTuple):
@@ -203,7 +220,11 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        config.validate()
+        require(
+            config,
+            "model",
+            [(config.vocab_size >= 1, "vocab_size", "must be set from the tokenizer first")],
+        )
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.wpe = None
@@ -313,16 +334,3 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-
-
-def num_params(model_or_config: GPT | GPTConfig, non_embedding: bool = False) -> int:
-    """Parameters of a model (a config's is built on the meta device, for free), a tied weight
-    once. ``non_embedding`` leaves out the lookup tables wte and wpe (Kaplan et al.'s N)."""
-    model = model_or_config
-    if isinstance(model, GPTConfig):
-        with torch.device("meta"):
-            model = GPT(model)
-    total = sum(p.numel() for p in model.parameters())
-    if non_embedding:
-        total -= sum(t.weight.numel() for t in (model.wte, model.wpe) if t is not None)
-    return total

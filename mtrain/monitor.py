@@ -6,6 +6,8 @@ achieved FLOP rate by the dense bf16 peak of the device (none on CPU, so MFU is 
 
 import resource
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -15,30 +17,35 @@ from mtrain import flops
 
 @dataclass
 class StepTimer:
-    """Splits each optimizer step's wall time into waiting for data and the rest."""
+    """Splits each optimizer step's wall time into waiting for data and the rest; what runs
+    ``paused()`` (validation, samples, saving) counts in no step."""
 
-    data_wait: float = 0.0
-    started: float = field(default_factory=time.perf_counter)
+    clock: Callable[[], float] = time.perf_counter
+    data_wait: float = field(default=0.0, init=False)
+    started: float = field(init=False)
 
-    def waiting(self):
-        timer = self
+    def __post_init__(self):
+        self.started = self.clock()
 
-        class _Wait:
-            def __enter__(self):
-                self.t = time.perf_counter()
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        start = self.clock()
+        try:
+            yield
+        finally:
+            self.data_wait += self.clock() - start
 
-            def __exit__(self, *exc):
-                timer.data_wait += time.perf_counter() - self.t
-
-        return _Wait()
-
-    def restart(self) -> None:
-        """Leaves out of the next step what happened since finish() (validation, saving)."""
-        self.started, self.data_wait = time.perf_counter(), 0.0
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        start = self.clock()
+        try:
+            yield
+        finally:
+            self.started += self.clock() - start
 
     def finish(self) -> tuple[float, float]:
         """(step seconds, seconds of it spent waiting for data); starts the next step."""
-        now = time.perf_counter()
+        now = self.clock()
         step_s, wait = now - self.started, self.data_wait
         self.started, self.data_wait = now, 0.0
         return step_s, wait
@@ -55,7 +62,6 @@ class ThroughputMonitor:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         peak = flops.peak_flops(name)
         self.peak_total = None if peak is None else peak * world_size
-        self.device_name = name
         self._recent: list[float] = []
 
     def metrics(self, step_s: float, wait_s: float) -> dict:

@@ -8,13 +8,32 @@ import logging
 import os
 import re
 import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
-from mtrain.config import LoggerConfig, WandbMode
+from mtrain.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 # Keys whose values must never reach wandb, whatever a user puts in the environment.
 _SECRET = re.compile(r"(key|secret|token|password|credential)", re.IGNORECASE)
+
+
+class WandbMode(Enum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+@dataclass
+class LoggerConfig:
+    mode: WandbMode = WandbMode.offline
+    project: str = "mtrain"
+    entity: str | None = None
+    # Runs of one experiment share a group; the overrides become tags.
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
 
 
 def scrub(config: dict) -> dict:
@@ -35,7 +54,7 @@ class Tracker:
         self,
         cfg: LoggerConfig,
         run_name: str,
-        run_dir: Path,
+        run_dir: RunDir,
         config: dict,
         run_id: str | None,
         overrides: list[str],
@@ -45,7 +64,7 @@ class Tracker:
             return
         import wandb
 
-        id_file = run_dir / "wandb_run_id"
+        id_file = run_dir.wandb_run_id
         if run_id is None and id_file.exists():
             run_id = id_file.read_text().strip()
         run_id = run_id or secrets.token_hex(4)  # wandb's id format: 8 [0-9a-z]
@@ -57,7 +76,7 @@ class Tracker:
             name=run_name,
             id=run_id,
             resume="allow",
-            dir=str(run_dir),
+            dir=str(run_dir.root),
             mode=cfg.mode.value,
             group=cfg.group or run_name.rsplit("-", 1)[0],
             tags=(cfg.tags or [o[:64] for o in overrides if "=" in o][:20]),
@@ -76,3 +95,33 @@ class Tracker:
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
+
+
+def table(rows: list[dict]):
+    """A wandb table of rows that share their keys (the first row's keys are the columns)."""
+    import wandb
+
+    return wandb.Table(columns=list(rows[0]), data=[list(row.values()) for row in rows])
+
+
+def log_report(
+    cfg: LoggerConfig,
+    name: str,
+    out: Path,
+    config: dict,
+    overrides: list[str],
+    summary: dict,
+    media: Callable[[], dict] = dict,
+) -> None:
+    """A finished job's report (generate, evaluate) as one wandb run named ``name`` in ``out``:
+    ``summary`` goes to the run's summary, ``media()`` (tables, images, audio; built only when
+    wandb is on) is logged once."""
+    # The job's output directory keeps its wandb files and run id as a run directory does.
+    tracker = Tracker(cfg, name, RunDir(out), config, None, overrides)
+    if tracker.run is None:
+        return
+    logged = media()
+    if logged:
+        tracker.run.log(logged)
+    tracker.run.summary.update(summary)
+    tracker.finish()

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,41 +21,46 @@ from mtrain.generation.compose import DEFAULT_MIN_P, compose
 from mtrain.generation.render import RenderConfig, Renderer, wandb_media
 from mtrain.generation.sampling import SamplingConfig
 from mtrain.model import GPT, GPTConfig
+from mtrain.run_dir import RunDir
+from mtrain.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 
 class TrainingSamples:
+    """A step component: due every ``sample_every`` steps, at the same steps on every rank."""
+
     def __init__(
         self,
         cfg: TrainerConfig,
-        model_cfg: GPTConfig,
+        module: torch.nn.Module,
         tokenizer: MusicTokenizer,
-        run_dir: Path,
+        run: RunDir,
+        tracker: Tracker | None,
         is_main: bool,
     ):
-        self.cfg, self.model_cfg, self.tokenizer = cfg, model_cfg, tokenizer
-        self.out = run_dir / "samples"
-        self.is_main = is_main
+        self.cfg, self.module, self.tokenizer = cfg, module, tokenizer
+        self.model_cfg: GPTConfig = module.config
+        self.run_dir, self.tracker, self.is_main = run, tracker, is_main
         self.copy: GPT | None = None
         self.renderer = Renderer(RenderConfig()) if is_main and cfg.sample_every else None
 
     def due(self, step: int) -> bool:
         return bool(self.cfg.sample_every) and step % self.cfg.sample_every == 0
 
-    def __call__(self, module: torch.nn.Module, step: int) -> tuple[dict, dict]:
-        """(metrics, media) of this step's samples on rank 0; ({}, {}) on the others. Every
-        rank must call it at the same step."""
-        self._copy_weights(module)
+    def run(self, step: int, metrics: dict) -> dict:
+        """This step's samples' metrics on rank 0 (their media go to wandb now); {} on the
+        others. Every rank must call it at the same step."""
+        self._copy_weights(self.module)
         if not self.is_main:
-            return {}, {}
+            return {}
         started = time.perf_counter()
         sampling = SamplingConfig(
             max_new_tokens=self.cfg.sample_tokens, min_p=DEFAULT_MIN_P, seed=step
         )
         count = self.cfg.sample_count
         pieces = compose(self.copy, self.tokenizer, [self.tokenizer.bos_id], count, sampling, count)
-        folder = self.out / f"step_{step:08d}"
+        folder = self.run_dir.samples_at(step)
         files = [
             self.renderer.write(piece.score, folder / f"sample-{i}")
             for i, piece in enumerate(pieces)
@@ -64,22 +68,25 @@ class TrainingSamples:
         stats = [piece.stats() for piece in pieces]
         rows = [{"ids": piece.ids, **row} for piece, row in zip(pieces, stats, strict=True)]
         (folder / "samples.json").write_text(json.dumps(rows))
-        metrics = {
+        found = {
             f"samples/{key}": float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
             for key in stats[0]
             for values in [np.array([s[key] for s in stats], dtype=np.float64)]
         }
-        metrics["samples/seconds_spent"] = time.perf_counter() - started
+        found["samples/seconds_spent"] = time.perf_counter() - started
         log.info(
             "step %d: %d samples in %s (%.1f s; %.0f notes, %.1f repairs on average)",
             step,
             count,
             folder,
-            metrics["samples/seconds_spent"],
-            metrics["samples/notes"],
-            metrics["samples/repairs"],
+            found["samples/seconds_spent"],
+            found["samples/notes"],
+            found["samples/repairs"],
         )
-        return metrics, wandb_media(files, "samples")
+        media = wandb_media(files, "samples")
+        if self.tracker is not None and media:
+            self.tracker.log(media, step)
+        return found
 
     def _copy_weights(self, module: torch.nn.Module) -> None:
         import deepspeed

@@ -10,6 +10,8 @@ from conftest import run_module
 
 from mtrain.evaluation.music_metrics import METRICS
 
+pytestmark = pytest.mark.slow
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
 
 

@@ -14,7 +14,13 @@ from midi_factory import piece, write_corpus, write_piece
 from data_pipeline.config import TokenizerConfig, TokenizerKind
 from data_pipeline.tokenizer import MusicTokenizer, build_base_tokenizer
 from mtrain.generation.decoding import decode
-from mtrain.generation.prompts import build_prompt, continuation_banned_ids, prompt_from_midi
+from mtrain.generation.prompts import (
+    build_prompt,
+    clip_score,
+    continuation_banned_ids,
+    prompt_from_midi,
+    tick_at_bar,
+)
 from mtrain.generation.repair import repair, to_midi
 from mtrain.generation.sampling import SamplingConfig, disallow, next_token
 from mtrain.model import GPT, GPTConfig
@@ -280,6 +286,36 @@ def test_a_continuation_starts_with_the_prompt_notes(tok, model, tmp_path):
     assert repairs == 0 and alone.note_num() > 0
     for track, notes in notes_by_track(alone).items():
         assert notes_by_track(continued)[track][: len(notes)] == notes
+
+
+def meter(*signatures: tuple[int, int, int], tpq: int = 480) -> symusic.Score:
+    """An empty score with (tick, numerator, denominator) time signatures."""
+    score = symusic.Score(tpq)
+    score.time_signatures.extend(symusic.TimeSignature(*sig) for sig in signatures)
+    return score
+
+
+def test_bars_follow_meter_changes_each_from_the_next_bar_line():
+    # Two bars of 4/4 (1920 ticks), two of 3/4 (1440), two of 6/8 (1440), then 2/4 (960),
+    # given half-way through the second 6/8 bar: it waits for that bar's end at 9600.
+    changes = meter((0, 4, 4), (3840, 3, 4), (6720, 6, 8), (8640, 2, 4))
+    expected = [0, 1920, 3840, 5280, 6720, 8160, 9600, 10560, 11520]
+    assert [tick_at_bar(changes, bar) for bar in range(len(expected))] == expected
+    # Listed out of order, the same; without a time signature, 4/4 (at any resolution).
+    shuffled = meter((8640, 2, 4), (0, 4, 4), (6720, 6, 8), (3840, 3, 4))
+    assert tick_at_bar(shuffled, 8) == 11520
+    assert tick_at_bar(meter(tpq=96), 3) == 3 * 4 * 96
+    # A first signature off the first bar line leaves that bar 4/4.
+    assert [tick_at_bar(meter((960, 3, 4)), bar) for bar in range(3)] == [0, 1920, 3360]
+
+
+def test_a_prompt_in_bars_ends_at_the_bar_line_after_a_meter_change():
+    score = meter((0, 4, 4), (1920, 3, 4))
+    track = symusic.Track()
+    track.notes.extend(symusic.Note(tick, 240, 60, 80) for tick in range(0, 7680, 480))
+    score.tracks.append(track)
+    clipped = clip_score(score, bars=3)
+    assert max(n.time for n in clipped.tracks[0].notes) == 1920 + 2 * 1440 - 480
 
 
 def test_a_prompt_in_seconds_holds_the_notes_that_start_before(tok, tmp_path):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from mtrain import flops
-from mtrain.model import GPT, GPTConfig, Linear, num_params
+from mtrain.model import GPT, GPTConfig, Linear
 
 VOCAB = 97
 MODEL_CONFS = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -29,6 +29,15 @@ GPT2_SMALL = GPTConfig(
 def tiny(**overrides) -> GPTConfig:
     shape = dict(vocab_size=VOCAB, n_layer=2, n_head=2, d_model=32, max_seq_len=64)
     return GPTConfig(**(shape | overrides))
+
+
+def count(model: GPT, non_embedding: bool = False) -> int:
+    """Parameters of a model, a tied weight once; ``non_embedding`` leaves out the lookup
+    tables wte and wpe (Kaplan et al.'s N)."""
+    total = sum(p.numel() for p in model.parameters())
+    if non_embedding:
+        total -= sum(t.weight.numel() for t in (model.wte, model.wpe) if t is not None)
+    return total
 
 
 def build(cfg: GPTConfig, seed: int = 0) -> GPT:
@@ -132,7 +141,7 @@ def test_weight_decay_only_on_matrices_and_each_tensor_once():
     assert all(p.dim() == 1 for p in no_decay["params"])
     grouped = decay["params"] + no_decay["params"]
     assert len({id(p) for p in grouped}) == len(grouped)
-    assert sum(p.numel() for p in grouped) == num_params(model)
+    assert sum(p.numel() for p in grouped) == count(model)
     assert any(p is model.wte.weight for p in decay["params"])
     assert any(p is model.wpe.weight for p in decay["params"])
 
@@ -150,8 +159,10 @@ def test_weight_decay_only_on_matrices_and_each_tensor_once():
 def test_analytic_param_count_is_the_model_count(cfg):
     model = build(cfg)
     assert flops.param_count(cfg) == sum(p.numel() for p in model.parameters())
-    assert flops.param_count(cfg) == num_params(model) == num_params(cfg)
-    assert flops.param_count(cfg, include_embeddings=False) == num_params(model, non_embedding=True)
+    with torch.device("meta"):
+        on_meta = GPT(cfg)
+    assert flops.param_count(cfg) == count(model) == count(on_meta)
+    assert flops.param_count(cfg, include_embeddings=False) == count(model, non_embedding=True)
 
 
 def test_param_count_of_the_gpt2_small_shape_built_on_meta():
@@ -161,7 +172,7 @@ def test_param_count_of_the_gpt2_small_shape_built_on_meta():
     assert sum(p.numel() for p in model.parameters()) == 124_439_808
     assert flops.param_count(GPT2_SMALL) == 124_439_808
     embeddings = (50257 + 1024) * 768
-    assert num_params(model, non_embedding=True) == 124_439_808 - embeddings
+    assert count(model, non_embedding=True) == 124_439_808 - embeddings
     assert flops.param_count(GPT2_SMALL, include_embeddings=False) == 124_439_808 - embeddings
 
 
@@ -243,8 +254,10 @@ def test_model_configs_are_gpt_configs(name):
     raw = OmegaConf.load(MODEL_CONFS / f"{name}.yaml")
     assert "vocab_size" not in raw  # it comes from the tokenizer
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(GPTConfig), raw))
-    cfg.vocab_size = VOCAB
-    cfg.validate()
+    cfg = cfg.with_vocab(VOCAB)  # the shape is checked again, now with a vocabulary
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert count(model) == flops.param_count(cfg)
 
 
 @pytest.mark.parametrize("rows", [1, 5, 16, 40])

@@ -2,26 +2,13 @@
 
 import json
 
-from conftest import run_module
+import pytest
+from conftest import comparable, run_module
 
 from data_pipeline.reader import load_card
 
+pytestmark = pytest.mark.slow
 OPTIONS = ("shards.max_pieces=8", "tokenizer.learned.kind=bpe", "tokenizer.learned.size=600")
-
-
-def comparable(card: dict) -> dict:
-    splits = {
-        name: {k: v for k, v in split.items() if k != "shards"}
-        | {"shard_pieces": sum(s["pieces"] for s in split["shards"])}
-        for name, split in card["splits"].items()
-    }
-    return {
-        "splits": splits,
-        "files": card["files"],
-        "failures": card["failures"],
-        "labels": card["labels"],
-        "tokenizer": card["tokenizer"],
-    }
 
 
 def test_two_slices_merged_equal_one_run(midi_corpus, tmp_path):

@@ -24,6 +24,8 @@ from mtrain.artifacts import export, load_exported
 from mtrain.generation.compose import DEFAULT_MIN_P, compose
 from mtrain.generation.sampling import SamplingConfig
 
+pytestmark = pytest.mark.slow
+
 CPU_ENV = {
     "DS_ACCELERATOR": "cpu",
     "OMP_NUM_THREADS": "1",

@@ -15,13 +15,16 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from data_pipeline.reader import iter_pieces, shard_urls
+from data_pipeline.errors import require
+from data_pipeline.reader import ShardReader, split_shares
 from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.artifacts import load_for_data
 from mtrain.model import GPT
@@ -34,7 +37,6 @@ PROBE_FIT_SPLIT = "train"
 PROBE_L2 = 1e-3
 # Queries compared against the whole split at once: bounds the similarity matrix's memory.
 QUERY_CHUNK = 1024
-PROGRESS_EVERY_S = 10.0
 # The two descriptions of a piece compared (EmbeddedSplit fields), with their report titles.
 FEATURES = {"model": "model embedding", "pitch_classes": "pitch-class histogram (baseline)"}
 
@@ -62,6 +64,17 @@ class EmbedConfig:
     label_key: str = "collection"
     # Where the model runs: auto (the GPU when there is one), cpu, cuda, ...
     device: str = "auto"
+
+    def __post_init__(self):
+        require(
+            self,
+            "",
+            [
+                (self.k >= 1, "k", "must be at least 1"),
+                (self.batch_size >= 1, "batch_size", "must be at least 1"),
+                (self.max_pieces is None or self.max_pieces >= 1, "max_pieces", "must be >= 1"),
+            ],
+        )
 
 
 @dataclass
@@ -141,35 +154,35 @@ def pitch_class_histogram(tokenizer: MusicTokenizer, base_ids: np.ndarray) -> np
 
 
 def embed_split(
-    model: GPT, tokenizer: MusicTokenizer, split: str, cfg: EmbedConfig
+    model: GPT, tokenizer: MusicTokenizer, card: dict, split: str, cfg: EmbedConfig
 ) -> EmbeddedSplit:
-    """Embeds every piece of ``split`` (up to ``cfg.max_pieces``), logging pieces/s."""
+    """Embeds every piece of ``split`` (up to ``cfg.max_pieces``), showing pieces/s."""
     pooler = MeanPooler(model, cfg.layer, cfg.batch_size)
     rows, histograms, tokens = [], [], 0
-    started = last_log = time.perf_counter()
-    for i, (base_ids, meta) in enumerate(iter_pieces(shard_urls(cfg.data_path, split))):
-        if cfg.max_pieces is not None and i >= cfg.max_pieces:
-            break
+    # A damaged shard stops the run, named: embeddings of part of a split would mislead.
+    pieces = ShardReader(len(tokenizer.base)).pieces(split_shares(cfg.data_path, split, card))
+    total = card["splits"][split]["pieces"]
+    total = total if cfg.max_pieces is None else min(total, cfg.max_pieces)
+    started = time.perf_counter()
+    bar = tqdm(total=total, unit="piece", desc=f"embed {split}", smoothing=0.05)
+    for piece in islice(pieces, cfg.max_pieces):
         # Without the label tokens: embeddings that saw them would let retrieval by label read
         # the answer off the conditioning instead of the music.
-        doc = tokenizer.document({}, base_ids, end=False)
+        doc = tokenizer.document({}, piece.tokens, end=False)
         pooler.add(doc)
         tokens += len(doc)
-        histograms.append(pitch_class_histogram(tokenizer, base_ids))
+        histograms.append(pitch_class_histogram(tokenizer, piece.tokens))
         rows.append(
             {
-                "id": meta["hash"],
-                "name": meta.get("name"),
-                "labels": meta["labels"],
-                "tokens": len(base_ids),
+                "id": piece.key,
+                "name": piece.meta["name"],
+                "labels": piece.labels,
+                "tokens": len(piece.tokens),
             }
         )
-        if time.perf_counter() - last_log > PROGRESS_EVERY_S:
-            last_log = time.perf_counter()
-            log.info(
-                "%s: %d pieces, %.1f pieces/s", split, len(rows), len(rows) / (last_log - started)
-            )
+        bar.update()
     vectors = pooler.means()
+    bar.close()
     seconds = time.perf_counter() - started
     if not rows:
         raise ValueError(f"split {split!r} of {cfg.data_path} has no pieces to embed")
@@ -270,7 +283,7 @@ def probes(
         log.warning("split=%s: the probe is scored on the pieces it was fit on", cfg.split)
         train = pieces
     elif card["splits"].get(PROBE_FIT_SPLIT, {}).get("pieces"):
-        train = embed_split(model, tokenizer, PROBE_FIT_SPLIT, cfg)
+        train = embed_split(model, tokenizer, card, PROBE_FIT_SPLIT, cfg)
     else:
         return {name: {"skipped": f"no {PROBE_FIT_SPLIT} split to fit on"} for name in FEATURES}
     labels, train_labels = pieces.labels(cfg.label_key), train.labels(cfg.label_key)
@@ -357,12 +370,10 @@ def markdown(report: dict) -> str:
 
 
 def embed(cfg: EmbedConfig) -> dict:
-    if cfg.k < 1 or cfg.batch_size < 1:
-        raise ValueError(f"k={cfg.k} and batch_size={cfg.batch_size} must both be at least 1")
     model, meta, tokenizer, card, model_dir = load_for_data(
         cfg.checkpoint, cfg.data_path, cfg.split, cfg.device
     )
-    pieces = embed_split(model, tokenizer, cfg.split, cfg)
+    pieces = embed_split(model, tokenizer, card, cfg.split, cfg)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "embeddings.npy", pieces.model)

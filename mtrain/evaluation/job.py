@@ -19,18 +19,20 @@ import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from data_pipeline.errors import ConfigError, require
+from data_pipeline.reader import ShardReader, split_shares
 from mtrain.artifacts import load_for_data
-from mtrain.config import LoggerConfig, WandbMode
 from mtrain.evaluation import reports
-from mtrain.evaluation.likelihood import evaluate_split
+from mtrain.evaluation.likelihood import evaluate_pieces
 from mtrain.generation.compose import DEFAULT_MIN_P, compose
 from mtrain.generation.prompts import build_prompt, parse_labels
 from mtrain.generation.sampling import SamplingConfig
-from mtrain.tracking import Tracker
+from mtrain.tracking import LoggerConfig, WandbMode, log_report, table
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,16 @@ class MusicEvalConfig:
     sampling: SamplingConfig = field(
         default_factory=lambda: SamplingConfig(max_new_tokens=384, min_p=DEFAULT_MIN_P)
     )
+
+    def __post_init__(self):
+        require(
+            self,
+            "music",
+            [
+                (self.num_samples >= 0, "num_samples", "must be at least 0 (0: no comparison)"),
+                (self.batch_size >= 1, "batch_size", "must be at least 1"),
+            ],
+        )
 
 
 @dataclass
@@ -67,6 +79,21 @@ class EvaluateConfig:
     midi_dir: str | None = None
     reference_dir: str | None = None
     logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(mode=WandbMode.disabled))
+
+    def __post_init__(self):
+        if bool(self.checkpoint) == bool(self.midi_dir):
+            raise ConfigError(
+                "give checkpoint=<export or run dir> to evaluate a model, or midi_dir=<folder> "
+                "for the musical metrics of MIDI files (not both)"
+            )
+        require(
+            self,
+            "",
+            [
+                (self.batch_size >= 1, "batch_size", "must be at least 1"),
+                (self.max_pieces is None or self.max_pieces >= 1, "max_pieces", "must be >= 1"),
+            ],
+        )
 
 
 def markdown(report: dict) -> str:
@@ -117,16 +144,19 @@ def likelihood_markdown(report: dict) -> list[str]:
 
 
 def evaluate_model(cfg: EvaluateConfig, out: Path) -> dict:
-    model, meta, tokenizer, _, model_dir = load_for_data(
+    model, meta, tokenizer, card, model_dir = load_for_data(
         cfg.checkpoint, cfg.data_path, cfg.split, cfg.device
     )
+    # A damaged shard stops the evaluation, named: a score over part of a split would mislead.
+    reader = ShardReader(len(tokenizer.base))
+    shares = split_shares(cfg.data_path, cfg.split, card)
     report = {
         "checkpoint": str(model_dir),
         "step": meta["step"],
         "data_path": cfg.data_path,
         "split": cfg.split,
-        "likelihood": evaluate_split(
-            model, tokenizer, cfg.data_path, cfg.split, cfg.batch_size, cfg.max_pieces
+        "likelihood": evaluate_pieces(
+            model, tokenizer, islice(reader.pieces(shares), cfg.max_pieces), cfg.batch_size
         ),
     }
     m = cfg.music
@@ -137,39 +167,33 @@ def evaluate_model(cfg: EvaluateConfig, out: Path) -> dict:
         budget = min(m.sampling.max_new_tokens, model.config.max_seq_len - len(prompt))
         sampling = dataclasses.replace(m.sampling, max_new_tokens=budget)
         pieces = compose(model, tokenizer, prompt, m.num_samples, sampling, m.batch_size)
-        (out / "generated").mkdir(exist_ok=True)
-        for i, piece in enumerate(pieces):
-            piece.score.dump_midi(str(out / "generated" / f"sample-{i:03d}.mid"))
-        reports.write_reference(
-            tokenizer,
-            cfg.data_path,
-            cfg.split,
-            m.num_samples,
-            budget,
-            out / "reference",
+        generated = {f"sample-{i:03d}.mid": piece.score for i, piece in enumerate(pieces)}
+        reference = reports.reference_scores(
+            tokenizer, reader.pieces(shares), m.num_samples, budget
         )
-        report["music"] = reports.compare_folders(out / "generated", out / "reference", out)
+        report["music"] = reports.compare(
+            reports.save_scores(generated, out / "generated"),
+            reports.save_scores(reference, out / "reference"),
+            out,
+        )
         report["music"]["repairs"] = sum(p.repairs for p in pieces)
     return report
 
 
 def evaluate_midi(cfg: EvaluateConfig, out: Path) -> dict:
     report = {"midi_dir": cfg.midi_dir}
+    pieces = reports.measure_folder(Path(cfg.midi_dir), "midi_dir")
     if cfg.reference_dir:
-        report["music"] = reports.compare_folders(Path(cfg.midi_dir), Path(cfg.reference_dir), out)
+        reference = reports.measure_folder(Path(cfg.reference_dir), "reference_dir")
+        report["music"] = reports.compare(pieces, reference, out)
     else:
-        per_file = reports.folder_metrics(Path(cfg.midi_dir), out, "midi_dir")
-        report["metrics"] = reports.summarize(per_file)
-        report["pieces"] = len(per_file)
+        reports.save_metrics(pieces, out, "midi_dir")
+        report["metrics"] = reports.summarize(pieces)
+        report["pieces"] = len(pieces.per_piece)
     return report
 
 
 def evaluate(cfg: EvaluateConfig, overrides: list[str] = ()) -> dict:
-    if bool(cfg.checkpoint) == bool(cfg.midi_dir):
-        raise ValueError(
-            "give checkpoint=<export or run dir> to evaluate a model, or midi_dir=<folder> "
-            "for the musical metrics of MIDI files (not both)"
-        )
     for key in ("midi_dir", "reference_dir"):
         if getattr(cfg, key) and not Path(getattr(cfg, key)).is_dir():
             raise FileNotFoundError(f"{key}={getattr(cfg, key)} is not a directory")
@@ -185,28 +209,26 @@ def evaluate(cfg: EvaluateConfig, overrides: list[str] = ()) -> dict:
 def log_to_wandb(cfg: EvaluateConfig, out: Path, report: dict, overrides) -> None:
     """Headline numbers to the summary, the feature comparison as a table, the plots as
     images."""
-    config = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
-    tracker = Tracker(cfg.logger, f"evaluate-{out.name}", out, config, None, overrides)
-    if tracker.run is None:
-        return
-    import wandb
-
     summary = {
         f"likelihood/{k}": v
         for k, v in report.get("likelihood", {}).items()
         if isinstance(v, int | float)
     }
-    media = {}
-    if "music" in report:
-        features = report["music"]["features"]
-        columns = ["feature", *next(iter(features.values()))]
-        rows = [[name, *row.values()] for name, row in features.items()]
-        media["music/comparison"] = wandb.Table(columns=columns, data=rows)
-        summary |= {f"music/{name}/oa": row["oa"] for name, row in features.items()}
-        summary |= {f"music/{name}/kl": row["kl"] for name, row in features.items()}
-        for name, path in report["music"]["plots"].items():
-            media[f"music/plots/{name}"] = wandb.Image(path)
-    if media:
-        tracker.run.log(media)
-    tracker.run.summary.update(summary)
-    tracker.finish()
+    features = report.get("music", {}).get("features", {})
+    summary |= {f"music/{name}/oa": row["oa"] for name, row in features.items()}
+    summary |= {f"music/{name}/kl": row["kl"] for name, row in features.items()}
+
+    def media() -> dict:
+        if "music" not in report:
+            return {}
+        import wandb
+
+        rows = [{"feature": name, **row} for name, row in features.items()]
+        plots = report["music"]["plots"].items()
+        return {
+            "music/comparison": table(rows),
+            **{f"music/plots/{name}": wandb.Image(path) for name, path in plots},
+        }
+
+    config = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+    log_report(cfg.logger, f"evaluate-{out.name}", out, config, overrides, summary, media)

@@ -8,15 +8,15 @@ a context window of history before it (strided windows), in pieces read whole fr
 
 import math
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.reader import iter_pieces, load_card, shard_urls
+from data_pipeline.reader import StoredPiece
 from data_pipeline.tokenizer import SPECIAL_TOKENS, MusicTokenizer
-from mtrain.data import document
 from mtrain.model import GPT
 
 IGNORE = -100
@@ -79,16 +79,10 @@ class Tally:
 
 
 @torch.no_grad()
-def evaluate_split(
-    model: GPT,
-    tokenizer: MusicTokenizer,
-    data_path: str,
-    split: str,
-    batch_size: int = 8,
-    max_pieces: int | None = None,
+def evaluate_pieces(
+    model: GPT, tokenizer: MusicTokenizer, pieces: Iterable[StoredPiece], batch_size: int = 8
 ) -> dict:
-    """Scores every piece of ``split`` of a prepared dataset."""
-    card = load_card(data_path)
+    """Scores every piece, read whole as the model reads it."""
     kinds = np.array(token_types(tokenizer))
     length = model.config.max_seq_len
     tally = Tally()
@@ -111,18 +105,16 @@ def evaluate_split(
             tally.by_type[kind][1] += int(mask.sum())
         pending.clear()
 
-    for i, (tokens, meta) in enumerate(iter_pieces(shard_urls(data_path, split, card))):
-        if max_pieces is not None and i >= max_pieces:
-            break
+    for piece in pieces:
         tally.pieces += 1
-        tally.notes += meta["notes"]
-        tally.seconds += meta["duration_s"]
-        for window in windows(document(tokenizer, meta["labels"], tokens), length):
+        tally.notes += piece.meta["notes"]
+        tally.seconds += piece.meta["duration_s"]
+        for window in windows(tokenizer.document(piece.labels, piece.tokens), length):
             pending.append(window)
             if len(pending) == batch_size:
                 flush()
     if pending:
         flush()
     if not tally.pieces:
-        raise ValueError(f"split {split!r} of {data_path} has no pieces to evaluate")
+        raise ValueError("no pieces to evaluate")
     return tally.report()

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from symusic import Score
 
-from data_pipeline.midi_file import MidiFileError, read_score
+from data_pipeline.midi_file import MidiFileError, barline_ticks, read_score
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +49,15 @@ def _to_steps(ticks, ticks_per_quarter: int) -> np.ndarray:
 
 
 def _barlines(score: Score, length: int) -> np.ndarray:
-    """Barlines from the time signatures (4/4 before the first one), the last one at or after
-    ``length``, so that every step of the music lies in a measure."""
-    signatures = sorted((ts.time, ts.numerator, ts.denominator) for ts in score.time_signatures)
-    if not signatures or signatures[0][0] > 0:
-        signatures.insert(0, (0, 4, 4))
-    changes = _to_steps([tick for tick, _, _ in signatures], score.ticks_per_quarter)
-    measures = np.array([max(1, round(n * 4 * STEPS_PER_BEAT / d)) for _, n, d in signatures])
-    # Signatures from the end of the music on have no measures to shape.
-    heard = changes < max(length, 1)
-    changes, measures = changes[heard], measures[heard]
-    stops = np.append(changes[1:], length + measures[-1])
-    bars = [np.arange(*segment) for segment in zip(changes, stops, measures, strict=True)]
-    return np.unique(np.concatenate(bars))
+    """Grid steps of the barlines (``barline_ticks``), the last one at or after ``length``, so
+    that every step of the music lies in a measure."""
+    scale = STEPS_PER_BEAT / score.ticks_per_quarter
+    ticks = []
+    for tick in barline_ticks(score):
+        ticks.append(tick)
+        if round(tick * scale) >= length:  # as _to_steps rounds: half to even
+            break
+    return np.unique(_to_steps(ticks, score.ticks_per_quarter))
 
 
 def _pitched_notes(score: Score) -> _PitchedNotes:

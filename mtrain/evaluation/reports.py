@@ -1,87 +1,107 @@
-"""Musical metrics of folders of MIDI files, and of a generated folder against a reference one:
-per-file values (JSON), per-feature mean/std, mgeval's overlapping area and KL divergence,
-a histogram per feature (PNG) and a Markdown table. ``mtrain.evaluate`` runs it on the model's
-samples against test-split pieces, or on any two folders (``midi_dir=``, ``reference_dir=``).
+"""Musical metrics of sets of pieces, and of a generated set against a reference one: per-piece
+values (JSON), per-feature mean/std, mgeval's overlapping area and KL divergence, a histogram
+per feature (PNG) and a Markdown table. ``mtrain.evaluate`` runs it on the model's samples
+against test-split pieces (measured as scores, written as MIDI files), or on any two folders of
+MIDI files (``midi_dir=``, ``reference_dir=``).
 """
 
 import json
 import logging
 import math
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from symusic import Score
 
-from data_pipeline.reader import iter_pieces, load_card, shard_urls
+from data_pipeline.reader import StoredPiece
 from data_pipeline.tokenizer import MusicTokenizer
-from mtrain.data import document
-from mtrain.evaluation.music_metrics import METRICS, metrics_for_midi_dir
+from mtrain.evaluation.music_metrics import METRICS, compute_all, metrics_for_midi_dir
 from mtrain.evaluation.set_comparison import compare_sets, finite_values, mean_std
 from mtrain.generation.repair import to_midi
 
 log = logging.getLogger(__name__)
 
 
-def write_reference(
-    tokenizer: MusicTokenizer, data_path: str, split: str, count: int, tokens: int, out: Path
-) -> list[Path]:
-    """The first ``count`` pieces of ``split`` (all, if it has fewer) as MIDI files, each cut
-    to its first ``tokens`` model tokens after the head: the token budget of a generated
-    sample, so that length-bound metrics (pitch range, pitches used) compare like with like."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for tokens_ids, meta in iter_pieces(shard_urls(data_path, split, load_card(data_path))):
-        if len(paths) == count:
+@dataclass
+class MeasuredSet:
+    """The musical metrics of a set of pieces, keyed by file name, and the folder that holds
+    their MIDI files."""
+
+    path: Path
+    per_piece: dict[str, dict[str, float]]
+
+
+def reference_scores(
+    tokenizer: MusicTokenizer, pieces: Iterable[StoredPiece], count: int, tokens: int
+) -> dict[str, Score]:
+    """The first ``count`` pieces (all, if there are fewer) as scores keyed by a file name,
+    each cut to its first ``tokens`` model tokens after the head: the token budget of a
+    generated sample, so that length-bound metrics (pitch range, pitches used) compare like
+    with like."""
+    scores = {}
+    for piece in pieces:
+        if len(scores) == count:
             break
-        doc = document(tokenizer, meta["labels"], tokens_ids)[:-1]
-        head = 1 + len(tokenizer.label_ids(meta["labels"]))
+        head = len(tokenizer.head(piece.labels))
+        doc = tokenizer.document(piece.labels, piece.tokens, end=False)
         score, _ = to_midi(tokenizer, doc[: head + tokens])
-        path = out / f"{len(paths):03d}-{Path(meta['name']).stem}.mid"
-        score.dump_midi(str(path))
-        paths.append(path)
-    if not paths:
-        raise ValueError(f"split {split!r} of {data_path} has no pieces to compare with")
-    if len(paths) < count:
+        scores[f"{len(scores):03d}-{Path(piece.meta['name']).stem}.mid"] = score
+    if len(scores) < count:
         log.warning(
-            "split %r of %s has %d pieces, fewer than music.num_samples=%d: the reference set "
-            "is all of them",
-            split,
-            data_path,
-            len(paths),
+            "the split has %d pieces, fewer than music.num_samples=%d: the reference set is "
+            "all of them",
+            len(scores),
             count,
         )
-    return paths
+    return scores
 
 
-def summarize(per_file: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Feature -> mean, std and count of its finite values over the files."""
+def save_scores(scores: dict[str, Score], folder: Path) -> MeasuredSet:
+    """Writes each score to ``folder`` as a MIDI file, for listening (and for prompts), and
+    measures the scores themselves rather than the files read back."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, score in scores.items():
+        score.dump_midi(str(folder / name))
+    return MeasuredSet(folder, {name: compute_all(score) for name, score in scores.items()})
+
+
+def measure_folder(path: Path, key: str) -> MeasuredSet:
+    """The metrics of every MIDI file under ``path`` (the folder the config's ``key`` names)."""
+    per_piece = metrics_for_midi_dir(path)
+    if not per_piece:
+        raise ValueError(f"{key}={path}: no readable MIDI files (.mid/.midi) under it")
+    return MeasuredSet(path, per_piece)
+
+
+def save_metrics(pieces: MeasuredSet, out: Path, name: str) -> None:
+    """The per-piece values as ``out/<name>_metrics.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}_metrics.json").write_text(json.dumps(pieces.per_piece, indent=1))
+
+
+def summarize(pieces: MeasuredSet) -> dict[str, dict[str, float]]:
+    """Feature -> mean, std and count of its finite values over the pieces."""
     summary = {}
     for feature in METRICS:
-        values = finite_values(list(per_file.values()), feature)
+        values = finite_values(list(pieces.per_piece.values()), feature)
         mean, std = mean_std(values)
         summary[feature] = {"mean": mean, "std": std, "count": int(values.size)}
     return summary
 
 
-def folder_metrics(path: Path, out: Path, name: str) -> dict[str, dict[str, float]]:
-    """Metrics of every MIDI file under ``path``, written to ``out/<name>_metrics.json``."""
-    per_file = metrics_for_midi_dir(path)
-    if not per_file:
-        raise ValueError(f"{name}: no readable MIDI files (.mid/.midi) under {path}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}_metrics.json").write_text(json.dumps(per_file, indent=1))
-    return per_file
-
-
-def compare_folders(generated: Path, reference: Path, out: Path) -> dict:
-    """The generated-vs-reference section of a report, with a histogram per feature."""
-    gen = folder_metrics(generated, out, "generated")
-    ref = folder_metrics(reference, out, "reference")
-    comparison = compare_sets(list(gen.values()), list(ref.values()))
-    plots = histograms(gen, ref, out / "plots")
+def compare(generated: MeasuredSet, reference: MeasuredSet, out: Path) -> dict:
+    """The generated-vs-reference section of a report, with each set's per-piece values and a
+    histogram per feature."""
+    save_metrics(generated, out, "generated")
+    save_metrics(reference, out, "reference")
+    gen, ref = list(generated.per_piece.values()), list(reference.per_piece.values())
+    plots = histograms(generated.per_piece, reference.per_piece, out / "plots")
     return {
-        "generated": {"path": str(generated), "pieces": len(gen)},
-        "reference": {"path": str(reference), "pieces": len(ref)},
-        "features": comparison,
+        "generated": {"path": str(generated.path), "pieces": len(gen)},
+        "reference": {"path": str(reference.path), "pieces": len(ref)},
+        "features": compare_sets(gen, ref),
         "plots": {k: str(v) for k, v in plots.items()},
     }
 

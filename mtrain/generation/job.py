@@ -16,13 +16,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from data_pipeline.errors import require
 from mtrain.artifacts import load_for_inference
-from mtrain.config import LoggerConfig, WandbMode
 from mtrain.generation.compose import DEFAULT_MIN_P, compose
 from mtrain.generation.prompts import build_prompt, parse_labels, prompt_from_midi
 from mtrain.generation.render import RenderConfig, Renderer, wandb_media
 from mtrain.generation.sampling import SamplingConfig
-from mtrain.tracking import Tracker
+from mtrain.tracking import LoggerConfig, WandbMode, log_report, table
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,30 @@ class GenerateConfig:
     render: RenderConfig = field(default_factory=RenderConfig)
     device: str = "auto"
     logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(mode=WandbMode.disabled))
+
+    def __post_init__(self):
+        positive = "must be at least 1"
+        require(
+            self,
+            "",
+            [
+                (self.num_samples >= 1, "num_samples", positive),
+                (self.batch_size >= 1, "batch_size", positive),
+                (self.prompt_bars is None or self.prompt_bars >= 1, "prompt_bars", positive),
+                (
+                    self.prompt_seconds is None or self.prompt_seconds > 0,
+                    "prompt_seconds",
+                    "must be > 0",
+                ),
+                (
+                    self.prompt_bars is None or self.prompt_seconds is None,
+                    "prompt_bars",
+                    "and prompt_seconds both set: give the prompt's length in one of them",
+                ),
+                (self.max_bars is None or self.max_bars >= 1, "max_bars", positive),
+                (self.max_seconds is None or self.max_seconds > 0, "max_seconds", "must be > 0"),
+            ],
+        )
 
 
 def mode_of(cfg: GenerateConfig) -> str:
@@ -133,13 +157,12 @@ def log_to_wandb(
     cfg: GenerateConfig, out: Path, report: dict, files: list[dict], overrides
 ) -> None:
     """The samples' stats as a wandb table, their piano rolls as images and audio as audio."""
-    tracker = Tracker(cfg.logger, f"generate-{out.name}", out, report["config"], None, overrides)
-    if tracker.run is None:
-        return
-    import wandb
-
-    rows = report["samples"]
-    table = wandb.Table(columns=list(rows[0]), data=[list(row.values()) for row in rows])
-    tracker.run.log({"samples/stats": table, **wandb_media(files, "samples")})
-    tracker.run.summary.update({"tokens_per_s": report["tokens_per_s"], "mode": report["mode"]})
-    tracker.finish()
+    log_report(
+        cfg.logger,
+        f"generate-{out.name}",
+        out,
+        report["config"],
+        overrides,
+        {"tokens_per_s": report["tokens_per_s"], "mode": report["mode"]},
+        lambda: {"samples/stats": table(report["samples"]), **wandb_media(files, "samples")},
+    )

@@ -1,11 +1,13 @@
 """Prompts for the model: a piece's head (BOS, labels), the first bars or seconds of a MIDI
 file, and the ids a continuation must never draw."""
 
+from itertools import islice
+
 import numpy as np
 import symusic
 
 from data_pipeline import storage
-from data_pipeline.midi_file import MidiFileError, read_score
+from data_pipeline.midi_file import MidiFileError, barline_ticks, read_score
 from data_pipeline.tokenizer import SPECIAL_TOKENS, MusicTokenizer, label_token
 
 # MIDI's tempo before the first tempo change: 120 bpm, in microseconds per quarter note.
@@ -108,17 +110,9 @@ def clip_score(
 
 
 def tick_at_bar(score: symusic.Score, bars: int) -> int:
-    """The tick where bar ``bars`` (0-based) starts, through the score's time signatures
-    (4/4 before the first one, as in MIDI)."""
-    tick, bar, ticks_per_bar = 0, 0, 4 * score.ticks_per_quarter
-    for sig in sorted(score.time_signatures, key=lambda s: s.time):
-        # A time signature takes effect at the next bar line at or after it.
-        bars_before = -(-(sig.time - tick) // ticks_per_bar)
-        if bar + bars_before >= bars:
-            break
-        tick, bar = tick + bars_before * ticks_per_bar, bar + bars_before
-        ticks_per_bar = score.ticks_per_quarter * 4 * sig.numerator // sig.denominator
-    return tick + (bars - bar) * ticks_per_bar
+    """The tick where bar ``bars`` (0-based) starts, through the score's time signatures (as
+    ``barline_ticks`` places them)."""
+    return next(islice(barline_ticks(score), bars, None))
 
 
 def tick_at_second(score: symusic.Score, seconds: float) -> int:

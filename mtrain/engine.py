@@ -1,0 +1,106 @@
+"""The DeepSpeed engine a run trains: built from the typed configs, and what it holds.
+
+The model stays plain PyTorch (``mtrain.model``); the engine wraps it with ZeRO, mixed
+precision, AdamW and the learning-rate schedule.
+"""
+
+import logging
+import random
+
+import numpy as np
+import torch
+
+from mtrain.config import BatchPlan, TrainConfig
+from mtrain.ds_config import deepspeed_config
+from mtrain.model import GPT
+from mtrain.schedule import lr_multiplier
+
+# The name the trainer's lines have always had in logs, whichever module says them.
+log = logging.getLogger("mtrain.train")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_engine(cfg: TrainConfig, plan: BatchPlan, rank: int):
+    """(engine, lr scheduler) of a fresh model, or of the exported one ``cfg.init_from`` names;
+    the process group must exist."""
+    import deepspeed
+
+    seed_everything(cfg.trainer.seed)  # same initial weights on every rank
+    ds_config = deepspeed_config(cfg.deepspeed, cfg.optim, plan)
+    if cfg.deepspeed.zero_init and cfg.deepspeed.zero_stage == 3:
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = GPT(cfg.model)
+    else:
+        model = GPT(cfg.model)
+    if cfg.init_from:
+        from mtrain.artifacts import load_weights
+
+        load_weights(model, cfg.init_from)
+    max_steps = cfg.trainer.max_steps
+
+    def schedule(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_multiplier(s, max_steps, cfg.optim)
+        )
+
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=model.param_groups(cfg.optim.weight_decay),
+        config=ds_config,
+        lr_scheduler=schedule,
+    )
+    local, total = parameter_share(engine.module)
+    log.info(
+        "rank %d holds %d of %d parameter elements (%.1f%%)",
+        rank,
+        local,
+        total,
+        100 * local / total,
+    )
+    seed_everything(cfg.trainer.seed + rank)  # different dropout per rank
+    return engine, scheduler
+
+
+def batch_loss(engine, batch: tuple[torch.Tensor, torch.Tensor], device) -> torch.Tensor:
+    """The mean next-token loss of one (inputs, targets) batch."""
+    inputs, targets = (x.to(device, non_blocking=True) for x in batch)
+    return engine(inputs, targets=targets).loss
+
+
+def whole_grad_norm(module: torch.nn.Module) -> float | None:
+    """The norm of gradients that are whole on every rank (no ZeRO: DeepSpeed reports none
+    then; they are already averaged over ranks after the last backward of a step)."""
+    norms = [p.grad.norm() for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else None
+
+
+def as_float(x) -> float | None:
+    """A number DeepSpeed reports as a tensor, a float or None."""
+    if x is None:
+        return None
+    return float(x.item() if torch.is_tensor(x) else x)
+
+
+def state_megabytes(engine) -> float:
+    """This rank's parameters (its partitions under ZeRO-3) plus its optimizer state, in MB."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    tensors = [t for state in inner.state.values() for t in state.values() if torch.is_tensor(t)]
+    tensors += [p for group in inner.param_groups for p in group["params"]]
+    tensors += [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]
+    unique = {t.data_ptr(): t for t in tensors}  # a tensor shared by two lists counts once
+    return sum(t.numel() * t.element_size() for t in unique.values()) / 2**20
+
+
+def parameter_share(module: torch.nn.Module) -> tuple[int, int]:
+    """(elements this rank stores, elements in the model): ZeRO-3 keeps a partition of each."""
+    local = total = 0
+    for p in module.parameters():
+        full = getattr(p, "ds_numel", p.numel())
+        total += full
+        local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else full
+    return local, total

@@ -1,0 +1,107 @@
+"""The layout of a training run's directory: the one place that spells its paths.
+
+``model_config.json`` and ``tokenizer/`` (what an export needs besides the weights),
+``checkpoints/step_00001000/``, ``metrics.jsonl``, ``wandb_run_id``, ``samples/step_00001000/``
+and ``export/``; old runs and tests read this layout, so it does not change.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+_STEP, _CHECKPOINTS, _MARKER = "step_", "checkpoints", "COMPLETE"
+# Where a run directory's complete checkpoints are, in words for messages.
+COMPLETE_CHECKPOINTS = f"{_CHECKPOINTS}/{_STEP}*/{_MARKER}"
+
+
+def _step_name(step: int) -> str:
+    return f"{_STEP}{step:08d}"
+
+
+@dataclass
+class CheckpointDir:
+    """One checkpoint, ``checkpoints/step_00001000/``: DeepSpeed's files, a trainer state per
+    rank, the probe batch's logits and, written last, the ``COMPLETE`` marker."""
+
+    path: Path
+
+    def __post_init__(self):
+        self.path = Path(self.path)
+
+    @property
+    def marker(self) -> Path:
+        return self.path / _MARKER
+
+    @property
+    def complete(self) -> bool:
+        return self.marker.exists()
+
+    @property
+    def named_as_step(self) -> bool:
+        """Named like a checkpoint (complete or not), not like a run directory."""
+        return self.path.name.startswith(_STEP)
+
+    @property
+    def probe(self) -> Path:
+        return self.path / "probe.pt"
+
+    def trainer_state(self, rank: int) -> Path:
+        return self.path / f"trainer_state_rank{rank}.pt"
+
+    @property
+    def export(self) -> Path:
+        """Where an export of this checkpoint alone goes."""
+        return self.path / "export"
+
+    @property
+    def run(self) -> "RunDir":
+        return RunDir(self.path.parent.parent)
+
+
+@dataclass
+class RunDir:
+    root: Path
+
+    def __post_init__(self):
+        self.root = Path(self.root)
+
+    @property
+    def model_config(self) -> Path:
+        """The model shape with its vocabulary size, as JSON."""
+        return self.root / "model_config.json"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / _CHECKPOINTS
+
+    def checkpoint(self, step: int) -> CheckpointDir:
+        return CheckpointDir(self.checkpoints / _step_name(step))
+
+    def checkpoint_dirs(self) -> list[CheckpointDir]:
+        """Every checkpoint directory, complete or not, oldest first."""
+        paths = sorted(p for p in self.checkpoints.glob(f"{_STEP}*") if p.is_dir())
+        return [CheckpointDir(p) for p in paths]
+
+    @property
+    def metrics(self) -> Path:
+        """One JSON line of metrics per optimizer step."""
+        return self.root / "metrics.jsonl"
+
+    @property
+    def wandb_run_id(self) -> Path:
+        return self.root / "wandb_run_id"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples"
+
+    def samples_at(self, step: int) -> Path:
+        return self.samples / _step_name(step)
+
+    @property
+    def export(self) -> Path:
+        """Where the newest checkpoint is exported to when a run directory is given."""
+        return self.root / "export"

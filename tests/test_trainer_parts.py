@@ -1,0 +1,385 @@
+"""The trainer's parts one at a time, without DeepSpeed or a process group: the schedule, the
+DeepSpeed config, batch arithmetic, config checks, the run directory, checkpoint pruning, the
+non-finite bookkeeping of an optimizer step, the step timer and the preemption component."""
+
+import itertools
+import math
+import os
+import signal
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from data_pipeline.errors import ConfigError
+from mtrain.checkpoint import _prune, latest_complete
+from mtrain.config import (
+    DeepSpeedConfig,
+    OptimConfig,
+    Precision,
+    Schedule,
+    TrainConfig,
+    TrainerConfig,
+    plan_batch,
+)
+from mtrain.ds_config import deepspeed_config
+from mtrain.model import GPT, GPTConfig
+from mtrain.monitor import StepTimer
+from mtrain.run_dir import CheckpointDir, RunDir
+from mtrain.schedule import lr_multiplier
+from mtrain.step_components import Preempted, Preemption
+from mtrain.tracking import scrub
+from mtrain.trainer import NonFiniteLoss, OptimizerStep
+
+
+# ---- learning-rate schedules -------------------------------------------------------------------
+def test_cosine_warms_up_then_falls_to_the_floor():
+    cfg = OptimConfig(schedule=Schedule.cosine, warmup_steps=10, min_lr_ratio=0.1)
+    lr = [lr_multiplier(s, 110, cfg) for s in range(130)]
+    assert lr[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert lr[10] == pytest.approx(1.0)
+    assert lr[60] == pytest.approx(0.1 + 0.9 * 0.5)  # half way down the cosine
+    assert lr[110] == pytest.approx(0.1)
+    assert lr[129] == pytest.approx(0.1)  # past max_steps it stays at the floor
+    assert all(a >= b for a, b in itertools.pairwise(lr[10:]))
+
+
+def test_wsd_warms_up_holds_then_decays_linearly_over_the_last_fraction():
+    cfg = OptimConfig(schedule=Schedule.wsd, warmup_steps=10, min_lr_ratio=0.1, decay_fraction=0.2)
+    lr = [lr_multiplier(s, 100, cfg) for s in range(101)]
+    assert lr[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert lr[10:81] == [1.0] * 71  # the stable plateau up to the last 20 steps
+    assert lr[85] == pytest.approx(1 - 0.9 * 5 / 20)
+    assert lr[90] == pytest.approx(0.55)
+    assert lr[100] == pytest.approx(0.1)
+    decay = lr[80:]
+    steps = [a - b for a, b in itertools.pairwise(decay)]
+    assert steps == pytest.approx([0.9 / 20] * 20)  # linear
+
+
+# ---- DeepSpeed config ----------------------------------------------------------------------------
+def plan(grad_accum: int = 2, world_size: int = 4):
+    return plan_batch(
+        TrainConfig(
+            model=GPTConfig(max_seq_len=64),
+            trainer=TrainerConfig(
+                micro_batch_size=8, global_batch_tokens=8 * 64 * grad_accum * world_size
+            ),
+        ),
+        world_size,
+    )
+
+
+def test_deepspeed_config_zero3_bf16():
+    ds = DeepSpeedConfig(zero_stage=3, precision=Precision.bf16, param_persistence_threshold=7)
+    out = deepspeed_config(ds, OptimConfig(lr=1e-3, grad_clip=0.5), plan())
+    assert out["zero_optimization"] == {
+        "stage": 3,
+        "stage3_param_persistence_threshold": 7,
+        "stage3_gather_16bit_weights_on_model_save": False,
+    }
+    assert out["bf16"] == {"enabled": True}
+    assert out["fp16"]["enabled"] is False
+    assert out["train_micro_batch_size_per_gpu"] == 8
+    assert out["gradient_accumulation_steps"] == 2
+    assert out["train_batch_size"] == 8 * 2 * 4
+    assert out["gradient_clipping"] == 0.5
+    params = out["optimizer"]["params"]
+    assert out["optimizer"]["type"] == "AdamW"
+    assert params["lr"] == 1e-3 and params["torch_adam"] is True and params["adam_w_mode"]
+
+
+def test_deepspeed_config_other_stages_precisions_and_offload():
+    fp16 = deepspeed_config(
+        DeepSpeedConfig(zero_stage=2, precision=Precision.fp16, offload_optimizer=True),
+        OptimConfig(),
+        plan(),
+    )
+    assert fp16["zero_optimization"] == {
+        "stage": 2,
+        "offload_optimizer": {"device": "cpu", "pin_memory": True},
+    }
+    assert fp16["fp16"] == {"enabled": True, "loss_scale": 0}
+    assert fp16["bf16"] == {"enabled": False}
+    fp32 = deepspeed_config(
+        DeepSpeedConfig(zero_stage=3, precision=Precision.fp32, offload_params=True),
+        OptimConfig(),
+        plan(),
+    )
+    assert fp32["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
+    assert "offload_optimizer" not in fp32["zero_optimization"]
+    assert not fp32["bf16"]["enabled"] and not fp32["fp16"]["enabled"]
+
+
+# ---- batch arithmetic ----------------------------------------------------------------------------
+def batch_config(global_batch_tokens: int, micro_batch_size: int = 4) -> TrainConfig:
+    return TrainConfig(
+        model=GPTConfig(max_seq_len=128),
+        trainer=TrainerConfig(
+            global_batch_tokens=global_batch_tokens, micro_batch_size=micro_batch_size
+        ),
+    )
+
+
+def test_plan_batch_derives_the_gradient_accumulation():
+    p = plan_batch(batch_config(4 * 128 * 2 * 3), world_size=2)
+    assert (p.micro_batch_size, p.seq_len, p.grad_accum, p.world_size) == (4, 128, 3, 2)
+    assert p.tokens_per_step == 3072
+
+
+def test_plan_batch_refuses_a_batch_that_is_not_a_multiple():
+    with pytest.raises(ConfigError, match=r"trainer\.global_batch_tokens=1000 is not a multiple"):
+        plan_batch(batch_config(1000, micro_batch_size=2), world_size=1)
+    with pytest.raises(ConfigError, match="use 768 or 1024"):
+        plan_batch(batch_config(1000, micro_batch_size=2), world_size=1)
+
+
+def test_plan_batch_refuses_a_batch_smaller_than_one_micro_batch_per_rank():
+    with pytest.raises(
+        ConfigError,
+        match=r"global_batch_tokens=512 is smaller than one micro batch.*"
+        r"set trainer.global_batch_tokens=1024",
+    ):
+        plan_batch(batch_config(512), world_size=2)
+
+
+# ---- config checks -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: DeepSpeedConfig(zero_stage=5), "deepspeed.zero_stage=5 must be 0, 1, 2 or 3"),
+        (
+            lambda: DeepSpeedConfig(zero_stage=2, offload_params=True),
+            "deepspeed.offload_params=True needs deepspeed.zero_stage=3",
+        ),
+        (lambda: TrainerConfig(max_steps=0), "trainer.max_steps=0 must be at least 1"),
+        (lambda: TrainerConfig(keep_last=0), "trainer.keep_last=0 must be at least 1"),
+        (lambda: OptimConfig(decay_fraction=0.0), "optim.decay_fraction=0.0 must be in (0, 1]"),
+        (lambda: OptimConfig(warmup_steps=-1), "optim.warmup_steps=-1 must be at least 0"),
+        (
+            lambda: TrainConfig(
+                optim=OptimConfig(warmup_steps=20), trainer=TrainerConfig(max_steps=10)
+            ),
+            "optim.warmup_steps=20 must be in [0, trainer.max_steps=10]",
+        ),
+        (
+            lambda: GPTConfig(d_model=32, n_head=3),
+            "model.d_model=32 is not divisible by model.n_head=3",
+        ),
+        (lambda: GPTConfig(positional="alibi"), "model.positional='alibi' is not one of"),
+        (lambda: GPT(GPTConfig()), "model.vocab_size=0 must be set from the tokenizer"),
+    ],
+)
+def test_a_config_names_the_bad_key_and_value(build, message):
+    with pytest.raises(ConfigError) as error:
+        build()
+    assert str(error.value).startswith(message)
+
+
+def test_several_problems_are_listed_together():
+    with pytest.raises(ConfigError) as error:
+        TrainerConfig(max_steps=0, keep_last=0)
+    assert str(error.value).splitlines() == [
+        "invalid config:",
+        "  trainer.max_steps=0 must be at least 1",
+        "  trainer.keep_last=0 must be at least 1",
+    ]
+
+
+def test_with_vocab_sets_the_vocabulary_and_checks_again():
+    shape = GPTConfig(n_layer=3)
+    sized = shape.with_vocab(97)
+    assert (sized.vocab_size, sized.n_layer, shape.vocab_size) == (97, 3, 0)
+    with pytest.raises(ConfigError, match=r"model\.vocab_size=-1"):
+        shape.with_vocab(-1)
+
+
+# ---- wandb config scrubbing ----------------------------------------------------------------------
+def test_scrub_redacts_credentials_at_any_depth_but_keeps_token_counts():
+    config = {
+        "hf_token": "hf_abc",
+        "max_tokens": 5,
+        "trainer": {"global_batch_tokens": 1024, "seed": 1},
+        "data": {"path": "s3://b", "storage": {"aws_secret_access_key": "x", "api_key": "y"}},
+        "logger": {"password": "p", "Credential_file": "c", "project": "mtrain"},
+    }
+    assert scrub(config) == {
+        "hf_token": "<redacted>",
+        "max_tokens": 5,
+        "trainer": {"global_batch_tokens": 1024, "seed": 1},
+        "data": {
+            "path": "s3://b",
+            "storage": {"aws_secret_access_key": "<redacted>", "api_key": "<redacted>"},
+        },
+        "logger": {"password": "<redacted>", "Credential_file": "<redacted>", "project": "mtrain"},
+    }
+    assert config["data"]["storage"]["api_key"] == "y"  # a copy: the config itself is untouched
+
+
+# ---- the run directory -------------------------------------------------------------------------
+def test_run_dir_paths_keep_the_layout(tmp_path):
+    run = RunDir(str(tmp_path))
+    assert run.root == tmp_path
+    assert run.model_config == tmp_path / "model_config.json"
+    assert run.tokenizer == tmp_path / "tokenizer"
+    assert run.metrics == tmp_path / "metrics.jsonl"
+    assert run.wandb_run_id == tmp_path / "wandb_run_id"
+    assert run.samples_at(60) == tmp_path / "samples" / "step_00000060"
+    assert run.export == tmp_path / "export"
+    ckpt = run.checkpoint(1000)
+    assert ckpt.path == tmp_path / "checkpoints" / "step_00001000"
+    assert ckpt.marker == ckpt.path / "COMPLETE"
+    assert ckpt.probe == ckpt.path / "probe.pt"
+    assert ckpt.trainer_state(1) == ckpt.path / "trainer_state_rank1.pt"
+    assert ckpt.export == ckpt.path / "export"
+    assert ckpt.run.root == tmp_path
+    assert ckpt.named_as_step and not CheckpointDir(tmp_path).named_as_step
+
+
+def test_checkpoint_dirs_are_the_step_directories_oldest_first(tmp_path):
+    run = RunDir(tmp_path)
+    for step in (20, 3, 100):
+        run.checkpoint(step).path.mkdir(parents=True)
+    (run.checkpoints / "latest").write_text("step_00000100")  # DeepSpeed's pointer file
+    (run.checkpoints / "step_00000200").write_text("a file, not a checkpoint")
+    assert [c.path.name for c in run.checkpoint_dirs()] == [
+        "step_00000003",
+        "step_00000020",
+        "step_00000100",
+    ]
+    assert not any(c.complete for c in run.checkpoint_dirs())
+
+
+# ---- checkpoint pruning --------------------------------------------------------------------------
+def make_checkpoints(run: RunDir, complete: list[int], incomplete: list[int]) -> None:
+    for step in complete + incomplete:
+        run.checkpoint(step).path.mkdir(parents=True)
+    for step in complete:
+        run.checkpoint(step).marker.write_text("{}")
+
+
+def test_prune_keeps_the_newest_complete_and_a_newer_incomplete_one(tmp_path):
+    run = RunDir(tmp_path)
+    make_checkpoints(run, complete=[5, 15, 20], incomplete=[10, 25])
+    _prune(run, keep_last=2)
+    assert [c.path.name for c in run.checkpoint_dirs()] == [
+        "step_00000015",
+        "step_00000020",
+        "step_00000025",  # maybe being written: never deleted
+    ]
+    assert latest_complete(run).path == run.checkpoint(20).path
+
+
+def test_prune_with_keep_last_1_and_nothing_complete(tmp_path):
+    run = RunDir(tmp_path)
+    make_checkpoints(run, complete=[], incomplete=[5, 10])
+    _prune(run, keep_last=1)
+    assert len(run.checkpoint_dirs()) == 2  # no complete one: nothing is pruned
+    assert latest_complete(run) is None
+    make_checkpoints(run, complete=[15, 20], incomplete=[])
+    _prune(run, keep_last=1)
+    assert [c.path.name for c in run.checkpoint_dirs()] == ["step_00000020"]
+
+
+# ---- the optimizer step's non-finite bookkeeping -----------------------------------------------
+class ScriptedEngine:
+    """A stand-in for the DeepSpeed engine: each forward returns the next scripted loss."""
+
+    def __init__(self, losses: list[float]):
+        self.losses = iter(losses)
+        self.backwards: list[float] = []
+        self.steps = 0
+
+    def __call__(self, inputs, targets):
+        return SimpleNamespace(loss=torch.tensor(next(self.losses)))
+
+    def backward(self, loss):
+        self.backwards.append(loss.item())
+
+    def step(self):
+        self.steps += 1
+
+    def get_global_grad_norm(self):
+        return torch.tensor(0.5)
+
+
+def micro_batches():
+    while True:
+        yield torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long)
+
+
+def test_a_non_finite_micro_batch_is_skipped_and_counted():
+    engine = ScriptedEngine([1.0, math.nan, 2.0, math.inf, 6.0])
+    step = OptimizerStep(engine, "cpu", grad_accum=3, max_nonfinite_in_row=2, whole_grads=False)
+    loss = step(micro_batches(), 1, StepTimer())
+    assert loss == pytest.approx(3.0)  # the mean of the three finite ones
+    assert engine.backwards == [1.0, 2.0, 6.0] and engine.steps == 3
+    assert step.nonfinite_skipped == 2
+    assert step.grad_norm == 0.5
+
+
+def test_too_many_non_finite_losses_in_a_row_stop_the_run():
+    engine = ScriptedEngine([1.0, math.nan, 1.0, math.nan, math.nan, math.nan])
+    step = OptimizerStep(engine, "cpu", grad_accum=4, max_nonfinite_in_row=3, whole_grads=False)
+    message = r"3 micro batches in a row .* at step 7; lower optim\.lr"
+    with pytest.raises(NonFiniteLoss, match=message):
+        step(micro_batches(), 7, StepTimer())
+    assert step.nonfinite_skipped == 4 and engine.backwards == [1.0, 1.0]
+
+
+def test_whole_gradient_norm_is_measured_without_zero():
+    model = torch.nn.Linear(3, 1, bias=False)
+    model.weight.grad = torch.tensor([[3.0, 0.0, 4.0]])
+    engine = ScriptedEngine([1.0, 2.0])
+    engine.module = model
+    engine.get_global_grad_norm = lambda: None  # DeepSpeed reports none without ZeRO
+    step = OptimizerStep(engine, "cpu", grad_accum=2, max_nonfinite_in_row=2, whole_grads=True)
+    step(micro_batches(), 1, StepTimer())
+    assert step.grad_norm == pytest.approx(5.0)
+
+
+# ---- step timer --------------------------------------------------------------------------------
+def test_step_timer_counts_waiting_and_leaves_out_paused_time():
+    now = [100.0]
+    timer = StepTimer(clock=lambda: now[0])
+    with timer.waiting():
+        now[0] += 2
+    now[0] += 1
+    with timer.paused():
+        now[0] += 10  # validation, say
+    now[0] += 3
+    assert timer.finish() == (6.0, 2.0)
+    now[0] += 4
+    assert timer.finish() == (4.0, 0.0)  # the next step starts at finish()
+
+
+def test_step_timer_contexts_count_their_time_when_the_body_raises():
+    now = [0.0]
+    timer = StepTimer(clock=lambda: now[0])
+    with pytest.raises(StopIteration), timer.waiting():
+        now[0] += 1.5
+        raise StopIteration
+    with pytest.raises(RuntimeError), timer.paused():
+        now[0] += 7
+        raise RuntimeError
+    assert timer.finish() == (1.5, 1.5)
+
+
+# ---- preemption --------------------------------------------------------------------------------
+@pytest.fixture
+def own_signal_handlers():
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def test_preemption_is_due_after_a_signal_and_stops_after_saving(own_signal_handlers):
+    saved = []
+    preemption = Preemption(SimpleNamespace(save=saved.append), exit_code=75)
+    assert not preemption.due(3)
+    os.kill(os.getpid(), signal.SIGUSR1)
+    assert preemption.due(4)
+    with pytest.raises(Preempted) as stop:
+        preemption.run(4, {})
+    assert stop.value.exit_code == 75 and saved == [4]
