@@ -75,6 +75,7 @@ class ShardWriter:
 
     def _open(self) -> None:
         fd, self._path = tempfile.mkstemp(suffix=".tar.partial")
+        storage.make_readable(self._path)  # mkstemp's 0o600 would follow it to shared storage
         self._file = os.fdopen(fd, "wb")
         # An integer mtime: a float one makes tar write ~1 KB of extended header per member.
         self._tar = wds.TarWriter(self._file, mtime=0)

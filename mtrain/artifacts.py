@@ -8,11 +8,16 @@ onto GPT-2, ``hf/`` for ``transformers.GPT2LMHeadModel.from_pretrained``. The me
 are checked against logits the training engine saved with the checkpoint. ZeRO partitions are
 merged from the fp32 master weights with memory-mapped reads and the optimizer moments dropped,
 so a model needs about twice its fp32 size in RAM, never its optimizer state.
+
+A checkpoint's files are checked against the sizes and CRC-32s of its marker first. A checkpoint
+directory is trusted input: DeepSpeed's files are pickles, unpickled by DeepSpeed's own loaders
+(``load_checkpoint``, ``zero_to_fp32``); only the ZeRO-0 model file is read here, as plain data.
 """
 
 import dataclasses
 import json
 import logging
+import pickle
 import shutil
 from pathlib import Path
 from typing import NamedTuple
@@ -20,9 +25,11 @@ from typing import NamedTuple
 import torch
 from safetensors.torch import load_model, save_model
 
+from data_pipeline.errors import InputError
 from data_pipeline.reader import load_card
+from data_pipeline.storage import make_readable
 from data_pipeline.tokenizer import MusicTokenizer
-from mtrain.checkpoint import latest_complete
+from mtrain.checkpoint import damage, latest_intact
 from mtrain.hf_export import maps_to_gpt2, save_gpt2
 from mtrain.model import GPT, GPTConfig
 from mtrain.run_dir import COMPLETE_CHECKPOINTS, CheckpointDir, RunDir
@@ -33,13 +40,23 @@ WEIGHTS, CONFIG, TOKENIZER, HF = "model.safetensors", "config.json", "tokenizer"
 
 
 def resolve_checkpoint(path: Path) -> CheckpointDir:
-    """``path`` itself when it is a complete checkpoint, else a run directory's newest."""
+    """``path`` itself when it is a complete checkpoint whose files match its marker (refused,
+    naming the file, when they do not), else a run directory's newest intact one (damaged
+    newer ones skipped with a warning)."""
     given = CheckpointDir(path)
     if given.complete:
+        problems = damage(given)
+        if problems:
+            raise InputError(
+                f"checkpoint={path} is damaged: {'; '.join(problems)}; export an older "
+                "checkpoint, or give the run directory to take its newest intact one"
+            )
         return given
     if path.is_dir() and not given.named_as_step:
-        found = latest_complete(RunDir(path))
+        found, skipped = latest_intact(RunDir(path), move_aside=False)
         if found is not None:
+            if skipped:
+                log.warning("exporting %s: newer checkpoints are damaged", found.path)
             return found
     raise FileNotFoundError(
         f"checkpoint={path}: no complete checkpoint or model there; give an exported model "
@@ -54,28 +71,82 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 
     if not list(ckpt.glob("*_optim_states.pt")):
         # ZeRO stage 0: the whole module is in one file (memory-mapped, read lazily).
-        state = torch.load(
-            ckpt / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False
-        )
+        model_file = ckpt / "mp_rank_00_model_states.pt"
+        try:
+            state = torch.load(model_file, map_location="cpu", mmap=True, weights_only=True)
+        except pickle.UnpicklingError:
+            # DeepSpeed's own objects (an fp16 loss scaler, say): unpickled in full, as
+            # DeepSpeed's load_checkpoint does; a checkpoint directory is trusted input.
+            log.info("%s holds DeepSpeed objects: unpickled in full (trusted input)", model_file)
+            state = torch.load(model_file, map_location="cpu", mmap=True, weights_only=False)
         return {k: v.float() for k, v in state["module"].items()}
     lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
     return {name: tensor.contiguous() for name, tensor in lazy.items()}
 
 
-def verify_against_probe(model: GPT, ckpt: CheckpointDir) -> float:
+# The dtypes a probe's logits may have been computed in (probe.pt's "dtype"; absent: fp32).
+PROBE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# fp32 engines and the fp32 merge run the same math: differences are summation-order noise.
+FP32_TOLERANCE = 1e-4
+# bf16/fp16: a few units in the last place of the logits' scale. The same weights cast to bf16
+# reproduce a CPU engine's logits exactly, but a GPU engine's kernels (fused attention, other
+# reduction orders) round intermediates differently; ~1 ulp is what fp32-vs-bf16 differs by.
+HALF_ULPS = 4
+
+
+class ProbeCheck(NamedTuple):
+    max_abs_diff: float
+    dtype: str
+    tolerance: float
+
+
+def probe_tolerance(dtype: torch.dtype, reference: torch.Tensor) -> float:
+    """The largest logit difference a correct merge may show against ``reference`` logits
+    computed in ``dtype``."""
+    if dtype == torch.float32:
+        return FP32_TOLERANCE
+    scale = reference.abs().max().item()
+    return max(FP32_TOLERANCE, HALF_ULPS * torch.finfo(dtype).eps * scale)
+
+
+@torch.no_grad()
+def probe_check(model: GPT, probe: dict) -> ProbeCheck:
+    """Recomputes the probe batch's logits with ``model`` in the dtype the engine used (a
+    cast copy; ``model`` itself stays fp32) and compares them with the saved ones."""
+    name = probe.get("dtype", "float32")  # probes saved before the dtype was recorded: fp32
+    if name not in PROBE_DTYPES:
+        raise RuntimeError(f"probe logits computed in {name}, expected one of {list(PROBE_DTYPES)}")
+    dtype = PROBE_DTYPES[name]
+    model.eval()
+    if dtype == torch.float32:
+        logits = model(probe["inputs"]).logits
+    else:
+        # Tied parameters appear once in named_parameters(); functional_call ties them again.
+        cast = {
+            key: t.to(dtype) if t.is_floating_point() else t
+            for key, t in [*model.named_parameters(), *model.named_buffers()]
+        }
+        logits = torch.func.functional_call(model, cast, (probe["inputs"],)).logits.float()
+    reference = probe["logits"].float()
+    if logits.shape != reference.shape:
+        return ProbeCheck(float("inf"), name, probe_tolerance(dtype, reference))
+    diff = (logits - reference).abs().max().item()
+    return ProbeCheck(diff, name, probe_tolerance(dtype, reference))
+
+
+def verify_against_probe(model: GPT, ckpt: CheckpointDir) -> ProbeCheck:
     """The consolidated model must reproduce the logits the training engine computed at save
-    time on a fixed batch; returns the largest difference (the check fails above 1e-4)."""
-    probe = torch.load(ckpt.probe, weights_only=True)
-    with torch.no_grad():
-        logits = model.eval()(probe["inputs"]).logits
-    diff = (logits - probe["logits"]).abs().max().item()
-    if diff > 1e-4:
+    time on a fixed batch, computed in the engine's dtype: within ``FP32_TOLERANCE`` for fp32,
+    within a few ulps of the logits' scale for bf16/fp16."""
+    check = probe_check(model, torch.load(ckpt.probe, weights_only=True))
+    if not check.max_abs_diff <= check.tolerance:  # NaN fails too
         raise RuntimeError(
-            f"the weights merged from {ckpt.path} give logits {diff:.2e} away from the training "
-            "engine's on the probe batch: the checkpoint is damaged or was saved by another "
-            "model shape"
+            f"the weights merged from {ckpt.path} give logits {check.max_abs_diff:.2e} away "
+            f"from the training engine's on the probe batch (computed in {check.dtype}, "
+            f"tolerance {check.tolerance:.2e}): the checkpoint is damaged or was saved by "
+            "another model shape"
         )
-    return diff
+    return check
 
 
 def export(ckpt_path: Path, output: Path) -> Path:
@@ -88,11 +159,13 @@ def export(ckpt_path: Path, output: Path) -> Path:
     output.mkdir(parents=True, exist_ok=True)
     tmp = output / f"{WEIGHTS}.partial"
     save_model(model, str(tmp))  # stores tied tensors once
+    make_readable(str(tmp))  # safetensors writes 0o600; the umask decides here
     tmp.replace(output / WEIGHTS)
     verified = verify_against_probe(model, found)
     gpt2_reason = maps_to_gpt2(model)
     if gpt2_reason is None:
         save_gpt2(model, output / HF)
+        make_readable(str(output / HF))
     else:
         log.info("no Hugging Face export: %s", gpt2_reason)
     if (output / TOKENIZER).exists():
@@ -103,7 +176,9 @@ def export(ckpt_path: Path, output: Path) -> Path:
         "checkpoint": str(ckpt.resolve()),
         "step": json.loads(found.marker.read_text())["step"],
         "tokenizer_hash": json.loads((run.tokenizer / "artifact.json").read_text())["hash"],
-        "verified_logits_max_abs_diff": verified,
+        "verified_logits_max_abs_diff": verified.max_abs_diff,
+        "verified_logits_dtype": verified.dtype,
+        "verified_logits_tolerance": verified.tolerance,
         "hf_gpt2": gpt2_reason is None,
     }
     (output / CONFIG).write_text(json.dumps(meta, indent=2))

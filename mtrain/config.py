@@ -64,8 +64,11 @@ class DeepSpeedConfig:
     # Build the model already partitioned (deepspeed.zero.Init): needed once a model does not
     # fit on one device; slower start-up for small ones.
     zero_init: bool = False
-    # Seconds before a collective gives up (a hung rank otherwise blocks the others for long).
-    timeout_s: int = 1800
+    # Seconds before a collective gives up; then the surviving ranks name the rank that stopped
+    # answering (mtrain.liveness). A hung rank otherwise blocks the others (and their GPUs) for
+    # torch's 30 minutes. Minutes, not seconds: a checkpoint save of a large model, or a slow
+    # first step, happens between collectives and must not trip it.
+    timeout_s: int = 600
 
     def __post_init__(self):
         require(
@@ -78,6 +81,7 @@ class DeepSpeedConfig:
                     "offload_params",
                     "needs deepspeed.zero_stage=3",
                 ),
+                (self.timeout_s >= 1, "timeout_s", "must be at least 1 (seconds)"),
             ],
         )
 
@@ -102,6 +106,9 @@ class TrainerConfig:
     sample_every: int = 0
     sample_count: int = 2
     sample_tokens: int = 256
+    # Seconds without a heartbeat after which another job's lock on the run directory is
+    # taken over (its holder is presumed dead; the heartbeat is refreshed every tenth of it).
+    lock_stale_s: float = 300.0
 
     def __post_init__(self):
         require(
@@ -115,6 +122,7 @@ class TrainerConfig:
                 (self.eval_every >= 0, "eval_every", "must be at least 0 (0: never)"),
                 (self.sample_every >= 0, "sample_every", "must be at least 0 (0: never)"),
                 (self.max_nonfinite_in_row >= 1, "max_nonfinite_in_row", AT_LEAST_1),
+                (self.lock_stale_s > 0, "lock_stale_s", "must be above 0"),
             ],
         )
 

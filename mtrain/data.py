@@ -20,8 +20,10 @@
   sequences whatever the world size.
 """
 
+import functools
 import multiprocessing as mp
 import multiprocessing.forkserver
+import os
 import signal
 import zlib
 from collections.abc import Iterator
@@ -46,6 +48,7 @@ from data_pipeline.reader import (
     split_shares,
 )
 from data_pipeline.tokenizer import MusicTokenizer
+from mtrain import liveness
 from mtrain.augment import Augmenter
 from mtrain.packing import SequencePacker
 
@@ -71,6 +74,10 @@ class DataConfig:
     velocity_shift: int = 0
     # "skip": warn, count and go on; "raise": stop at the first damaged shard.
     on_corrupt_shard: str = SKIP
+    # How long object storage may keep failing (refused, reset, stalled, 5xx, throttled) before
+    # a read gives up; reads are retried with backoff until then. $MTRAIN_STORAGE_RETRY_S or
+    # 600 s when None.
+    storage_retry_s: float | None = None
 
     def __post_init__(self):
         require(
@@ -86,6 +93,11 @@ class DataConfig:
                     "on_corrupt_shard",
                     f"must be {SKIP!r} or {RAISE!r}",
                 ),
+                (
+                    self.storage_retry_s is None or self.storage_retry_s >= 0,
+                    "storage_retry_s",
+                    "must be at least 0 seconds (0: no retries)",
+                ),
             ],
         )
 
@@ -100,6 +112,15 @@ def start_worker_server() -> None:
         multiprocessing.forkserver.ensure_running()
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def worker_init_fn(rank_pid: int, worker_id: int) -> None:
+    """Runs first in each loader worker: the worker dies with its rank, even a SIGKILLed one.
+    Its parent is the fork server, so torch's watchdog (comparing os.getppid()) and a parent-
+    death signal would watch the server, which itself waits on a pipe every worker keeps open:
+    without this, a killed rank leaves the server and its workers running for good. With the
+    workers gone, the server sees its pipe close and exits too (``liveness.watch_rank``)."""
+    liveness.watch_rank(rank_pid)
 
 
 def open_dataset(cfg: DataConfig) -> tuple[dict, MusicTokenizer]:
@@ -232,13 +253,21 @@ class StreamingData:
         rank: int = 0,
         world_size: int = 1,
     ):
+        if cfg.storage_retry_s is not None:
+            storage.configure(cfg.storage_retry_s)
         self.card, self.tokenizer = open_dataset(cfg)
         self.cfg, self.seq_len, self.micro_batch_size = cfg, seq_len, micro_batch_size
         self.rank, self.world_size = rank, world_size
         shards = split_shares(cfg.path, "train", self.card)
         check_enough_pieces(shards, world_size * max(1, cfg.num_workers))
-        # The damage count is shared with the workers: a Value from the context they start from.
-        self.reader = ShardReader(len(self.tokenizer.base), cfg.on_corrupt_shard, WORKERS)
+        # The damage and retry counts are shared with the workers: Values from the context they
+        # start from. The retry budget travels with the reader (workers do not share globals).
+        self.reader = ShardReader(
+            len(self.tokenizer.base),
+            cfg.on_corrupt_shard,
+            WORKERS,
+            retry_s=storage.retry_budget_s(),
+        )
         self.train = TrainStream(
             cfg, seq_len, shards, self.tokenizer, self.reader, rank, world_size
         )
@@ -251,6 +280,7 @@ class StreamingData:
             num_workers=cfg.num_workers,
             collate_fn=inputs_and_targets,
             multiprocessing_context=WORKERS if cfg.num_workers else None,
+            worker_init_fn=functools.partial(worker_init_fn, os.getpid()),
         )
 
     def train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -277,6 +307,11 @@ class StreamingData:
     def corrupt_shards(self) -> int:
         """Damaged shards met so far by this rank and its workers (each reading counts)."""
         return self.reader.corrupt.value
+
+    @property
+    def storage_retries(self) -> int:
+        """Object-storage operations retried so far by this rank's reader and its workers."""
+        return self.reader.retries.value
 
     def state_dict(self) -> dict:
         return {**self.layout, "loader": self._loader.state_dict()}

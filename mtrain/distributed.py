@@ -12,6 +12,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from mtrain import liveness
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -46,12 +48,29 @@ def _first_node() -> str | None:
     return out.stdout.split()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
+def launched() -> bool:
+    """Whether a launcher started this process as one rank of a job (torchrun, deepspeed, srun)."""
+    env = os.environ
+    return "TORCHELASTIC_RUN_ID" in env or "SLURM_STEP_ID" in env or "LOCAL_RANK" in env
+
+
+# The trainer calls it on any RuntimeError of its loop: a collective's error names the suspects.
+raise_naming_suspects = liveness.raise_naming_suspects
+
+
 def on_gpu() -> bool:
     return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
 
 
 def init(place: Placement, timeout_s: int) -> torch.device:
     """Starts the process group (nccl on GPUs, gloo on CPU); returns this rank's device."""
+    if launched():
+        # A rank outlives a SIGKILLed torchrun (its own session) and would finish or hang on its
+        # own, holding devices; with PR_SET_PDEATHSIG the kernel kills it with its launcher
+        # (torchrun's agent, the deepspeed launcher, slurmstepd). SIGKILL, not SIGTERM: SIGTERM
+        # starts a preemption checkpoint, a collective that cannot finish once peers are dying.
+        # Not for a plain `python` run, whose parent (a shell, a notebook) is no launcher.
+        liveness.die_with_parent()
     if not on_gpu():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("MASTER_ADDR", _first_node() or "127.0.0.1")

@@ -6,10 +6,12 @@ precision, AdamW and the learning-rate schedule.
 
 import logging
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from mtrain import liveness
 from mtrain.config import BatchPlan, TrainConfig
 from mtrain.ds_config import deepspeed_config
 from mtrain.model import GPT
@@ -63,11 +65,17 @@ def build_engine(cfg: TrainConfig, plan: BatchPlan, rank: int):
         100 * local / total,
     )
     seed_everything(cfg.trainer.seed + rank)  # different dropout per rank
+    # A thread keeps <run>/heartbeat/rank<r> fresh; batch_loss records the step reached. A rank
+    # whose collective fails reads them to name the peer that stopped answering.
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    # Logs the suspects at 90% of the collective timeout, before NCCL's watchdog aborts.
+    liveness.start(Path(cfg.run_dir), rank, world, stall_after_s=0.9 * cfg.deepspeed.timeout_s)
     return engine, scheduler
 
 
 def batch_loss(engine, batch: tuple[torch.Tensor, torch.Tensor], device) -> torch.Tensor:
     """The mean next-token loss of one (inputs, targets) batch."""
+    liveness.record_step(getattr(engine, "global_steps", 0))
     inputs, targets = (x.to(device, non_blocking=True) for x in batch)
     return engine(inputs, targets=targets).loss
 

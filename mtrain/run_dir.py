@@ -1,16 +1,19 @@
 """The layout of a training run's directory: the one place that spells its paths.
 
 ``model_config.json`` and ``tokenizer/`` (what an export needs besides the weights),
-``checkpoints/step_00001000/``, ``metrics.jsonl``, ``wandb_run_id``, ``samples/step_00001000/``
-and ``export/``; old runs and tests read this layout, so it does not change.
+``checkpoints/step_00001000/`` (a damaged one moved aside: ``step_00001000.damaged``),
+``metrics.jsonl``, ``wandb_run_id``, ``samples/step_00001000/``, ``export/`` and ``LOCK`` (who
+trains in it now); old runs and tests read this layout, so it does not change.
 """
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 _STEP, _CHECKPOINTS, _MARKER = "step_", "checkpoints", "COMPLETE"
 # Where a run directory's complete checkpoints are, in words for messages.
 COMPLETE_CHECKPOINTS = f"{_CHECKPOINTS}/{_STEP}*/{_MARKER}"
+_STEP_NAME = re.compile(rf"{_STEP}\d{{8}}")
 
 
 def _step_name(step: int) -> str:
@@ -48,6 +51,17 @@ class CheckpointDir:
         return self.path / f"trainer_state_rank{rank}.pt"
 
     @property
+    def damaged(self) -> Path:
+        """Where a checkpoint that fails verification is moved aside (never deleted); a
+        number is added when that name is taken."""
+        aside = self.path.with_name(f"{self.path.name}.damaged")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = self.path.with_name(f"{self.path.name}.damaged{n}")
+        return aside
+
+    @property
     def export(self) -> Path:
         """Where an export of this checkpoint alone goes."""
         return self.path / "export"
@@ -81,14 +95,23 @@ class RunDir:
         return CheckpointDir(self.checkpoints / _step_name(step))
 
     def checkpoint_dirs(self) -> list[CheckpointDir]:
-        """Every checkpoint directory, complete or not, oldest first."""
-        paths = sorted(p for p in self.checkpoints.glob(f"{_STEP}*") if p.is_dir())
+        """Every checkpoint directory, complete or not, oldest first (not those moved aside)."""
+        paths = sorted(
+            p
+            for p in self.checkpoints.glob(f"{_STEP}*")
+            if _STEP_NAME.fullmatch(p.name) and p.is_dir()
+        )
         return [CheckpointDir(p) for p in paths]
 
     @property
     def metrics(self) -> Path:
         """One JSON line of metrics per optimizer step."""
         return self.root / "metrics.jsonl"
+
+    @property
+    def lock(self) -> Path:
+        """Who trains in this run directory now (``run_lock.RunLock``)."""
+        return self.root / "LOCK"
 
     @property
     def wandb_run_id(self) -> Path:

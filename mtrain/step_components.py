@@ -3,16 +3,19 @@ step's memory line, validation, reporting and preemption (checkpoints: ``checkpo
 samples: ``training_samples``). Each says itself when it is due; the loop runs it then.
 """
 
+import errno
 import json
 import logging
 import math
+import os
 import signal
+from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from mtrain import distributed
-from mtrain.checkpoint import Checkpointer
+from mtrain.checkpoint import Checkpointer, DiskFull, disk_full_message
 from mtrain.config import TrainerConfig
 from mtrain.data import StreamingData
 from mtrain.engine import batch_loss, state_megabytes
@@ -106,8 +109,13 @@ class Reporter:
         return self.is_main
 
     def run(self, step: int, metrics: dict) -> dict:
-        with open(self.run_dir.metrics, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        try:
+            with open(self.run_dir.metrics, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise DiskFull(disk_full_message(self.run_dir, self.run_dir.metrics)) from exc
         if self.tracker is not None:
             self.tracker.log(metrics, step)
         t = self.cfg
@@ -161,6 +169,29 @@ class Preemption:
             self.exit_code,
         )
         raise Preempted(self.exit_code)
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Keeps the rows of ``metrics.jsonl`` up to ``step`` (the step a run resumes from):
+    rewritten whole and renamed into place, so a crash leaves the old file or the new one. A
+    line cut short by a crash is dropped too."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith("\n") and _step_of(line) <= step]
+    if len(kept) == len(lines):
+        return
+    partial = path.with_suffix(".partial")
+    partial.write_text("".join(kept))
+    os.replace(partial, path)
+    log.info("dropped %d rows of %s after step %d", len(lines) - len(kept), path, step)
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _fmt(value: float | None, spec: str) -> str:

@@ -5,9 +5,11 @@ before any process group starts. The loop is ``mtrain.trainer.Trainer``.
 """
 
 from data_pipeline.app import entry_point
+from data_pipeline.errors import InputError
 from mtrain import distributed
 from mtrain.config import TrainConfig
 from mtrain.data import StreamingData
+from mtrain.run_lock import RunLock, agree_on_refusal
 from mtrain.trainer import Trainer
 
 
@@ -19,8 +21,20 @@ def run(cfg: TrainConfig, overrides: list[str]) -> int:
     )
     cfg.model = cfg.model.with_vocab(data.tokenizer.vocab_size)
     trainer = Trainer(cfg, place, data, overrides)
-    device = distributed.init(place, cfg.deepspeed.timeout_s)
-    return trainer.fit(device)
+    # Rank 0 takes the run directory before anything is written there; every rank checks that
+    # its checkpoints fit this config. Other ranks learn of rank 0's refusal once the process
+    # group exists, so that a refused job exits 2 on every rank.
+    lock = RunLock(trainer.run_dir.lock, cfg.trainer.lock_stale_s)
+    try:
+        refusal = lock.acquire() if place.is_main else None
+        if refusal is not None and place.world_size == 1:
+            raise InputError(refusal)
+        trainer.check_resumable()
+        device = distributed.init(place, cfg.deepspeed.timeout_s)
+        agree_on_refusal(refusal)
+        return trainer.fit(device)
+    finally:
+        lock.release()
 
 
 main = entry_point("train", TrainConfig, run)

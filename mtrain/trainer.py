@@ -5,13 +5,14 @@ that are due (validation, samples, reporting, preemption, checkpoints).
 import dataclasses
 import json
 import logging
+import sys
 from collections.abc import Iterator
 
 import torch
 from omegaconf import OmegaConf
 
 from mtrain import distributed
-from mtrain.checkpoint import Checkpointer
+from mtrain.checkpoint import SUSPECT_STEPS, Checkpointer, check_resumable
 from mtrain.config import TrainConfig, plan_batch
 from mtrain.data import StreamingData
 from mtrain.engine import as_float, batch_loss, build_engine, whole_grad_norm
@@ -24,6 +25,7 @@ from mtrain.step_components import (
     StateMemory,
     StepComponent,
     Validator,
+    drop_metrics_after,
 )
 from mtrain.tracking import Tracker
 from mtrain.training_samples import TrainingSamples
@@ -52,6 +54,8 @@ class OptimizerStep:
         self.max_nonfinite_in_row, self.whole_grads = max_nonfinite_in_row, whole_grads
         self.nonfinite_skipped = 0
         self.grad_norm: float | None = None
+        # The checkpoint (path, step) this run resumed from: a suspect for a NaN soon after.
+        self.resumed_from: tuple[str, int] | None = None
 
     def __call__(self, batches: Iterator, step: int, timer: StepTimer) -> float:
         """Takes optimizer step number ``step`` (counted from 1)."""
@@ -68,11 +72,7 @@ class OptimizerStep:
                     "non-finite loss at step %d: micro batch skipped (%d in a row)", step, in_row
                 )
                 if in_row >= self.max_nonfinite_in_row:
-                    raise NonFiniteLoss(
-                        f"{in_row} micro batches in a row gave a non-finite loss at step "
-                        f"{step}; lower optim.lr, raise optim.warmup_steps, or use "
-                        "deepspeed.precision=fp32/bf16 instead of fp16"
-                    )
+                    raise NonFiniteLoss(self._nonfinite_message(in_row, step))
                 continue
             in_row = 0
             self.engine.backward(loss)
@@ -82,6 +82,20 @@ class OptimizerStep:
             losses.append(loss.item())
         self.grad_norm = as_float(self.engine.get_global_grad_norm()) or self.grad_norm
         return distributed.mean_over_ranks(sum(losses) / len(losses))
+
+    def _nonfinite_message(self, in_row: int, step: int) -> str:
+        message = f"{in_row} micro batches in a row gave a non-finite loss at step {step}"
+        if self.resumed_from is not None and step <= self.resumed_from[1] + SUSPECT_STEPS:
+            path, at = self.resumed_from
+            return (
+                f"{message}, {step - at} step(s) after resuming from {path}: that checkpoint is "
+                f"the first suspect (move it aside, e.g. to {path}.damaged, and restart to "
+                "resume from the one before); otherwise lower optim.lr or avoid fp16"
+            )
+        return (
+            f"{message}; lower optim.lr, raise optim.warmup_steps, or use "
+            "deepspeed.precision=fp32/bf16 instead of fp16"
+        )
 
 
 class Trainer:
@@ -97,6 +111,18 @@ class Trainer:
         self.run_dir = RunDir(cfg.run_dir)
         self.step = 0
         self.run_id: str | None = None
+        self.resuming = False
+
+    def check_resumable(self) -> None:
+        """Before any process group, on every rank (the same answer from the same files):
+        refuses a run directory whose checkpoints another model shape, tokenizer or number of
+        ranks saved, with nothing in it changed."""
+        self.resuming = check_resumable(
+            self.run_dir,
+            dataclasses.asdict(self.cfg.model),
+            self.data.tokenizer.hash,
+            self.place.world_size,
+        )
 
     def fit(self, device: torch.device) -> int:
         """Trains to ``trainer.max_steps``; returns the exit code (0, or the requeue code after
@@ -115,6 +141,9 @@ class Trainer:
                             metrics |= component.run(self.step, metrics)
         except Preempted as stop:
             return stop.exit_code
+        except RuntimeError as error:  # a failed collective: name the rank that stopped answering
+            distributed.raise_naming_suspects(error, self.run_dir.root)
+            raise
         if tracker is not None:
             tracker.finish()
         return 0
@@ -126,8 +155,10 @@ class Trainer:
         a preemption saves and stops before a regular save would."""
         cfg, t, main = self.cfg, self.cfg.trainer, self.place.is_main
         self.run_dir.root.mkdir(parents=True, exist_ok=True)
-        if main:
-            # What export needs besides the weights: the model shape and the tokenizer.
+        say_log_file_failures_once()
+        if main and (not self.resuming or not self.run_dir.model_config.exists()):
+            # What export needs besides the weights: the model shape and the tokenizer (a
+            # resumed run's are this run's already: check_resumable compared them).
             self.run_dir.model_config.write_text(json.dumps(dataclasses.asdict(cfg.model)))
             self.data.tokenizer.save(str(self.run_dir.tokenizer))
         engine, self.scheduler = build_engine(cfg, self.plan, self.place.rank)
@@ -168,15 +199,21 @@ class Trainer:
         )
 
     def _resume(self, checkpointer: Checkpointer) -> None:
-        resumed = checkpointer.resume()
-        if resumed is None:
-            return
-        ckpt, client, rank_state = resumed
-        self.step = client["step"]
-        self.optimizer_step.nonfinite_skipped = client.get("nonfinite_skipped", 0)
-        self.run_id = client.get("wandb_run_id")
-        self.data.load_state_dict(rank_state["data"])
-        log.info("resumed from %s at step %d", ckpt.path, self.step)
+        """Loads the newest intact checkpoint; rows of ``metrics.jsonl`` after its step are
+        dropped, so that each step appears once."""
+        ckpt, client, rank_state, skipped = checkpointer.resume()
+        skipped_note = f" (skipped {'; '.join(skipped)})" if skipped else ""
+        if ckpt is not None:
+            self.step = client["step"]
+            self.optimizer_step.nonfinite_skipped = client.get("nonfinite_skipped", 0)
+            self.optimizer_step.resumed_from = (str(ckpt.path), self.step)
+            self.run_id = client.get("wandb_run_id")
+            self.data.load_state_dict(rank_state["data"])
+            log.info("resumed from %s at step %d%s", ckpt.path, self.step, skipped_note)
+        elif skipped:
+            log.warning("no intact checkpoint: starting from step 0%s", skipped_note)
+        if self.place.is_main:
+            drop_metrics_after(self.run_dir.metrics, self.step)
 
     def _state(self) -> tuple[dict, dict]:
         """What a checkpoint keeps besides the engine: the shared client state and this
@@ -206,5 +243,25 @@ class Trainer:
             "train/nonfinite_skipped": self.optimizer_step.nonfinite_skipped,
             "train/tokens_seen": self.step * self.plan.tokens_per_step,
             "data/corrupt_shards": self.data.corrupt_shards,
+            "data/storage_retries": self.data.storage_retries,
             **self.monitor.metrics(step_s, wait_s),
         }
+
+
+def say_log_file_failures_once() -> None:
+    """A log file on a full disk would print a traceback for every line logged; its first
+    failure is said once on stderr and the file dropped (the console keeps every line)."""
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if isinstance(handler, logging.FileHandler):
+
+            def drop(record, handler=handler):
+                root.removeHandler(handler)
+                print(
+                    f"warning: cannot write the log file {handler.baseFilename} "
+                    f"({sys.exc_info()[1]}); logging to the console only",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+            handler.handleError = drop

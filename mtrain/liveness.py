@@ -1,0 +1,293 @@
+"""Which rank stopped answering: per-rank heartbeats, and processes that die with their parent.
+
+When a collective times out or a peer's socket closes, every surviving rank only learns that
+*something* failed (gloo: "Timed out waiting ... for recv", "Connection reset by peer"; NCCL: a
+watchdog timeout). To name the culprit, each rank keeps ``<run>/heartbeat/rank<r>`` fresh from a
+daemon thread: its pid, host, last step and the time of the beat. A thread, not the training
+loop, beats, because a rank blocked in a collective waiting for a peer is healthy and must keep
+beating, while a frozen (SIGSTOP, swapped out, stuck holding the GIL), killed or OOM-killed
+rank stops. On a collective error, ``raise_naming_suspects`` reads the files and names the
+ranks whose process is gone or stopped (same host) or whose heartbeat is stale, else those
+behind the others in steps.
+
+The run directory's layout belongs to ``mtrain.run_dir``; this module keeps its one path here
+(``heartbeat_path``) so that the two do not have to change together.
+
+Processes: ``die_with_parent`` (Linux ``PR_SET_PDEATHSIG``) lets a rank die with its launcher,
+and ``watch_rank`` lets a loader worker die with its rank (see ``mtrain.data``).
+"""
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+BEAT_EVERY_S = 1.0
+# A heartbeat older than this is a rank that stopped answering (a healthy one beats every
+# BEAT_EVERY_S even while it waits inside a collective).
+STALE_AFTER_S = 5.0
+_PR_SET_PDEATHSIG = 1
+
+
+def heartbeat_path(run_root: Path, rank: int) -> Path:
+    return Path(run_root) / "heartbeat" / f"rank{rank}"
+
+
+class Heartbeat:
+    """This rank's heartbeat file, rewritten every ``BEAT_EVERY_S`` by a daemon thread;
+    ``step(n)`` records the step reached at each forward (cheap: two attribute stores).
+
+    ``stall_after_s``: when no forward has run for that long (a collective stuck longer than
+    most of its timeout), the thread logs the suspects once. NCCL's watchdog ends a process
+    without a Python exception at the timeout, so this line is what names the culprit there."""
+
+    def __init__(
+        self,
+        run_root: Path,
+        rank: int,
+        interval_s: float = BEAT_EVERY_S,
+        world_size: int = 1,
+        stall_after_s: float | None = None,
+    ):
+        self.path, self.rank, self.interval_s = heartbeat_path(run_root, rank), rank, interval_s
+        self.run_root, self.world_size = Path(run_root), world_size
+        self.stall_after_s = stall_after_s
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.last_step = 0
+        self.last_forward = time.monotonic()
+        self.stall_reported = False
+        self._stop = threading.Event()
+        self.beat()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-rank{rank}", daemon=True)
+        self._thread.start()
+
+    def step(self, step: int) -> None:
+        self.last_step, self.last_forward = step, time.monotonic()
+        self.stall_reported = False
+
+    def beat(self) -> None:
+        record = {
+            "rank": self.rank,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "step": self.last_step,
+            "time": time.time(),
+        }
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(self.path)  # a reader never sees half a record
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            with contextlib.suppress(OSError):  # a full or vanished disk must not kill training
+                self.beat()
+            self._check_stall()
+
+    def _check_stall(self) -> None:
+        idle = time.monotonic() - self.last_forward
+        if self.stall_after_s is None or self.stall_reported or idle < self.stall_after_s:
+            return
+        self.stall_reported = True
+        with contextlib.suppress(Exception):
+            named, lines = suspects(self.run_root, self.world_size, self.rank)
+            log.error(
+                "rank %d: no forward for %.0f s (step %d); suspected: %s\n  %s",
+                self.rank,
+                idle,
+                self.last_step,
+                ", ".join(f"rank {r}" for r in named) or "none",
+                "\n  ".join(lines),
+            )
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+_current: Heartbeat | None = None
+
+
+def start(
+    run_root: Path, rank: int, world_size: int = 1, stall_after_s: float | None = None
+) -> Heartbeat:
+    """Starts (once per process) this rank's heartbeat; ``record_step`` then records steps."""
+    global _current
+    if _current is None or _current.path != heartbeat_path(run_root, rank):
+        if _current is not None:
+            _current.stop()
+        _current = Heartbeat(run_root, rank, world_size=world_size, stall_after_s=stall_after_s)
+    return _current
+
+
+def record_step(step: int) -> None:
+    if _current is not None:
+        _current.step(step)
+
+
+def read_heartbeats(run_root: Path, world_size: int) -> dict[int, dict | None]:
+    """Each rank's last record (None: no file, i.e. the rank never started)."""
+    beats: dict[int, dict | None] = {}
+    for rank in range(world_size):
+        try:
+            beats[rank] = json.loads(heartbeat_path(run_root, rank).read_text())
+        except (OSError, ValueError):
+            beats[rank] = None
+    return beats
+
+
+def _process_state(pid: int) -> str:
+    """'gone', 'stopped' (SIGSTOP/traced), 'zombie' or 'running' for a pid on this host."""
+    try:
+        import psutil
+
+        status = psutil.Process(pid).status()
+    except ImportError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return "gone"
+        return "running"
+    except Exception:  # psutil.NoSuchProcess, AccessDenied
+        return "gone"
+    return {"stopped": "stopped", "tracing-stop": "stopped", "zombie": "zombie"}.get(
+        status, "running"
+    )
+
+
+def suspects(
+    run_root: Path, world_size: int, me: int, now: float | None = None
+) -> tuple[list[int], list[str]]:
+    """(ranks suspected of having stopped answering, one line per rank saying why or how it
+    looks). Same-host ranks whose process is gone/stopped first; else stale heartbeats; else
+    the ranks with the fewest steps."""
+    now = time.time() if now is None else now
+    host = socket.gethostname()
+    beats = read_heartbeats(run_root, world_size)
+    dead, stale, lines = [], [], []
+    for rank, beat in beats.items():
+        if beat is None:
+            stale.append(rank)
+            lines.append(f"rank {rank}: no heartbeat file")
+            continue
+        age = now - beat["time"]
+        where = f"pid {beat['pid']} on {beat['host']}"
+        state = _process_state(beat["pid"]) if beat["host"] == host else "unknown"
+        if rank != me and state in ("gone", "stopped", "zombie"):
+            dead.append(rank)
+        elif rank != me and age > STALE_AFTER_S:
+            stale.append(rank)
+        lines.append(
+            f"rank {rank} ({where}, process {state}): last heartbeat {age:.1f} s ago "
+            f"at step {beat['step']}"
+        )
+    named = dead or stale
+    if not named:
+        steps = {r: b["step"] for r, b in beats.items() if b is not None and r != me}
+        mine = beats[me]["step"] if beats.get(me) else None
+        if steps and mine is not None and min(steps.values()) < mine:
+            named = [r for r, s in steps.items() if s == min(steps.values())]
+    return named, lines
+
+
+class RankStoppedAnswering(RuntimeError):
+    """A collective failed; the message names the rank(s) suspected of causing it."""
+
+
+_COLLECTIVE_SIGNS = (
+    "gloo",
+    "nccl",
+    "timed out",
+    "timeout",
+    "connection reset",
+    "connection closed",
+    "broken pipe",
+    "peer",
+)
+
+
+def raise_naming_suspects(error: BaseException, run_root: Path) -> None:
+    """Raises ``RankStoppedAnswering`` from ``error`` naming the suspected rank(s) when
+    ``error`` looks like a failed collective and a process group exists; else returns."""
+    import torch.distributed as dist
+
+    text = str(error).lower()
+    if not dist.is_initialized() or not any(sign in text for sign in _COLLECTIVE_SIGNS):
+        return
+    me, world = dist.get_rank(), dist.get_world_size()
+    named, lines = suspects(run_root, world, me)
+    who = (
+        f"rank {', '.join(map(str, named))} stopped answering"
+        if named
+        else "no rank's heartbeat is stale (a network problem?)"
+    )
+    first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    folder = heartbeat_path(run_root, 0).parent
+    message = (
+        f"a collective failed on rank {me}: {who}. Heartbeats ({folder}):"
+        + "".join(f"\n  {line}" for line in lines)
+        + f"\nthe error: {first}"
+    )
+    log.error(message)
+    new = RankStoppedAnswering(message)
+    new.suspects = named  # type: ignore[attr-defined]
+    raise new from error
+
+
+# ---- processes that die with their parent -------------------------------------------------
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+    """Asks Linux to send ``sig`` to this process when the thread that started it exits
+    (``prctl(PR_SET_PDEATHSIG)``); exits at once when that parent is already gone. False where
+    unsupported (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        return False
+    # The parent died between our start and the prctl: no signal will come. (A launcher may
+    # itself be pid 1 in a container, so pid 1 alone proves nothing.)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), sig)
+    return True
+
+
+def watch_rank(rank_pid: int) -> None:
+    """Kills this process (a loader worker) when process ``rank_pid`` exits.
+
+    The worker's parent is the fork server, not the rank, so neither ``PR_SET_PDEATHSIG`` nor
+    torch's own watchdog (which compares ``os.getppid()``) sees the rank die; and the fork
+    server never exits by itself while a worker lives, since every forkserver child inherits
+    the write end of the server's "alive" pipe. A daemon thread waits on a pidfd of the rank
+    (the kernel wakes it at the rank's exit; no pid-reuse race) or, without pidfd, polls it.
+    Once the workers are gone the fork server sees EOF on its pipe and exits too."""
+    try:
+        fd = os.pidfd_open(rank_pid)
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):
+        fd = None
+
+    def wait() -> None:
+        if fd is not None:
+            select.select([fd], [], [])
+        else:
+            while True:
+                try:
+                    os.kill(rank_pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=wait, name=f"watch-rank-{rank_pid}", daemon=True).start()
