@@ -15,8 +15,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, run_module
-from test_train import CPU_ENV, run
+from conftest import CPU_ENV, REPO, run, run_module
 
 from mtrain.artifacts import (
     FP32_TOLERANCE,

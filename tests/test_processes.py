@@ -17,26 +17,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO
-from test_train import CPU_ENV, kill_tree, losses, train_args
+from conftest import REPO, kill_tree, launch, losses, train_args
 
 from mtrain import liveness
 
 LONG = ("trainer.max_steps=100000", "trainer.save_every=100000", "data.num_workers=2")
-
-
-def torchrun(args: list[str], ranks: int) -> subprocess.Popen:
-    """Like test_train.launch, under torchrun even for one rank (a launcher to kill)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    return subprocess.Popen(
-        [*cmd, f"--nproc-per-node={ranks}", *args],
-        cwd=REPO,
-        env={**os.environ, **CPU_ENV},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
 
 
 def wait_training(proc, run_dir: Path, steps: int = 2, timeout: float = 120) -> None:
@@ -98,7 +83,7 @@ def reap(proc, procs: list[psutil.Process]) -> None:
 @pytest.mark.slow
 def test_killed_rank_takes_its_fork_server_and_workers(bach_dataset, tmp_path):
     run_dir = tmp_path / "run"
-    proc = torchrun(train_args(bach_dataset, run_dir, *LONG), ranks=1)
+    proc = launch(train_args(bach_dataset, run_dir, *LONG), ranks=1, torchrun=True)
     procs: list[psutil.Process] = []
     try:
         wait_training(proc, run_dir)
@@ -117,7 +102,7 @@ def test_killed_rank_takes_its_fork_server_and_workers(bach_dataset, tmp_path):
 @pytest.mark.slow
 def test_killed_launcher_takes_its_ranks_and_everything_below(bach_dataset, tmp_path):
     run_dir = tmp_path / "run"
-    proc = torchrun(train_args(bach_dataset, run_dir, *LONG, "data.num_workers=1"), ranks=2)
+    proc = launch(train_args(bach_dataset, run_dir, *LONG, "data.num_workers=1"), ranks=2)
     procs: list[psutil.Process] = []
     try:
         wait_training(proc, run_dir)
@@ -134,7 +119,7 @@ def test_killed_launcher_takes_its_ranks_and_everything_below(bach_dataset, tmp_
 @pytest.mark.slow
 def test_stopped_rank_is_named_by_the_survivor(bach_dataset, tmp_path):
     run_dir = tmp_path / "run"
-    proc = torchrun(
+    proc = launch(
         train_args(bach_dataset, run_dir, *LONG, "data.num_workers=0", "deepspeed.timeout_s=20"),
         ranks=2,
     )

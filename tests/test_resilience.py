@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import launch, losses, run, train_args
+from conftest import launch, losses, run, train_args
 
 pytestmark = pytest.mark.slow
 
