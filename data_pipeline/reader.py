@@ -13,7 +13,7 @@ from itertools import repeat
 
 import numpy as np
 
-from data_pipeline import storage
+from data_pipeline import retries, storage
 from data_pipeline.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class ShardReader:
     with ``skip`` the rest of it is skipped, with a warning and a count in ``corrupt``, a
     process-shared Value from ``context`` (the context the DataLoader workers that share it
     start from). A read that object storage breaks off (refused, reset, stalled, 5xx,
-    throttled) is retried for up to ``retry_s`` seconds (``storage.retry_budget_s()`` when
+    throttled) is retried for up to ``retry_s`` seconds (``retries.retry_budget_s()`` when
     None), reopening the shard and going on after the last piece read; ``retries`` counts
     the retries the same way ``corrupt`` counts damage."""
 
@@ -183,7 +183,7 @@ class ShardReader:
         # Imported here: webdataset pulls in torch, which reading a card never needs.
         from webdataset.tariterators import group_by_keys, tar_file_expander
 
-        backoff = storage.Backoff(share.url, "read", self.retry_s, self.retries)
+        backoff = retries.Backoff(share.url, "read", self.retry_s, self.retries)
         given = 0
         while True:
             try:

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from data_pipeline import storage
+from data_pipeline import retries, storage
 from data_pipeline.errors import require
 from data_pipeline.reader import (
     RAISE,
@@ -254,7 +254,7 @@ class StreamingData:
         world_size: int = 1,
     ):
         if cfg.storage_retry_s is not None:
-            storage.configure(cfg.storage_retry_s)
+            retries.configure(cfg.storage_retry_s)
         self.card, self.tokenizer = open_dataset(cfg)
         self.cfg, self.seq_len, self.micro_batch_size = cfg, seq_len, micro_batch_size
         self.rank, self.world_size = rank, world_size
@@ -266,7 +266,7 @@ class StreamingData:
             len(self.tokenizer.base),
             cfg.on_corrupt_shard,
             WORKERS,
-            retry_s=storage.retry_budget_s(),
+            retry_s=retries.retry_budget_s(),
         )
         self.train = TrainStream(
             cfg, seq_len, shards, self.tokenizer, self.reader, rank, world_size

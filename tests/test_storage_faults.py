@@ -22,7 +22,7 @@ from fault_proxy import FaultProxy
 from midi_factory import write_corpus
 from s3_server import SECRET, moto_server, patched_environ
 
-from data_pipeline import storage
+from data_pipeline import retries, storage
 from data_pipeline.reader import CorruptShardError, ShardReader, shard_shares
 from data_pipeline.shards import ShardWriter
 
@@ -96,7 +96,7 @@ def test_reads_survive_storage_faults_without_skipping_or_repeating(
     start = time.monotonic()
     timer = proxy.fault_for(mode, seconds, **settings)
     try:
-        with caplog.at_level(logging.WARNING, logger="data_pipeline.storage"):
+        with caplog.at_level(logging.WARNING, logger="data_pipeline.retries"):
             got += keys(pieces)
     finally:
         timer.cancel()
@@ -115,7 +115,7 @@ def test_an_outage_longer_than_the_budget_fails_naming_the_shard(s3, remote_shar
     proxy.set("refuse")
     try:
         reader = ShardReader(on_corrupt="skip", retry_s=1.5)
-        with pytest.raises(storage.StorageUnavailable, match=r"train-000000\.tar failed"):
+        with pytest.raises(retries.StorageUnavailable, match=r"train-000000\.tar failed"):
             list(reader.pieces(remote_shards))
     finally:
         proxy.set("pass")
@@ -128,7 +128,7 @@ def test_writes_and_listings_are_retried(s3, caplog):
     url = f"s3://{BUCKET}/misc/card.json"
     timer = proxy.fault_for("refuse", 1.5)
     try:
-        with caplog.at_level(logging.WARNING, logger="data_pipeline.storage"):
+        with caplog.at_level(logging.WARNING, logger="data_pipeline.retries"):
             storage.write_bytes(url, b"{}")
     finally:
         timer.cancel()
@@ -145,12 +145,12 @@ def test_writes_and_listings_are_retried(s3, caplog):
 
 
 def test_missing_objects_are_not_retried(s3):
-    before = storage.retries_total
+    before = retries.retries_total
     reader = ShardReader(retry_s=60)
     share = shard_shares(f"s3://{BUCKET}/nowhere", [{"name": "x.tar", "pieces": 1}])[0]
     with pytest.raises(CorruptShardError, match=r"x\.tar"):
         list(reader.read(share))
-    assert storage.retries_total == before and reader.retries.value == 0
+    assert retries.retries_total == before and reader.retries.value == 0
 
 
 # --- shards checked against the card ---------------------------------------------------------
