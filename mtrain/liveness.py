@@ -10,9 +10,6 @@ rank stops. On a collective error, ``raise_naming_suspects`` reads the files and
 ranks whose process is gone or stopped (same host) or whose heartbeat is stale, else those
 behind the others in steps.
 
-The run directory's layout belongs to ``mtrain.run_dir``; this module keeps its one path here
-(``heartbeat_path``) so that the two do not have to change together.
-
 Processes: ``die_with_parent`` (Linux ``PR_SET_PDEATHSIG``) lets a rank die with its launcher,
 and ``watch_rank`` lets a loader worker die with its rank (see ``mtrain.data``).
 """
@@ -30,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+from mtrain.run_dir import RunDir
+
 log = logging.getLogger(__name__)
 
 BEAT_EVERY_S = 1.0
@@ -40,7 +39,7 @@ _PR_SET_PDEATHSIG = 1
 
 
 def heartbeat_path(run_root: Path, rank: int) -> Path:
-    return Path(run_root) / "heartbeat" / f"rank{rank}"
+    return RunDir(run_root).heartbeat(rank)
 
 
 class Heartbeat:

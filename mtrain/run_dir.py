@@ -113,6 +113,10 @@ class RunDir:
         """Who trains in this run directory now (``run_lock.RunLock``)."""
         return self.root / "LOCK"
 
+    def heartbeat(self, rank: int) -> Path:
+        """Rank ``rank``'s liveness file (``liveness.Heartbeat``): who stopped answering."""
+        return self.root / "heartbeat" / f"rank{rank}"
+
     @property
     def wandb_run_id(self) -> Path:
         return self.root / "wandb_run_id"
