@@ -17,6 +17,7 @@ import torch
 
 from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.config import TrainerConfig
+from mtrain.evaluation.music_metrics import METRICS
 from mtrain.generation.compose import DEFAULT_MIN_P, compose
 from mtrain.generation.render import RenderConfig, Renderer, wandb_media
 from mtrain.generation.sampling import SamplingConfig
@@ -68,11 +69,17 @@ class TrainingSamples:
         stats = [piece.stats() for piece in pieces]
         rows = [{"ids": piece.ids, **row} for piece, row in zip(pieces, stats, strict=True)]
         (folder / "samples.json").write_text(json.dumps(rows))
+        # An empty piece is a failure, counted, and left out of the musical metrics (its pitch
+        # counts of 0 would drag their means down while its NaNs left others untouched).
+        heard = [s for s in stats if s["notes"] > 0]
         found = {
             f"samples/{key}": float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
             for key in stats[0]
-            for values in [np.array([s[key] for s in stats], dtype=np.float64)]
+            for values in [
+                np.array([s[key] for s in (heard if key in METRICS else stats)], dtype=np.float64)
+            ]
         }
+        found["samples/empty_rate"] = 1 - len(heard) / len(stats)
         found["samples/seconds_spent"] = time.perf_counter() - started
         log.info(
             "step %d: %d samples in %s (%.1f s; %.0f notes, %.1f repairs on average)",

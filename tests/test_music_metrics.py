@@ -1,5 +1,6 @@
 """Musical metrics pinned on hand-built pieces; generated vs reference sets compared."""
 
+import json
 import logging
 import math
 import random
@@ -9,6 +10,7 @@ import pytest
 import symusic
 from midi_factory import piece, write_bad_files, write_piece
 
+from mtrain.evaluation import reports
 from mtrain.evaluation.music_metrics import (
     METRICS,
     compute_all,
@@ -231,3 +233,43 @@ def test_nan_values_are_dropped_and_small_sets_give_nan():
     lone = compare_sets(generated[:2], reference)["polyphony"]
     assert lone["gen_mean"] == 1.0
     assert math.isnan(lone["oa"]) and math.isnan(lone["kl"])
+
+
+def test_empty_and_unreadable_pieces_fail_and_are_left_out_of_every_metric(tmp_path):
+    """A piece with no notes (or no readable MIDI) is a failure: counted in empty_rate and left
+    out of every metric alike, never averaged in as zeros."""
+    generated = reports.save_scores(
+        {"a.mid": piece(1), "b.mid": piece(2), "silent.mid": symusic.Score(TPQ)},
+        tmp_path / "generated",
+    )
+    assert sorted(generated.per_piece) == ["a.mid", "b.mid"]
+    assert generated.failed == {"silent.mid": "empty: no notes"}
+    assert generated.empty_rate == pytest.approx(1 / 3)
+    alone = reports.measure(
+        {"a.mid": piece(1), "b.mid": piece(2)}, tmp_path / "generated"
+    ).per_piece
+    assert generated.per_piece == alone  # the failure changes no other value
+
+    write_piece(tmp_path / "folder" / "good.mid", seed=3)
+    symusic.Score(TPQ).dump_midi(str(tmp_path / "folder" / "silent.mid"))
+    (tmp_path / "folder" / "cut.mid").write_bytes(
+        (tmp_path / "folder" / "good.mid").read_bytes()[:40]
+    )
+    folder = reports.measure_folder(tmp_path / "folder", "midi_dir")
+    assert list(folder.per_piece) == ["good.mid"]
+    assert folder.failed["silent.mid"] == "empty: no notes"
+    assert folder.failed["cut.mid"].startswith("unreadable: ")
+
+    section = reports.compare(generated, folder, tmp_path / "report")
+    assert section["generated"] == {
+        "path": str(tmp_path / "generated"),
+        "pieces": 2,
+        "failed": 1,
+        "empty_rate": pytest.approx(1 / 3),
+    }
+    assert "2 pieces; 1 of 3 empty or unreadable (33%), left out" in reports.markdown_comparison(
+        section
+    )
+    assert json.loads((tmp_path / "report" / "generated_failed.json").read_text()) == {
+        "silent.mid": "empty: no notes"
+    }

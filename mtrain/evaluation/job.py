@@ -102,7 +102,7 @@ def markdown(report: dict) -> str:
     if "likelihood" in report:
         lines += likelihood_markdown(report)
     if "metrics" in report:
-        lines += [f"# Musical metrics of {report['midi_dir']} ({report['pieces']} pieces)", ""]
+        lines += [f"# Musical metrics of {report['midi_dir']} ({reports.pieces_text(report)})", ""]
         lines.append(reports.markdown_summary(report["metrics"]))
     if "music" in report:
         lines += ["## Musical metrics: generated vs reference", ""]
@@ -190,6 +190,8 @@ def evaluate_midi(cfg: EvaluateConfig, out: Path) -> dict:
         reports.save_metrics(pieces, out, "midi_dir")
         report["metrics"] = reports.summarize(pieces)
         report["pieces"] = len(pieces.per_piece)
+        report["failed"] = len(pieces.failed)
+        report["empty_rate"] = pieces.empty_rate
     return report
 
 
@@ -217,6 +219,8 @@ def log_to_wandb(cfg: EvaluateConfig, out: Path, report: dict, overrides) -> Non
     features = report.get("music", {}).get("features", {})
     summary |= {f"music/{name}/oa": row["oa"] for name, row in features.items()}
     summary |= {f"music/{name}/kl": row["kl"] for name, row in features.items()}
+    if "music" in report:
+        summary["music/empty_rate"] = report["music"]["generated"]["empty_rate"]
 
     def media() -> dict:
         if "music" not in report:

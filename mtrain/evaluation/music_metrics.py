@@ -218,20 +218,27 @@ def compute_all(score: Score) -> dict[str, float]:
     return {name: metric(score) for name, metric in METRICS.items()}
 
 
-def metrics_for_midi_dir(path: str | Path) -> dict[str, dict[str, float]]:
-    """Metrics of every MIDI file under ``path``, keyed by its path relative to ``path``.
-    Files that are not whole MIDI files are skipped with a warning, counted in a last one."""
+def read_midi_dir(path: str | Path) -> tuple[dict[str, Score], dict[str, str]]:
+    """Every MIDI file under ``path`` as a score, keyed by its path relative to ``path``, and
+    the files that are not whole MIDI files with the reason (each also said in a warning)."""
     root = Path(path)
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in MIDI_SUFFIXES)
-    results, skipped = {}, 0
+    scores, unreadable = {}, {}
     for file in files:
+        name = file.relative_to(root).as_posix()
         try:
-            score = read_score(file.read_bytes())
+            scores[name] = read_score(file.read_bytes())
         except MidiFileError as exc:
             log.warning("skipping unreadable MIDI file %s: %s", file, exc)
-            skipped += 1
-            continue
-        results[file.relative_to(root).as_posix()] = compute_all(score)
-    if skipped:
-        log.warning("skipped %d of %d MIDI files under %s as unreadable", skipped, len(files), root)
-    return results
+            unreadable[name] = f"unreadable: {exc}"
+    if unreadable:
+        log.warning(
+            "skipped %d of %d MIDI files under %s as unreadable", len(unreadable), len(files), root
+        )
+    return scores, unreadable
+
+
+def metrics_for_midi_dir(path: str | Path) -> dict[str, dict[str, float]]:
+    """Metrics of every readable MIDI file under ``path``, keyed by its relative path."""
+    scores, _ = read_midi_dir(path)
+    return {name: compute_all(score) for name, score in scores.items()}

@@ -9,7 +9,7 @@ import json
 import logging
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ from symusic import Score
 
 from data_pipeline.reader import StoredPiece
 from data_pipeline.tokenizer import MusicTokenizer
-from mtrain.evaluation.music_metrics import METRICS, compute_all, metrics_for_midi_dir
+from mtrain.evaluation.music_metrics import METRICS, compute_all, read_midi_dir
 from mtrain.evaluation.set_comparison import compare_sets, finite_values, mean_std
 from mtrain.generation.repair import to_midi
 
@@ -26,11 +26,38 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class MeasuredSet:
-    """The musical metrics of a set of pieces, keyed by file name, and the folder that holds
-    their MIDI files."""
+    """The musical metrics of a set of pieces, keyed by file name, the folder that holds their
+    MIDI files, and the pieces that failed (no notes, or not a readable MIDI file) with why.
+    A failed piece is left out of every metric alike and counted in ``empty_rate``."""
 
     path: Path
     per_piece: dict[str, dict[str, float]]
+    failed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def empty_rate(self) -> float:
+        total = len(self.per_piece) + len(self.failed)
+        return len(self.failed) / total if total else math.nan
+
+    def describe(self) -> dict:
+        return {
+            "path": str(self.path),
+            "pieces": len(self.per_piece),
+            "failed": len(self.failed),
+            "empty_rate": self.empty_rate,
+        }
+
+
+def measure(scores: dict[str, Score], path: Path, failed: dict[str, str] | None = None):
+    """The metrics of every score that holds notes; the others join ``failed``."""
+    failed = dict(failed or {})
+    per_piece = {}
+    for name, score in scores.items():
+        if score.note_num() == 0:
+            failed[name] = "empty: no notes"
+        else:
+            per_piece[name] = compute_all(score)
+    return MeasuredSet(path, per_piece, failed)
 
 
 def reference_scores(
@@ -64,21 +91,23 @@ def save_scores(scores: dict[str, Score], folder: Path) -> MeasuredSet:
     folder.mkdir(parents=True, exist_ok=True)
     for name, score in scores.items():
         score.dump_midi(str(folder / name))
-    return MeasuredSet(folder, {name: compute_all(score) for name, score in scores.items()})
+    return measure(scores, folder)
 
 
 def measure_folder(path: Path, key: str) -> MeasuredSet:
     """The metrics of every MIDI file under ``path`` (the folder the config's ``key`` names)."""
-    per_piece = metrics_for_midi_dir(path)
-    if not per_piece:
+    scores, unreadable = read_midi_dir(path)
+    if not scores:
         raise ValueError(f"{key}={path}: no readable MIDI files (.mid/.midi) under it")
-    return MeasuredSet(path, per_piece)
+    return measure(scores, path, unreadable)
 
 
 def save_metrics(pieces: MeasuredSet, out: Path, name: str) -> None:
     """The per-piece values as ``out/<name>_metrics.json``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}_metrics.json").write_text(json.dumps(pieces.per_piece, indent=1))
+    if pieces.failed:
+        (out / f"{name}_failed.json").write_text(json.dumps(pieces.failed, indent=1))
 
 
 def summarize(pieces: MeasuredSet) -> dict[str, dict[str, float]]:
@@ -99,8 +128,8 @@ def compare(generated: MeasuredSet, reference: MeasuredSet, out: Path) -> dict:
     gen, ref = list(generated.per_piece.values()), list(reference.per_piece.values())
     plots = histograms(generated.per_piece, reference.per_piece, out / "plots")
     return {
-        "generated": {"path": str(generated.path), "pieces": len(gen)},
-        "reference": {"path": str(reference.path), "pieces": len(ref)},
+        "generated": generated.describe(),
+        "reference": reference.describe(),
         "features": compare_sets(gen, ref),
         "plots": {k: str(v) for k, v in plots.items()},
     }
@@ -149,10 +178,20 @@ def markdown_summary(summary: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pieces_text(described: dict) -> str:
+    """'16 pieces', or '14 pieces; 2 of 16 empty or unreadable (12%), left out'."""
+    text = f"{described['pieces']} pieces"
+    failed = described.get("failed", 0)
+    if failed:
+        total = failed + described["pieces"]
+        text += f"; {failed} of {total} empty or unreadable ({failed / total:.0%}), left out"
+    return text
+
+
 def markdown_comparison(section: dict) -> str:
     lines = [
-        f"Generated ({section['generated']['pieces']} pieces) vs reference "
-        f"({section['reference']['pieces']} pieces); OA: overlapping area of the intra-reference "
+        f"Generated ({pieces_text(section['generated'])}) vs reference "
+        f"({pieces_text(section['reference'])}); OA: overlapping area of the intra-reference "
         "and inter-set distance densities (1 = alike), KL: KL(intra || inter) in nats (0 = "
         "alike).",
         "",
