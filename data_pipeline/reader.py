@@ -35,11 +35,6 @@ def load_card(output: str) -> dict:
     return json.loads(storage.read_bytes(url))
 
 
-def shard_urls(output: str, split: str, card: dict | None = None) -> list[str]:
-    card = card or load_card(output)
-    return [storage.join(output, s["name"]) for s in card["splits"][split]["shards"]]
-
-
 class _Mismatch(Exception):
     """A shard whose bytes are not those the card describes."""
 
@@ -235,11 +230,3 @@ class ShardReader:
         with self.corrupt.get_lock():
             self.corrupt.value += 1
         log.warning("skipping the rest of damaged shard %s (%s)", url, why)
-
-
-def iter_pieces(urls: list[str]) -> Iterator[tuple[np.ndarray, dict]]:
-    """(base token ids, metadata) of every piece in the shards, in order, checked by the
-    reader but not against a card's piece counts: for tools holding URLs without a card."""
-    reader = ShardReader()
-    for piece in reader.pieces(ShardShare(url) for url in urls):
-        yield piece.tokens, piece.meta

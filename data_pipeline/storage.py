@@ -143,21 +143,3 @@ def open_input(url: str) -> tuple[IO, int]:
     block = int(os.environ.get(BLOCK_ENV, 8 * 1024 * 1024))
     f = fs.open(path, "rb", block_size=block)
     return f, f.size
-
-
-def _open_through_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_: object) -> IO:
-    fs, path = filesystem(url)
-    return fs.open(path, mode, block_size=max(bufsize, 8 * 1024 * 1024))
-
-
-def register_webdataset_schemes() -> None:
-    """Let WebDataset open ``s3://`` (and other fsspec) shard URLs directly.
-
-    WebDataset 1.0 has no object-storage handler of its own; ``pipe:aws s3 cp`` pays seconds
-    of CLI start-up per shard, while fsspec streams the same bytes in-process.
-    """
-    # Imported here: webdataset pulls in torch, which tokenizer workers never need.
-    import webdataset as wds
-
-    for scheme in ("s3", "gs", "gcs", "az", "abfs"):
-        wds.gopen_schemes[scheme] = _open_through_fsspec

@@ -151,7 +151,11 @@ def verify_against_probe(model: GPT, ckpt: CheckpointDir) -> ProbeCheck:
 
 def export(ckpt_path: Path, output: Path) -> Path:
     """Exports the checkpoint ``ckpt_path`` names (a step or run directory) to ``output``."""
-    found = resolve_checkpoint(ckpt_path)
+    return export_verified(resolve_checkpoint(ckpt_path), output)
+
+
+def export_verified(found: CheckpointDir, output: Path) -> Path:
+    """Exports ``found``, a checkpoint ``resolve_checkpoint`` has checked, to ``output``."""
     ckpt, run = found.path, found.run
     model_cfg = GPTConfig(**json.loads(run.model_config.read_text()))
     model = GPT(model_cfg)
@@ -220,7 +224,7 @@ def exported_model_dir(checkpoint_path: str | Path) -> Path:
         made_from = json.loads((output / CONFIG).read_text()).get("checkpoint")
         if made_from == str(ckpt.path.resolve()):
             return output
-    return export(ckpt.path, output)
+    return export_verified(ckpt, output)  # its files were checked just now: not again
 
 
 class ModelAndData(NamedTuple):

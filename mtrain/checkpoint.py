@@ -19,13 +19,12 @@ import random
 import shutil
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from data_pipeline.errors import InputError
 from mtrain import distributed
@@ -48,18 +47,23 @@ class DiskFull(InputError):
     """A write that found no space left: said as one line, like a bad input."""
 
 
-def latest_complete(run: RunDir, quiet: bool = False) -> CheckpointDir | None:
-    """The newest checkpoint with its marker; incomplete newer ones are named and skipped."""
+def complete_newest_first(run: RunDir, quiet: bool = False) -> Iterator[CheckpointDir]:
+    """The checkpoints with their marker, newest first; incomplete ones met on the way are
+    named (unless ``quiet``) and skipped."""
     for ckpt in reversed(run.checkpoint_dirs()):
         if ckpt.complete:
-            return ckpt
-        if not quiet:
+            yield ckpt
+        elif not quiet:
             log.warning(
                 "ignoring checkpoint %s: no %s marker (the run stopped while saving it)",
                 ckpt.path,
                 ckpt.marker.name,
             )
-    return None
+
+
+def latest_complete(run: RunDir, quiet: bool = False) -> CheckpointDir | None:
+    """The newest checkpoint with its marker; incomplete newer ones are named and skipped."""
+    return next(complete_newest_first(run, quiet), None)
 
 
 def crc32(path: Path) -> str:
@@ -73,25 +77,14 @@ def crc32(path: Path) -> str:
 def _my_share(names: list[str], sizes: list[int]) -> list[int]:
     """The indices of the files this rank checksums: the largest first, each to the rank with
     the fewest bytes so far (the same split on every rank)."""
-    ranks = dist.get_world_size() if dist.is_initialized() else 1
-    me = dist.get_rank() if dist.is_initialized() else 0
-    load = [0] * ranks
+    me, assigned = distributed.group_rank(), [0] * distributed.group_size()
     mine = []
     for i in sorted(range(len(names)), key=lambda i: (-sizes[i], names[i])):
-        rank = load.index(min(load))
-        load[rank] += sizes[i]
+        rank = assigned.index(min(assigned))
+        assigned[rank] += sizes[i]
         if rank == me:
             mine.append(i)
     return mine
-
-
-def _gathered(part: dict | list) -> list:
-    """Every rank's ``part`` (a collective when there are ranks)."""
-    if not dist.is_initialized():
-        return [part]
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, part)
-    return parts
 
 
 def checksums(ckpt: CheckpointDir) -> dict[str, dict]:
@@ -101,7 +94,7 @@ def checksums(ckpt: CheckpointDir) -> dict[str, dict]:
     names = [p.relative_to(ckpt.path).as_posix() for p in files]
     sizes = [p.stat().st_size for p in files]
     part = {names[i]: {"size": sizes[i], "crc32": crc32(files[i])} for i in _my_share(names, sizes)}
-    merged = {name: entry for p in _gathered(part) for name, entry in p.items()}
+    merged = {name: entry for p in distributed.gather_objects(part) for name, entry in p.items()}
     return dict(sorted(merged.items()))
 
 
@@ -127,7 +120,7 @@ def damage(ckpt: CheckpointDir) -> list[str] | None:
             problems.append(f"{name} has {size} bytes, the marker says {want['size']}")
         elif (got := crc32(path)) != want["crc32"]:
             problems.append(f"{name} has CRC-32 {got}, the marker says {want['crc32']}")
-    return sorted(p for part in _gathered(problems) for p in part)
+    return sorted(p for part in distributed.gather_objects(problems) for p in part)
 
 
 def latest_intact(run: RunDir, move_aside: bool) -> tuple[CheckpointDir | None, list[str]]:
@@ -135,14 +128,7 @@ def latest_intact(run: RunDir, move_aside: bool) -> tuple[CheckpointDir | None, 
     the way (``name: why``). ``move_aside``: rank 0 renames each damaged one
     (``step_*.damaged``), so a requeue does not meet it again; collective when there are ranks."""
     skipped = []
-    for ckpt in reversed(run.checkpoint_dirs()):
-        if not ckpt.complete:
-            log.warning(
-                "ignoring checkpoint %s: no %s marker (the run stopped while saving it)",
-                ckpt.path,
-                ckpt.marker.name,
-            )
-            continue
+    for ckpt in complete_newest_first(run):
         problems = damage(ckpt)
         if problems is None:
             log.info("%s has no checksums (saved by an older mtrain): not verified", ckpt.path)
@@ -151,7 +137,7 @@ def latest_intact(run: RunDir, move_aside: bool) -> tuple[CheckpointDir | None, 
             return ckpt, skipped
         why = "; ".join(problems)
         if move_aside:
-            if not dist.is_initialized() or dist.get_rank() == 0:
+            if distributed.group_rank() == 0:
                 aside = ckpt.damaged
                 ckpt.path.rename(aside)
                 log.error("checkpoint %s is damaged (%s): moved aside to %s", ckpt.path, why, aside)

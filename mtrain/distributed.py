@@ -54,10 +54,6 @@ def launched() -> bool:
     return "TORCHELASTIC_RUN_ID" in env or "SLURM_STEP_ID" in env or "LOCAL_RANK" in env
 
 
-# The trainer calls it on any RuntimeError of its loop: a collective's error names the suspects.
-raise_naming_suspects = liveness.raise_naming_suspects
-
-
 def on_gpu() -> bool:
     return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
 
@@ -127,3 +123,31 @@ def _comm_device() -> torch.device:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def group_rank() -> int:
+    """This process's rank in the process group (0 without one)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def group_size() -> int:
+    """The number of ranks in the process group (1 without one)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def gather_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def from_rank_0(obj):
+    """Rank 0's ``obj`` (picklable), on every rank."""
+    if not dist.is_initialized():
+        return obj
+    shared = [obj]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]

@@ -27,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 from mtrain.run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -146,16 +148,8 @@ def read_heartbeats(run_root: Path, world_size: int) -> dict[int, dict | None]:
 def _process_state(pid: int) -> str:
     """'gone', 'stopped' (SIGSTOP/traced), 'zombie' or 'running' for a pid on this host."""
     try:
-        import psutil
-
         status = psutil.Process(pid).status()
-    except ImportError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return "gone"
-        return "running"
-    except Exception:  # psutil.NoSuchProcess, AccessDenied
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return "gone"
     return {"stopped": "stopped", "tracing-stop": "stopped", "zombie": "zombie"}.get(
         status, "running"

@@ -18,9 +18,8 @@ import time
 import uuid
 from pathlib import Path
 
-import torch.distributed as dist
-
 from data_pipeline.errors import InputError
+from mtrain import distributed
 
 log = logging.getLogger("mtrain.train")
 
@@ -158,9 +157,6 @@ def describe(held: dict) -> str:
 def agree_on_refusal(refusal: str | None) -> None:
     """After the process group starts: every rank raises rank 0's refusal (only rank 0 takes
     the lock), so a refused job exits 2 on every rank instead of leaving some waiting."""
-    if dist.is_initialized():
-        shared = [refusal]
-        dist.broadcast_object_list(shared, src=0)
-        refusal = shared[0]
+    refusal = distributed.from_rank_0(refusal)
     if refusal is not None:
         raise InputError(refusal)

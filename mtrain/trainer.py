@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import torch
 from omegaconf import OmegaConf
 
-from mtrain import distributed
+from mtrain import distributed, liveness
 from mtrain.checkpoint import SUSPECT_STEPS, Checkpointer, check_resumable
 from mtrain.config import TrainConfig, plan_batch
 from mtrain.data import StreamingData
@@ -142,7 +142,7 @@ class Trainer:
         except Preempted as stop:
             return stop.exit_code
         except RuntimeError as error:  # a failed collective: name the rank that stopped answering
-            distributed.raise_naming_suspects(error, self.run_dir.root)
+            liveness.raise_naming_suspects(error, self.run_dir.root)
             raise
         if tracker is not None:
             tracker.finish()

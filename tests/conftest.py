@@ -8,11 +8,15 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import midi_factory
+import numpy as np
 import psutil
 import pytest
+
+from data_pipeline.reader import ShardReader, ShardShare, load_card, shard_shares
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,6 +62,19 @@ def bach_dataset(tmp_path_factory) -> Path:
         f"hydra.run.dir={root / 'hydra'}",
     )
     return root / "ds"
+
+
+def shard_urls(output: str, split: str, card: dict | None = None) -> list[str]:
+    """The URLs of a split's shards, in card order."""
+    card = card or load_card(output)
+    return [share.url for share in shard_shares(output, card["splits"][split]["shards"])]
+
+
+def iter_pieces(urls: list[str]) -> Iterator[tuple[np.ndarray, dict]]:
+    """(base token ids, metadata) of every piece in the shards, in order, read by the one
+    shard reader (checked, but not against a card's piece counts)."""
+    for piece in ShardReader().pieces(ShardShare(url) for url in urls):
+        yield piece.tokens, piece.meta
 
 
 def comparable(card: dict) -> dict:

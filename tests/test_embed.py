@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import symusic
 import torch
-from conftest import run_module
+from conftest import iter_pieces, run_module, shard_urls
 
-from data_pipeline.reader import iter_pieces, shard_urls
 from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.artifacts import load_exported
 from mtrain.evaluation.embeddings import MeanPooler, pitch_class_histogram, unit_rows

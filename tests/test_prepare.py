@@ -5,10 +5,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_module
+from conftest import iter_pieces, run_module, shard_urls
 from midi_factory import write_bad_files, write_piece
 
-from data_pipeline.reader import iter_pieces, load_card, shard_urls
+from data_pipeline.reader import load_card
 
 COMMON = ("shards.max_pieces=8", "split.val=0.15", "split.test=0.15")
 

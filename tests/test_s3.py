@@ -6,10 +6,10 @@ import os
 import boto3
 import fsspec
 import pytest
-from conftest import run_module
+from conftest import iter_pieces, run_module, shard_urls
 from s3_server import SECRET, moto_server, patched_environ
 
-from data_pipeline.reader import iter_pieces, load_card, shard_urls
+from data_pipeline.reader import load_card
 from data_pipeline.tokenizer import MusicTokenizer
 
 pytestmark = pytest.mark.slow

@@ -1,9 +1,9 @@
 """Sources and configs: the built-in music21 corpus, bad overrides, bad source names."""
 
 import pytest
-from conftest import run_module
+from conftest import iter_pieces, run_module, shard_urls
 
-from data_pipeline.reader import iter_pieces, load_card, shard_urls
+from data_pipeline.reader import load_card
 
 
 @pytest.mark.slow
