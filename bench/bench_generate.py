@@ -34,7 +34,7 @@ from mtrain.artifacts import CONFIG, WEIGHTS, load_exported
 from mtrain.evaluation.music_metrics import METRICS, compute_all
 from mtrain.generation.decoding import decode
 from mtrain.generation.sampling import SamplingConfig
-from mtrain.hf_export import maps_to_gpt2, save_gpt2
+from mtrain.hf_export import to_hf
 from mtrain.model import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,12 +71,8 @@ def exported_model(args, tmp: Path) -> tuple[GPT, Path]:
 
 
 def hf_peer(model: GPT, export_dir: Path, tmp: Path):
-    """GPT2LMHeadModel from the export's ``hf/`` (written here when missing), or the reason
-    there is none."""
-    reason = maps_to_gpt2(model)
-    if reason is not None:
-        return None, reason
-    from transformers import GPT2LMHeadModel
+    """The transformers model of the export's ``hf/`` (written here when missing)."""
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -84,16 +80,16 @@ def hf_peer(model: GPT, export_dir: Path, tmp: Path):
     hf_dir = export_dir / "hf"
     if not (hf_dir / "config.json").exists():
         hf_dir = tmp / "hf"
-        save_gpt2(model, hf_dir)
-    hf = GPT2LMHeadModel.from_pretrained(str(hf_dir)).eval()
+        to_hf(model).save_pretrained(str(hf_dir))
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
     hf.generation_config.update(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
-    return hf, None
+    return hf
 
 
 def ours(model: GPT, batch: int, tokens: int, sampling: SamplingConfig, cached: bool) -> None:
     sampling = dataclasses.replace(sampling, max_new_tokens=tokens)
     rows = decode(model, [[BOS]] * batch, sampling, None, banned_ids=[EOS], use_cache=cached)
-    assert all(len(row) == tokens for row in rows), "a row stopped early"
+    assert all(len(row.tokens) == tokens for row in rows), "a row stopped early"
 
 
 def theirs(hf, batch: int, tokens: int, sampling: SamplingConfig) -> torch.Tensor:
@@ -127,16 +123,17 @@ def greedy_agreement(model: GPT, hf) -> int:
     """How many leading greedy tokens the two libraries agree on: the same weights agree on
     all but a near-tie of two logits."""
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=GREEDY_CHECK)
-    mine = decode(model, [[BOS]], greedy, None, banned_ids=[EOS])[0]
+    mine = decode(model, [[BOS]], greedy, None, banned_ids=[EOS])[0].tokens
     peer = theirs(hf, 1, GREEDY_CHECK, greedy)[0].tolist()
     return next((i for i, (a, b) in enumerate(zip(mine, peer, strict=True)) if a != b), len(mine))
 
 
 def bench_batch(args, model: GPT, hf, batch: int, sampling: SamplingConfig) -> dict:
     """Best seconds of each method at one batch size, methods interleaved."""
-    methods = {"cached": lambda n: ours(model, batch, n, sampling, cached=True)}
-    if hf is not None:
-        methods["hf"] = lambda n: theirs(hf, batch, n, sampling)
+    methods = {
+        "cached": lambda n: ours(model, batch, n, sampling, cached=True),
+        "hf": lambda n: theirs(hf, batch, n, sampling),
+    }
     for run in methods.values():
         run(16)  # warm-up: allocator, oneDNN/MKL kernels, HF's generation config
     best = {name: float("inf") for name in methods}
@@ -173,7 +170,7 @@ def pass_or_miss(ratio: float, goal: float) -> str:
     return f"{ratio:.2f}x (goal >= {goal:.1f}x: {'PASS' if ratio >= goal else 'MISS'})"
 
 
-def generation_report(args, model: GPT, hf, why_no_hf: str | None) -> dict:
+def generation_report(args, model: GPT, hf) -> dict:
     cfg = model.config
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     print(
@@ -191,13 +188,9 @@ def generation_report(args, model: GPT, hf, why_no_hf: str | None) -> dict:
         "load_average_before": os.getloadavg()[0],
         "batches": {},
     }
-    if hf is None:
-        print(f"no Hugging Face peer: {why_no_hf}")
-        report["hf_skipped"] = why_no_hf
-    else:
-        agree = greedy_agreement(model, hf)
-        print(f"same weights: greedy decoding agrees on {agree}/{GREEDY_CHECK} tokens with HF")
-        report["greedy_agreement"] = agree
+    agree = greedy_agreement(model, hf)
+    print(f"same weights: greedy decoding agrees on {agree}/{GREEDY_CHECK} tokens with HF")
+    report["greedy_agreement"] = agree
     print(f"\n{'batch':>5} {'method':<30} {'tokens':>7} {'seconds':>8} {'tokens/s':>9}")
     for batch in args.batch:
         result = bench_batch(args, model, hf, batch, sampling)
@@ -333,8 +326,8 @@ def main() -> None:
                 f"the model holds {limit + 1} positions: at most {limit} new tokens after BOS; "
                 "pass a smaller --tokens and --uncached-tokens"
             )
-        hf, why_no_hf = hf_peer(model, export_dir, Path(tmp))
-        result["generation"] = generation_report(args, model, hf, why_no_hf)
+        hf = hf_peer(model, export_dir, Path(tmp))
+        result["generation"] = generation_report(args, model, hf)
     result["metrics"] = metrics_report(args)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -1,149 +1,208 @@
-"""Training throughput and ZeRO-3 memory on CPU, each against a peer measured in the same run.
+"""Training throughput on CPU, every figure against peers measured in the same run.
 
-1. mtrain's trainer (1 process, DeepSpeed, fp32) vs a plain PyTorch loop training Hugging Face
-   ``GPT2LMHeadModel`` of the same shape on the same batches: tokens/s ratio (goal >= 1.2x),
-   for ``tiny`` and a ~20M-parameter model.
-2. ZeRO-3 per-rank parameter + optimizer memory with 2 ranks vs 1 (goal about 0.5x).
-3. Loader tokens/s per worker from local shards (and from S3 with ``--s3``) vs what the trainer
-   consumes (goal >= 20x on CPU), and how many workers would feed 8 H100s.
+Like for like: every contender (fp32, the same shape, seq, micro batch, AdamW, clipping at 1.0)
+fetches its batches from the same kind of loader (``StreamingData``, one DataLoader worker
+process) and is timed per optimizer step with the fetch included; the first steps are left
+out of every median alike (warm-up), start-up is reported on its own. Rounds are interleaved
+(trainer, then the peers, then again) so that the machine's drift hits all of them.
 
-    python bench/bench_train.py data/bach
+1. One process: mtrain's trainer (ZeRO-0) vs mtrain's model in a plain PyTorch loop vs
+   transformers' ``GPT2LMHeadModel`` in the same loop (goals: trainer >= 1.0x GPT-2 at
+   small_20m, >= 0.95x at tiny).
+2. Two processes (``--ranks 2``): the trainer under ZeRO-0, 1 and 3 vs DDP + GPT-2 in the plain
+   loop (goals: ZeRO-0/1 >= 0.95x, ZeRO-3 >= 0.90x at small_20m).
+3. The loader alone: tokens/s of one DataLoader worker process over whole epochs, first batch
+   included, against what the trainer consumes.
+
+    python bench/bench_train.py data/bach [--rounds 2] [--steps 20] [--shapes tiny,small_20m]
+        [--ranks 1,2]
 """
 
+import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
-from itertools import islice
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 30
-CPU_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+WARMUP = 5
+CPU_ENV = {"DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"}
+# The issue's shapes: seq 512, micro batch 8 for both.
+SHAPES = {
+    "tiny": {"n_layer": 2, "n_head": 2, "d_model": 64},
+    "small_20m": {"n_layer": 6, "n_head": 8, "d_model": 512},
+}
+SEQ, MICRO = 512, 8
 
 
-def trainer_run(dataset: str, run_dir: Path, ranks: int, *overrides: str) -> tuple[float, str]:
-    """Median tokens/s of the trainer's own per-step log (first steps left out) and its logs."""
+def threads(ranks: int) -> str:
+    return str(max(1, (os.cpu_count() or 2) // ranks))
+
+
+def trainer_run(dataset: str, run_dir: Path, shape: str, ranks: int, stage: int, steps: int):
+    """(median tokens/s over all ranks from the trainer's own per-step metrics, start-up s)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={ranks}", "-m", "mtrain.train", f"data.path={dataset}",
-           f"run_dir={run_dir}", f"trainer.max_steps={STEPS}", "trainer.eval_every=0",
-           "trainer.save_every=100000", "optim.warmup_steps=5", "data.num_workers=1",
-           "logger.mode=disabled", *overrides]  # fmt: skip
-    env = {**os.environ, **CPU_ENV, "OMP_NUM_THREADS": str(max(1, 2 // ranks))}
+           f"run_dir={run_dir}", f"model={shape}", f"model.max_seq_len={SEQ}",
+           "deepspeed=cpu", f"deepspeed.zero_stage={stage}", f"trainer.max_steps={steps}",
+           f"trainer.micro_batch_size={MICRO}",
+           f"trainer.global_batch_tokens={MICRO * SEQ * ranks}", "trainer.eval_every=0",
+           "trainer.save_every=100000", "trainer.sample_every=0", "optim.warmup_steps=5",
+           "data.num_workers=1", "logger.mode=disabled"]  # fmt: skip
+    env = {**os.environ, **CPU_ENV, "OMP_NUM_THREADS": threads(ranks)}
+    started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
     if proc.returncode:
         raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-3000:])
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    logs = "".join((run_dir / f"train-rank{r}.log").read_text() for r in range(ranks))
-    return statistics.median(r["perf/tokens_per_s"] for r in rows[5:]), logs
+    step_s = [r["perf/step_time_s"] for r in rows]
+    return statistics.median(r["perf/tokens_per_s"] for r in rows[WARMUP:]), wall - sum(step_s)
 
 
-def hf_loop(dataset: str, model_overrides: dict, micro_batch: int) -> float:
-    """The peer: GPT2LMHeadModel of the same shape, torch AdamW, same batches, plain loop."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def plain_loop_run(dataset: str, shape: str, kind: str, ranks: int, steps: int) -> float:
+    """The peer in its own process(es), like the trainer: ``kind`` is ``gpt2`` or ``mtrain``;
+    with 2 ranks DDP over gloo. Returns the median tokens/s over all ranks."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={ranks}", __file__, "--peer", kind, "--shapes", shape,
+           "--steps", str(steps), dataset]  # fmt: skip
+    env = {**os.environ, **CPU_ENV, "OMP_NUM_THREADS": threads(ranks)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-3000:])
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def peer(dataset: str, shape: str, kind: str, steps: int) -> None:
+    """Runs inside torchrun: one plain training loop per rank, prints tokens/s (rank 0)."""
+    import torch.distributed as dist
 
     from mtrain.data import DataConfig, StreamingData
+    from mtrain.model import GPT, GPTConfig
 
-    data = StreamingData(DataConfig(path=dataset, num_workers=1), model_overrides["max_seq_len"],
-                         micro_batch)  # fmt: skip
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        dist.init_process_group("gloo")
+    data = StreamingData(DataConfig(path=dataset, num_workers=1), SEQ, MICRO, rank, world)
     torch.manual_seed(0)
-    d = model_overrides["d_model"]
-    model = GPT2LMHeadModel(GPT2Config(
-        vocab_size=data.tokenizer.vocab_size, n_positions=model_overrides["max_seq_len"],
-        n_embd=d, n_layer=model_overrides["n_layer"], n_head=model_overrides["n_head"],
-        activation_function="gelu", resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
-    ))  # fmt: skip
+    dims = SHAPES[shape]
+    if kind == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        model = GPT2LMHeadModel(GPT2Config(
+            vocab_size=data.tokenizer.vocab_size, n_positions=SEQ, n_embd=dims["d_model"],
+            n_layer=dims["n_layer"], n_head=dims["n_head"], activation_function="gelu",
+            resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
+        ))  # fmt: skip
+    else:
+        model = GPT(GPTConfig(vocab_size=data.tokenizer.vocab_size, max_seq_len=SEQ, **dims))
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
     batches = data.train_batches()
     times = []
-    for _ in range(STEPS):
-        inputs, targets = next(batches)
+    for _ in range(steps):
         start = time.perf_counter()
-        loss = model(input_ids=inputs, labels=None).logits
-        loss = torch.nn.functional.cross_entropy(loss.view(-1, loss.size(-1)), targets.view(-1))
+        inputs, targets = next(batches)
+        logits = model(inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        reported = loss.detach()
+        if world > 1:  # the mean loss a trainer would report
+            dist.all_reduce(reported)
+        reported.item()
         times.append(time.perf_counter() - start)
-    return inputs.numel() / statistics.median(times[5:])
+    if rank == 0:
+        print(MICRO * SEQ * world / statistics.median(times[WARMUP:]))
+    if world > 1:
+        dist.destroy_process_group()
 
 
-def measure_throughput(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], steps: int) -> float:
-    """Tokens per second a loader alone delivers over ``steps`` batches, timed from its first
-    batch so that worker start-up is left out."""
-    batches = iter(batches)
-    next(batches)
-    start, tokens = time.perf_counter(), 0
-    for inputs, _ in islice(batches, steps):
-        tokens += inputs.numel()
-    return tokens / (time.perf_counter() - start)
-
-
-def loader_report(dataset: str, consumed: float) -> None:
-    """One loader process (num_workers=0, so the number is per worker) against the trainer."""
+def loader_rate(dataset: str, epochs: int = 1) -> tuple[float, float]:
+    """(tokens/s of one DataLoader worker process over whole epochs, first batch included;
+    seconds to the first batch). The loader is infinite: an epoch is the train split's
+    tokens, counted from the dataset card."""
     from mtrain.data import DataConfig, StreamingData
 
-    data = StreamingData(DataConfig(path=dataset, num_workers=0), 128, 8)
-    per_worker = measure_throughput(data.train_batches(), 300)
-    # gpt_350m in bf16 at 45% MFU on one H100: tokens/s = 0.45 * 989e12 / flops per token.
-    from mtrain.flops import flops_per_token
-    from mtrain.model import GPTConfig
-
-    cfg = GPTConfig(vocab_size=data.tokenizer.vocab_size, n_layer=24, n_head=16, d_model=1024,
-                    max_seq_len=1024)  # fmt: skip
-    h100 = 0.45 * 989e12 / flops_per_token(cfg, 1024)
-    print(
-        f"\nloader, local shards: {per_worker:,.0f} tokens/s per worker = "
-        f"{per_worker / consumed:.0f}x what the trainer consumes on this CPU (goal >= 20x); "
-        f"8 H100s training gpt_350m at 45% MFU eat {8 * h100:,.0f} tokens/s: "
-        f"{8 * h100 / per_worker:.1f} workers"
-    )
+    data = StreamingData(DataConfig(path=dataset, num_workers=1), SEQ, MICRO)
+    # Base-vocabulary tokens per epoch: a learned vocabulary packs them into fewer, and
+    # transposition leaves the count alone; whole epochs either way at most one batch over.
+    budget = data.card["splits"]["train"]["tokens"] * epochs
+    started = time.perf_counter()
+    batches = data.train_batches()
+    next(batches)
+    first = time.perf_counter() - started
+    tokens = MICRO * SEQ
+    while tokens < budget:
+        inputs, _ = next(batches)
+        tokens += inputs.numel()
+    return tokens / (time.perf_counter() - started), first
 
 
-SHAPES = {
-    "tiny": {"n_layer": 2, "n_head": 2, "d_model": 64, "max_seq_len": 128},
-    "small_20m": {"n_layer": 6, "n_head": 8, "d_model": 512, "max_seq_len": 256},
-}
+def spread(values: list[float]) -> str:
+    return f"{min(values):,.0f}-{max(values):,.0f}" if len(values) > 1 else ""
 
 
 def main() -> None:
-    dataset = sys.argv[1] if len(sys.argv) > 1 else "data/bach"
-    torch.set_num_threads(2)
-    print(f"{'model':<10} {'trainer tok/s':>14} {'HF loop tok/s':>14} {'ratio':>7}")
-    consumption = {}
+    parser = argparse.ArgumentParser()
+    parser.add_argument("dataset", nargs="?", default="data/bach")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--shapes", default="tiny,small_20m")
+    parser.add_argument("--ranks", default="1,2")
+    parser.add_argument("--peer", choices=["gpt2", "mtrain"])
+    args = parser.parse_args()
+    if args.peer:
+        return peer(args.dataset, args.shapes, args.peer, args.steps)
+    shapes, ranks = args.shapes.split(","), [int(r) for r in args.ranks.split(",")]
+    print(f"{time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} CPUs, fp32, seq {SEQ}, "
+          f"micro batch {MICRO}, {args.steps} steps ({WARMUP} warm-up), {args.rounds} rounds, "
+          f"median tokens/s (spread over rounds)")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        for name, shape in SHAPES.items():
-            micro = 8
-            tokens = micro * shape["max_seq_len"]
-            ours, _ = trainer_run(dataset, Path(tmp) / name, 1, f"model={name}",
-                                  "deepspeed=cpu", "deepspeed.zero_stage=0",
-                                  f"trainer.micro_batch_size={micro}",
-                                  f"trainer.global_batch_tokens={tokens}")  # fmt: skip
-            peer = hf_loop(dataset, shape, micro)
-            consumption[name] = ours
-            print(f"{name:<10} {ours:>14,.0f} {peer:>14,.0f} {ours / peer:>6.2f}x")
-        loader_report(dataset, consumption["tiny"])
-
-        memory = {}
-        for ranks in (1, 2):
-            _, logs = trainer_run(dataset, Path(tmp) / f"mem{ranks}", ranks, "model=small_20m",
-                                  "deepspeed=cpu", "trainer.micro_batch_size=2",
-                                  f"trainer.global_batch_tokens={2 * 256 * ranks}")  # fmt: skip
-            found = re.findall(r"rank 0 holds ([\d.]+) MB of parameters and optimizer", logs)
-            memory[ranks] = float(found[0])
-        print(
-            f"\nZeRO-3 parameters + optimizer state per rank (small_20m): 1 rank "
-            f"{memory[1]:.1f} MB, 2 ranks {memory[2]:.1f} MB: {memory[2] / memory[1]:.2f}x "
-            "(goal ~0.5x)"
-        )
+        for world in ranks:
+            stages = [0] if world == 1 else [0, 1, 3]
+            peers = ["mtrain", "gpt2"] if world == 1 else ["gpt2"]
+            for shape in shapes:
+                got: dict[str, list[float]] = {}
+                startup = []
+                for r in range(args.rounds):
+                    for stage in stages:
+                        run_dir = Path(tmp) / f"{shape}-{world}-{stage}-{r}"
+                        rate, start_s = trainer_run(
+                            args.dataset, run_dir, shape, world, stage, args.steps
+                        )
+                        got.setdefault(f"trainer ZeRO-{stage}", []).append(rate)
+                        startup.append(start_s)
+                    for kind in peers:
+                        name = f"{kind} loop" + (" DDP" if world > 1 else "")
+                        rate = plain_loop_run(args.dataset, shape, kind, world, args.steps)
+                        got.setdefault(name, []).append(rate)
+                reference = statistics.median(got[f"gpt2 loop{' DDP' if world > 1 else ''}"])
+                print(f"\n{shape}, {world} process(es); trainer start-up "
+                      f"{statistics.median(startup):.1f} s (not in the rates)")  # fmt: skip
+                for name, rates in got.items():
+                    rate = statistics.median(rates)
+                    print(f"  {name:<18} {rate:>10,.0f} tok/s ({spread(rates)})  "
+                          f"{rate / reference:.2f}x GPT-2")  # fmt: skip
+        consumed = None
+        if "tiny" in shapes:
+            rate, _ = trainer_run(args.dataset, Path(tmp) / "consumed", "tiny", 1, 0, args.steps)
+            consumed = rate
+        per_worker, first = loader_rate(args.dataset)
+        line = (f"\nloader: {per_worker:,.0f} tokens/s per DataLoader worker over a whole epoch "
+                f"(first batch after {first:.1f} s, included)")  # fmt: skip
+        if consumed:
+            line += f" = {per_worker / consumed:.1f}x what the trainer consumes at tiny"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -29,10 +29,27 @@ class LearnedVocabConfig:
 
     kind: LearnedVocabKind = LearnedVocabKind.none
     size: int = 1000
-    # Pieces of the train split the vocabulary is learned from; all of them when None.
+    # Pieces of the train split the vocabulary is learned from (those with the smallest content
+    # hashes: a uniform sample, the same however the corpus was sliced); all of them when None.
+    # The bound keeps the merge's memory and sentencepiece's time flat as the corpus grows:
+    # None holds every train piece in memory at once.
     max_pieces: int | None = 20000
     # Sentencepiece splits input into sentences; bars keep each sentence musically whole.
     max_tokens_per_sentence: int = 512
+
+    def __post_init__(self):
+        require(
+            self,
+            "tokenizer.learned",
+            [
+                (
+                    self.max_pieces is None or self.max_pieces >= 1,
+                    "max_pieces",
+                    "must be at least 1 (or null for every train piece)",
+                ),
+                (self.max_tokens_per_sentence >= 1, "max_tokens_per_sentence", "must be >= 1"),
+            ],
+        )
 
 
 @dataclass

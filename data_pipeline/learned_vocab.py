@@ -18,7 +18,9 @@ CHAR_OFFSET = 0x4E00
 
 
 def ids_to_text(base_ids: np.ndarray) -> str:
-    return "".join(map(chr, (np.asarray(base_ids, dtype=np.int64) + CHAR_OFFSET).tolist()))
+    # Code points as UTF-32 bytes: 10-50x faster than joining chr() per token.
+    code_points = np.asarray(base_ids, dtype=np.int64) + CHAR_OFFSET
+    return code_points.astype("<u4").tobytes().decode("utf-32-le")
 
 
 def text_to_ids(text: str) -> np.ndarray:
@@ -95,15 +97,40 @@ def train(
 class LearnedVocab:
     """Maps base-token arrays to learned-piece ids and back."""
 
+    # Bars encoded, kept for the next time they come (the next epoch, a repeat, another piece):
+    # about 100 MB at most per loader worker.
+    CACHED_BARS = 200_000
+
     def __init__(self, model: bytes):
         self.model = model
         self._sp = spm.SentencePieceProcessor(model_proto=model)
+        self._bars: dict[bytes, np.ndarray] = {}
 
     def __len__(self) -> int:
         return self._sp.get_piece_size()
 
-    def encode(self, base_ids: np.ndarray) -> np.ndarray:
-        return np.asarray(self._sp.encode(ids_to_text(base_ids)), dtype=np.int64)
+    def encode(self, base_ids: np.ndarray, bar_id: int | None = None) -> np.ndarray:
+        """Learned-piece ids of base ids; with ``bar_id`` (the vocabulary was learned over
+        bars) bar by bar, each bar encoded once and then cached. Bar by bar gives the same ids
+        as the whole piece at once: every training sentence begins at a bar token, so no
+        learned piece holds one anywhere but at its start, and none crosses into a bar."""
+        base_ids = np.asarray(base_ids, dtype=np.int64)
+        if bar_id is None:
+            return np.asarray(self._sp.encode(ids_to_text(base_ids)), dtype=np.int64)
+        cuts = np.flatnonzero(base_ids == bar_id)
+        keys = [bar.astype(np.int32).tobytes() for bar in np.split(base_ids, cuts[cuts > 0])]
+        bars = {key: self._bars.get(key) for key in keys}
+        missing = [key for key, ids in bars.items() if ids is None]
+        if missing:
+            texts = [ids_to_text(np.frombuffer(key, dtype=np.int32)) for key in missing]
+            for key, ids in zip(missing, self._sp.encode(texts), strict=True):
+                bars[key] = np.asarray(ids, dtype=np.int64)
+                if len(self._bars) >= self.CACHED_BARS:  # first in, first out
+                    del self._bars[next(iter(self._bars))]
+                self._bars[key] = bars[key]
+        if not keys:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([bars[key] for key in keys])
 
     def decode(self, piece_ids: np.ndarray) -> np.ndarray:
         return text_to_ids(self._sp.decode([int(i) for i in piece_ids]))

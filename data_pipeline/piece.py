@@ -1,4 +1,4 @@
-"""One MIDI file, in a worker: read, hash, check, measure and tokenize it.
+"""One MIDI file, in a worker: read, hash, check, measure and tokenize it into a shard sample.
 
 Every way a file can be bad ends in a ``Rejection`` with a short reason code and the details;
 only a crash of the process itself escapes, and the resilient pool catches that.
@@ -12,6 +12,8 @@ from data_pipeline import storage
 from data_pipeline.config import LimitsConfig, TokenizerConfig
 from data_pipeline.manifest import content_hash, slice_of
 from data_pipeline.midi_file import MidiFileError, read_score
+from data_pipeline.shards import sample_bytes
+from data_pipeline.sources import SourceFile
 from data_pipeline.tokenizer import build_base_tokenizer
 
 
@@ -24,14 +26,16 @@ class Rejection:
 
 @dataclass
 class TokenizedFile:
-    """A MIDI file that passed every check: its content hash, base token ids and measures."""
+    """A MIDI file that passed every check: its content hash, measures, token count and the
+    shard sample holding its base token ids (``shards.sample_bytes``)."""
 
     hash: str
-    tokens: np.ndarray
+    tokens: int
     notes: int
     duration_s: float
     tracks: int
     programs: list[int] = field(default_factory=list)
+    sample: bytes = b""
 
 
 @dataclass
@@ -57,10 +61,10 @@ def init_worker(setup: WorkerSetup) -> None:
     _state["tokenizer"] = build_base_tokenizer(setup.tokenizer)
 
 
-def process_file(url: str) -> TokenizedFile | Rejection | OtherSlice:
+def process_file(file: SourceFile) -> TokenizedFile | Rejection | OtherSlice:
     setup: WorkerSetup = _state["setup"]
     try:
-        data = storage.read_bytes(url)
+        data = storage.read_bytes(file.url)
     except Exception as exc:
         return Rejection("unreadable", f"{type(exc).__name__}: {exc}")
     digest = content_hash(data)
@@ -75,7 +79,9 @@ def process_file(url: str) -> TokenizedFile | Rejection | OtherSlice:
     if len(tokens) == 0:
         return Rejection("no_tokens", "the tokenizer produced no tokens", digest)
     dtype = np.uint16 if tokens.max() < np.iinfo(np.uint16).max else np.int32
-    return TokenizedFile(digest, tokens.astype(dtype), **stats)
+    meta = {"hash": digest, "name": file.name, "labels": file.labels, **stats}
+    sample = sample_bytes(digest, tokens.astype(dtype), meta)
+    return TokenizedFile(digest, len(tokens), sample=sample, **stats)
 
 
 def check_and_measure(data: bytes, limits: LimitsConfig) -> Rejection | tuple:

@@ -18,6 +18,8 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 _PREFETCH = 2
+# Results that may wait, per worker, behind the one the output order waits for.
+_AHEAD = 256
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,29 @@ def _worker_loop(conn: Connection, fn: Callable, initializer: Callable | None, i
             if not str(exc):
                 result = TaskFailure(traceback.format_exc(limit=1).strip().splitlines()[-1])
         conn.send((index, result))
+
+
+class _Feed:
+    """The items still to send: first those a failed worker held but never started, then the
+    input, drawn lazily and never more than ``limit`` items in."""
+
+    def __init__(self, items: Iterable):
+        self._source = enumerate(items)
+        self.resend: deque = deque()
+        self.drawn = 0
+        self.exhausted = False
+
+    def take(self, limit: int) -> tuple[int, Any] | None:
+        if self.resend:
+            return self.resend.popleft()
+        if self.exhausted or self.drawn >= limit:
+            return None
+        task = next(self._source, None)
+        if task is None:
+            self.exhausted = True
+            return None
+        self.drawn += 1
+        return task
 
 
 @dataclass
@@ -94,35 +119,37 @@ class ResilientPool:
         return fresh
 
     def imap(self, items: Iterable) -> Iterator:
-        """Yields ``fn(item)`` or a ``TaskFailure`` for each item, in input order."""
-        pending: deque = deque(enumerate(items))
+        """Yields ``fn(item)`` or a ``TaskFailure`` for each item, in input order. Items are
+        drawn from ``items`` only as workers free up, so a listing of a million files is never
+        held whole, and at most ``_AHEAD`` results per worker wait behind a slow item."""
+        feed = _Feed(items)
         done: dict[int, Any] = {}
         next_out = 0
-        total = None
         while True:
-            self._dispatch(pending)
-            if not pending and all(not w.in_flight for w in self._workers):
-                total = next_out + len(done)
+            self._dispatch(feed, next_out + _AHEAD * len(self._workers))
             while next_out in done:
                 yield done.pop(next_out)
                 next_out += 1
-            if total is not None and next_out >= total:
+            if feed.exhausted and not feed.resend and next_out >= feed.drawn:
                 return
-            self._collect(pending, done)
+            self._collect(feed.resend, done)
 
-    def _dispatch(self, pending: deque) -> None:
+    def _dispatch(self, feed: "_Feed", limit: int) -> None:
         for worker in self._workers:
-            while pending and len(worker.in_flight) < _PREFETCH:
-                index, item = pending.popleft()
-                try:
-                    worker.conn.send((index, item))
-                except (BrokenPipeError, OSError):
-                    # Dead worker: _collect replaces it; the item goes to another one.
-                    pending.appendleft((index, item))
+            while len(worker.in_flight) < _PREFETCH and (task := feed.take(limit)) is not None:
+                if not self._send(worker, *task):
+                    feed.resend.appendleft(task)
                     break
-                if not worker.in_flight:
-                    worker.head_started = time.monotonic()
-                worker.in_flight.append((index, item))
+
+    def _send(self, worker: _Worker, index: int, item: Any) -> bool:
+        try:
+            worker.conn.send((index, item))
+        except (BrokenPipeError, OSError):
+            return False  # a dead worker: _collect replaces it, the item goes to another one
+        if not worker.in_flight:
+            worker.head_started = time.monotonic()
+        worker.in_flight.append((index, item))
+        return True
 
     def _collect(self, pending: deque, done: dict) -> None:
         by_handle: dict[Any, _Worker] = {}
@@ -130,13 +157,18 @@ class ResilientPool:
             by_handle[w.conn] = w
             by_handle[w.process.sentinel] = w
         ready = wait(list(by_handle), timeout=0.5)
+        # A worker that exits readies its sentinel: no per-worker waitpid on every result.
+        exited = set()
         for handle in ready:
             worker = by_handle[handle]
             if handle is worker.conn:
                 self._receive(worker, done)
+            else:
+                exited.add(id(worker))
         now = time.monotonic()
         for worker in list(self._workers):
-            if not worker.process.is_alive():
+            if id(worker) in exited:
+                worker.process.join()  # reaps it: the exit code is known from here on
                 # Results it sent before dying are still in the pipe.
                 self._receive(worker, done)
                 if worker.in_flight:

@@ -10,11 +10,11 @@ import hashlib
 import io
 import json
 import os
+import tarfile
 import tempfile
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import webdataset as wds
 
 from data_pipeline import storage
 
@@ -42,6 +42,24 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _member(name: str, data: bytes) -> bytes:
+    """One tar member, byte for byte as WebDataset's TarWriter writes it with ``mtime=0``
+    (an integer mtime: a float one makes tar write ~1 KB of extended header per member)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    info.uname = info.gname = "bigdata"
+    header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    return header + data + bytes(-len(data) % tarfile.BLOCKSIZE)
+
+
+def sample_bytes(key: str, tokens: np.ndarray, meta: dict) -> bytes:
+    """A piece as the tar members of one sample. Built in the prepare workers, so the process
+    that writes the shards only appends bytes (its per-piece work caps the parallel speed-up)."""
+    return _member(f"{key}.json", json.dumps(meta).encode()) + _member(
+        f"{key}.tokens.npy", npy_bytes(tokens)
+    )
+
+
 class ShardWriter:
     """Writes one split's shards ``{prefix}-000000.tar``, ``{prefix}-000001.tar`` ... under
     ``output`` (a directory or URL)."""
@@ -50,7 +68,6 @@ class ShardWriter:
         self.output, self.prefix = output, prefix
         self.max_bytes, self.max_pieces = max_bytes, max_pieces
         self.shards: list[ShardInfo] = []
-        self._tar: wds.TarWriter | None = None
         self._file = None
         self._path = ""
         self._pieces = self._tokens = 0
@@ -61,14 +78,16 @@ class ShardWriter:
 
     def write(self, key: str, tokens: np.ndarray, meta: dict) -> str:
         """Adds one piece; returns the name of the shard that holds it."""
-        if self._tar is None:
+        return self.append(sample_bytes(key, tokens, meta), len(tokens))
+
+    def append(self, sample: bytes, tokens: int) -> str:
+        """Adds one piece already made into ``sample_bytes`` of ``tokens`` tokens."""
+        if self._file is None:
             self._open()
         name = self.current_name
-        self._tar.write(
-            {"__key__": key, "tokens.npy": npy_bytes(tokens), "json": json.dumps(meta).encode()}
-        )
+        self._file.write(sample)
         self._pieces += 1
-        self._tokens += len(tokens)
+        self._tokens += tokens
         if self._file.tell() >= self.max_bytes or self._pieces >= self.max_pieces:
             self._publish()
         return name
@@ -77,11 +96,11 @@ class ShardWriter:
         fd, self._path = tempfile.mkstemp(suffix=".tar.partial")
         storage.make_readable(self._path)  # mkstemp's 0o600 would follow it to shared storage
         self._file = os.fdopen(fd, "wb")
-        # An integer mtime: a float one makes tar write ~1 KB of extended header per member.
-        self._tar = wds.TarWriter(self._file, mtime=0)
 
     def _publish(self) -> None:
-        self._tar.close()
+        # The end of a tar: two zero blocks, then zeros up to a whole record.
+        end = 2 * tarfile.BLOCKSIZE
+        self._file.write(bytes(end + -(self._file.tell() + end) % tarfile.RECORDSIZE))
         self._file.close()
         info = ShardInfo(
             self.current_name,
@@ -92,10 +111,10 @@ class ShardWriter:
         )
         storage.publish_file(self._path, storage.join(self.output, info.name))
         self.shards.append(info)
-        self._tar = None
+        self._file = None
         self._pieces = self._tokens = 0
 
     def close(self) -> list[dict]:
-        if self._tar is not None and self._pieces:
+        if self._file is not None and self._pieces:
             self._publish()
         return [asdict(s) for s in self.shards]

@@ -6,8 +6,11 @@ learns the sentencepiece vocabulary over the train shards if one is configured, 
 tokenizer artifact and the dataset card (last: a dataset without a card is unfinished).
 """
 
+import heapq
 import json
 import logging
+import shutil
+import tempfile
 import time
 from collections import Counter
 from datetime import UTC, datetime
@@ -19,7 +22,7 @@ from data_pipeline.config import LearnedVocabConfig, PrepareConfig
 from data_pipeline.learned_vocab import LearnedVocab
 from data_pipeline.manifest import SPLITS
 from data_pipeline.reader import CARD_NAME, ShardReader, shard_shares
-from data_pipeline.slice_run import slice_dir
+from data_pipeline.slice_run import peak_rss_mb, slice_dir
 from data_pipeline.tokenizer import MusicTokenizer, build_base_tokenizer
 
 log = logging.getLogger(__name__)
@@ -66,13 +69,16 @@ def _comparable_config(card: dict) -> dict:
 
 
 def _join_jsonl(output: str, cards: list[dict], name: str) -> None:
-    parts = [
-        storage.read_bytes(
-            storage.join(slice_dir(output, c["slice"]["index"], c["slice"]["count"]), name)
-        )
-        for c in cards
-    ]
-    storage.write_bytes(storage.join(output, name), b"".join(parts))
+    """Concatenates the slices' ``name`` files into one, streamed through a local file: a
+    million-row manifest is never in memory."""
+    with tempfile.NamedTemporaryFile("wb", suffix=".jsonl", delete=False) as joined:
+        for c in cards:
+            where = slice_dir(output, c["slice"]["index"], c["slice"]["count"])
+            stream, _ = storage.open_input(storage.join(where, name))
+            with stream:
+                shutil.copyfileobj(stream, joined, 1 << 20)
+    storage.make_readable(joined.name)
+    storage.publish_file(joined.name, storage.join(output, name))
 
 
 def _sum_splits(cards: list[dict]) -> dict:
@@ -89,10 +95,15 @@ def _learn_vocab(cfg: PrepareConfig, output: str, splits: dict, base) -> Learned
     # A damaged shard stops the merge, named: a vocabulary learned without it would differ.
     reader = ShardReader(len(base))
     pieces = reader.pieces(shard_shares(output, splits["train"]["shards"]))
-    # Sorted by content hash, so the vocabulary (and the tokenizer hash) does not depend on
-    # how the corpus was sliced or in which order the shards were written.
-    ordered = sorted(pieces, key=lambda piece: piece.key)
-    train_pieces = [piece.tokens for piece in ordered[: cfg.tokenizer.learned.max_pieces]]
+    # The pieces with the smallest content hashes: the vocabulary (and the tokenizer hash) does
+    # not depend on how the corpus was sliced or in which order the shards were written, and
+    # memory holds max_pieces pieces, however large the corpus (a heap over the stream).
+    limit = cfg.tokenizer.learned.max_pieces
+    if limit is None:
+        chosen = sorted(pieces, key=lambda piece: piece.key)
+    else:
+        chosen = heapq.nsmallest(limit, pieces, key=lambda piece: piece.key)
+    train_pieces = [piece.tokens for piece in chosen]
 
     _warn_if_too_large(cfg.tokenizer.learned, train_pieces)
     specials = len(base.special_tokens)
@@ -130,6 +141,7 @@ def _warn_if_too_large(cfg: LearnedVocabConfig, pieces: list) -> None:
 
 
 def merge_slices(output: str) -> dict:
+    start = time.monotonic()
     cards = _load_slice_cards(output)
     cfg: PrepareConfig = OmegaConf.to_object(
         OmegaConf.merge(OmegaConf.structured(PrepareConfig), cards[0]["config"])
@@ -141,9 +153,11 @@ def merge_slices(output: str) -> dict:
     labels = sorted(n for n, c in label_counts.items() if c >= cfg.labels.min_count)
 
     base = build_base_tokenizer(cfg.tokenizer)
+    learn_start = time.monotonic()
     learned = None
     if cfg.tokenizer.learned.kind.value != "none":
         learned = _learn_vocab(cfg, output, splits, base)
+    learned_s = time.monotonic() - learn_start
     tokenizer = MusicTokenizer(base, labels, learned)
     tokenizer.save(storage.join(output, "tokenizer"))
 
@@ -165,6 +179,11 @@ def merge_slices(output: str) -> dict:
         },
         "labels": dict(sorted(label_counts.items())),
         "slices": [{"index": c["slice"]["index"], **c["throughput"]} for c in cards],
+        "merge": {
+            "seconds": round(time.monotonic() - start, 2),
+            "learned_vocab_s": round(learned_s, 2),
+            "peak_rss_mb": peak_rss_mb()["collector"],
+        },
         "config": {**cards[0]["config"], "slice_index": None},
     }
     storage.write_bytes(storage.join(output, CARD_NAME), json.dumps(card, indent=2).encode())

@@ -5,11 +5,13 @@ Results come back from the workers in listing order, so the shards and manifest 
 on the number of workers, and "first of a duplicate set" means first in sorted name order.
 """
 
+import itertools
 import json
 import logging
+import resource
+import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
 from tqdm import tqdm
@@ -41,17 +43,44 @@ def shard_prefix(split: str, cfg: PrepareConfig) -> str:
     return split if cfg.num_slices == 1 else f"{split}-{cfg.slice_index:04d}"
 
 
-@dataclass
 class SliceTally:
-    rows: list[ManifestRow] = field(default_factory=list)
-    by_hash: dict[str, str] = field(default_factory=dict)
-    tokens: int = 0
+    """What a slice's card counts, added up as the rows go by; the rows themselves go straight
+    to local files (manifest and failures), so a task's memory does not grow with its files
+    beyond one content hash per kept piece (for finding duplicates)."""
+
+    def __init__(self):
+        self.by_hash: dict[str, str] = {}
+        self.tokens = 0
+        self.files: Counter = Counter()
+        self.splits = {s: Counter() for s in SPLITS}
+        self.labels: Counter = Counter()
+        self.by_reason: Counter = Counter()
+        self.manifest = tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False)  # noqa: SIM115
+        self.failures = tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False)  # noqa: SIM115
 
     def add(self, row: ManifestRow) -> None:
-        self.rows.append(row)
+        line = json.dumps(row.to_json()) + "\n"
+        self.manifest.write(line)
+        self.files["total"] += 1
+        if row.status == "quarantined":
+            self.failures.write(line)
+            self.files["quarantined"] += 1
+            self.by_reason[row.reason] += 1
+        elif row.status == "duplicate":
+            self.files["duplicates"] += 1
+        else:
+            self.files["ok"] += 1
+            self.splits[row.split].update(
+                pieces=1, tokens=row.tokens, notes=row.notes, duration_s=row.duration_s
+            )
+            self.labels.update(f"{k}={v}" for k, v in row.labels.items())
 
-    def failures(self) -> list[ManifestRow]:
-        return [r for r in self.rows if r.status == "quarantined"]
+    def publish(self, where: str) -> None:
+        """Moves (or uploads) the manifest and failures into the slice directory."""
+        for file, name in ((self.manifest, "manifest.jsonl"), (self.failures, "failures.jsonl")):
+            file.close()
+            storage.make_readable(file.name)
+            storage.publish_file(file.name, storage.join(where, name))
 
 
 def _failure_code(reason: str) -> str:
@@ -105,7 +134,7 @@ def _record(file, result, cfg, writers, tally) -> None:
         duration_s=result.duration_s,
         tracks=result.tracks,
         programs=result.programs,
-        tokens=len(result.tokens),
+        tokens=result.tokens,
     )
     if result.hash in tally.by_hash:
         row.status, row.duplicate_of = "duplicate", tally.by_hash[result.hash]
@@ -113,16 +142,7 @@ def _record(file, result, cfg, writers, tally) -> None:
         return
     tally.by_hash[result.hash] = file.name
     row.split = split_of(result.hash, cfg.split)
-    meta = {
-        "hash": result.hash,
-        "name": file.name,
-        "labels": file.labels,
-        "notes": row.notes,
-        "duration_s": row.duration_s,
-        "tracks": row.tracks,
-        "programs": row.programs,
-    }
-    row.shard = writers[row.split].write(result.hash, result.tokens, meta)
+    row.shard = writers[row.split].append(result.sample, result.tokens)
     tally.tokens += row.tokens
     tally.add(row)
 
@@ -133,7 +153,7 @@ def run_slice(cfg: PrepareConfig) -> dict:
     files = listing.files
     log.info(
         "%d MIDI files listed from %s; this is slice %d of %d",
-        len(files),
+        listing.count,
         cfg.source,
         cfg.slice_index,
         cfg.num_slices,
@@ -160,13 +180,15 @@ def run_slice(cfg: PrepareConfig) -> dict:
     setup = WorkerSetup(cfg.tokenizer, cfg.limits, cfg.num_slices, cfg.slice_index)
     start = time.monotonic()
     startup = 0.0
-    bar = tqdm(total=len(files), unit="file", desc="tokenize", smoothing=0.05)
+    # Redrawn once a second: on a slow console every redraw is a blocking write in the one
+    # process that collects the workers' results.
+    bar = tqdm(total=listing.count, unit="file", desc="tokenize", smoothing=0.05, mininterval=1)
     with ResilientPool(
         process_file, cfg.workers, cfg.limits.timeout_s, init_worker, (setup,)
     ) as pool:
-        for i, (file, result) in enumerate(
-            zip(files, pool.imap([f.url for f in files]), strict=True)
-        ):
+        # Two walks of one lazy listing: one feeds the workers, one names their results.
+        files, feed = itertools.tee(files)
+        for i, (file, result) in enumerate(zip(files, pool.imap(feed), strict=True)):
             if i == 0:
                 # Spawned workers import MidiTok (and with it torch) before the first result.
                 startup = time.monotonic() - start
@@ -174,9 +196,10 @@ def run_slice(cfg: PrepareConfig) -> dict:
             bar.update()
             if i % 64 == 0:
                 bar.set_postfix(
+                    refresh=False,
                     tokens_per_s=f"{tally.tokens / bar.format_dict['elapsed']:.0f}"
                     if bar.format_dict["elapsed"]
-                    else "-"
+                    else "-",
                 )
         restarts = pool.restarts
     bar.close()
@@ -186,11 +209,11 @@ def run_slice(cfg: PrepareConfig) -> dict:
     log.info(
         "slice %d: %d files in %.1f s (%.1f files/s, %.0f tokens/s), %d quarantined",
         cfg.slice_index,
-        len(files),
+        tally.files["total"],
         elapsed,
-        len(files) / max(elapsed, 1e-9),
+        tally.files["total"] / max(elapsed, 1e-9),
         tally.tokens / max(elapsed, 1e-9),
-        len(tally.failures()),
+        tally.files["quarantined"],
     )
     _write_slice(cfg, tally, card)
     return card
@@ -199,54 +222,64 @@ def run_slice(cfg: PrepareConfig) -> dict:
 def _slice_card(
     cfg, tally: SliceTally, shards: dict, elapsed: float, startup: float, restarts: int
 ) -> dict:
-    ok = [r for r in tally.rows if r.status == "ok"]
     splits = {}
     for split in SPLITS:
-        rows = [r for r in ok if r.split == split]
+        counts = tally.splits[split]
         splits[split] = {
-            "pieces": len(rows),
-            "tokens": sum(r.tokens for r in rows),
-            "notes": sum(r.notes for r in rows),
-            "duration_s": round(sum(r.duration_s for r in rows), 3),
+            "pieces": counts["pieces"],
+            "tokens": counts["tokens"],
+            "notes": counts["notes"],
+            "duration_s": round(counts["duration_s"], 3),
             "shards": shards[split],
         }
-    failures = tally.failures()
-    labels = Counter(f"{k}={v}" for r in ok for k, v in r.labels.items())
     config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
+    files = tally.files
     return {
         "slice": {"index": cfg.slice_index, "count": cfg.num_slices},
         "base_tokenizer": base_fingerprint(build_base_tokenizer(cfg.tokenizer)),
         "splits": splits,
-        "files": {
-            "total": len(tally.rows),
-            "ok": len(ok),
-            "duplicates": sum(r.status == "duplicate" for r in tally.rows),
-            "quarantined": len(failures),
-        },
+        "files": {k: files[k] for k in ("total", "ok", "duplicates", "quarantined")},
         "failures": {
-            "total": len(failures),
-            "by_reason": dict(sorted(Counter(r.reason for r in failures).items())),
+            "total": files["quarantined"],
+            "by_reason": dict(sorted(tally.by_reason.items())),
         },
-        "labels": dict(sorted(labels.items())),
+        "labels": dict(sorted(tally.labels.items())),
         "throughput": {
             "seconds": round(elapsed, 2),
             "startup_s": round(startup, 2),
             "workers": cfg.workers,
-            "files_per_s": round(len(tally.rows) / max(elapsed, 1e-9), 1),
+            "files_per_s": round(files["total"] / max(elapsed, 1e-9), 1),
             "tokens_per_s": round(tally.tokens / max(elapsed, 1e-9)),
             "worker_restarts": restarts,
+            "peak_rss_mb": peak_rss_mb(),
+            "cpu_s": cpu_seconds(),
         },
         "config": config,
     }
 
 
-def jsonl(rows: list[ManifestRow]) -> bytes:
-    return "".join(json.dumps(r.to_json()) + "\n" for r in rows).encode()
+def peak_rss_mb() -> dict:
+    """Peak resident memory of this process and of its largest worker so far, in MiB."""
+    mib = 1024  # ru_maxrss is in KiB on Linux
+    return {
+        "collector": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / mib),
+        "worker": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / mib),
+    }
+
+
+def cpu_seconds() -> dict:
+    """CPU seconds of this process (the collector) and of its workers so far (start-up
+    included): files per CPU second is the rate a busy machine does not distort."""
+    collector = resource.getrusage(resource.RUSAGE_SELF)
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "collector": round(collector.ru_utime + collector.ru_stime, 2),
+        "workers": round(workers.ru_utime + workers.ru_stime, 2),
+    }
 
 
 def _write_slice(cfg: PrepareConfig, tally: SliceTally, card: dict) -> None:
     where = slice_dir(cfg.output, cfg.slice_index, cfg.num_slices)
-    storage.write_bytes(storage.join(where, "manifest.jsonl"), jsonl(tally.rows))
-    storage.write_bytes(storage.join(where, "failures.jsonl"), jsonl(tally.failures()))
+    tally.publish(where)
     # The card goes last: a slice directory without it is an unfinished slice.
     storage.write_bytes(storage.join(where, "card.json"), json.dumps(card, indent=2).encode())

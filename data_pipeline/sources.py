@@ -1,7 +1,9 @@
 """Where MIDI comes from: a local directory tree, an fsspec URL, or the built-in corpus."""
 
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 
 from data_pipeline import music21_corpus, storage
 from data_pipeline.config import PrepareConfig
@@ -20,7 +22,9 @@ class SourceFile:
 
 @dataclass
 class SourceListing:
-    files: list[SourceFile]
+    # Drawn lazily (a walk of a local tree), so a prepare task never holds the whole listing.
+    files: Iterable[SourceFile]
+    count: int
     # Inputs that never became a MIDI file (built-in corpus works music21 cannot export).
     unconverted: list[tuple[str, str]] = field(default_factory=list)
 
@@ -36,7 +40,8 @@ def discover(cfg: PrepareConfig) -> SourceListing:
     else:
         listing = _files(cfg.source, cfg.labels.path_levels)
     if cfg.max_files is not None:
-        listing.files = listing.files[: cfg.max_files]
+        listing.files = islice(listing.files, cfg.max_files)
+        listing.count = min(listing.count, cfg.max_files)
     return listing
 
 
@@ -47,13 +52,16 @@ def _files(source: str, levels: list[str]) -> SourceListing:
             f"source={source}: no such directory. Give a directory of .mid/.midi files, an "
             "fsspec URL (s3://bucket/prefix) or the built-in corpus (source=music21:bach)"
         )
-    urls = storage.list_files(source, MIDI_SUFFIXES)
+    # Counted by a walk of its own (names only, no file opened): the progress bar's total.
+    count = sum(1 for _ in storage.iter_files(source, MIDI_SUFFIXES))
+    return SourceListing(_source_files(source, root, levels), count)
+
+
+def _source_files(source: str, root: str, levels: list[str]) -> Iterator[SourceFile]:
     prefix = source.rstrip("/") + "/"
-    files = []
-    for url in urls:
+    for url in storage.iter_files(source, MIDI_SUFFIXES):
         name = url[len(prefix) :] if url.startswith(prefix) else os.path.relpath(url, root)
-        files.append(SourceFile(url, name, labels_from_path(name, levels)))
-    return SourceListing(files)
+        yield SourceFile(url, name, labels_from_path(name, levels))
 
 
 def _music21(cfg: PrepareConfig) -> SourceListing:
@@ -65,4 +73,4 @@ def _music21(cfg: PrepareConfig) -> SourceListing:
     files = [
         SourceFile(str(w.cache_path(root)), w.name, w.labels) for w in works if w not in failed
     ]
-    return SourceListing(files, [(w.name, reason) for w, reason in failed.items()])
+    return SourceListing(files, len(files), [(w.name, reason) for w, reason in failed.items()])

@@ -12,6 +12,7 @@ time after which a stalled connection counts as failed; botocore's 60 s when uns
 import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from typing import IO
 
 import fsspec
@@ -110,14 +111,31 @@ def exists(url: str) -> bool:
 
 def list_files(url: str, suffixes: tuple[str, ...]) -> list[str]:
     """Every file below ``url`` whose name ends with one of ``suffixes`` (case-insensitive),
-    as full URLs (or paths, for a local ``url``), sorted."""
+    as full URLs (or absolute paths, for a local ``url``), sorted."""
+    return list(iter_files(url, suffixes))
+
+
+def iter_files(url: str, suffixes: tuple[str, ...]) -> Iterator[str]:
+    """``list_files`` one at a time: below a local directory a walk in the same order, so a
+    million-file corpus is never listed whole in memory (object storage lists in one go)."""
+    if not is_remote(url):
+        yield from _sorted_walk(os.path.abspath(url.removeprefix("file://")), suffixes)
+        return
     fs, root = filesystem(url)
-    listed = with_retries("list", url, lambda: fs.find(root)) if is_remote(url) else fs.find(root)
-    found = [p for p in listed if p.lower().endswith(suffixes)]
+    listed = with_retries("list", url, lambda: fs.find(root))
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if is_remote(url):
-        return sorted(f"{protocol}://{p}" for p in found)
-    return sorted(found)
+    yield from sorted(f"{protocol}://{p}" for p in listed if p.lower().endswith(suffixes))
+
+
+def _sorted_walk(directory: str, suffixes: tuple[str, ...]) -> Iterator[str]:
+    # A directory sorts as its name plus "/": the walk yields full paths in sorted order.
+    with os.scandir(directory) as entries:
+        keyed = sorted((e.name + "/" if e.is_dir() else e.name, e.path) for e in entries)
+    for key, path in keyed:
+        if key.endswith("/"):
+            yield from _sorted_walk(path, suffixes)
+        elif key.lower().endswith(suffixes):
+            yield path
 
 
 def publish_file(local_path: str, url: str) -> None:

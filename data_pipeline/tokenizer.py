@@ -4,11 +4,14 @@ A directory holding the MidiTok base tokenizer, the conditioning labels and, opt
 learned sentencepiece vocabulary, plus ``artifact.json`` with a content hash that every
 dataset card records. Model ids are laid out as::
 
-    [base specials: PAD BOS EOS MASK] [musical units] [labels: collection=bach ...]
+    [base specials: PAD BOS EOS MASK] [musical units] [infilling: FIM_PREFIX FIM_SUFFIX
+    FIM_MIDDLE FIM_END] [labels: collection=bach ...]
 
 where the musical units are MidiTok's base tokens, or the learned pieces when a learned
 vocabulary is configured. Shards always store base ids, so one set of shards serves any
-learned vocabulary.
+learned vocabulary. The infilling tokens are always reserved in new artifacts, so a run can
+change its infilling rate without changing the vocabulary; artifacts written before them have
+none and load as they were (same ids, same hash).
 """
 
 import hashlib
@@ -16,6 +19,7 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import miditok
 import numpy as np
@@ -26,6 +30,9 @@ from data_pipeline.config import TokenizerConfig
 from data_pipeline.learned_vocab import LearnedVocab
 
 SPECIAL_TOKENS = ("PAD", "BOS", "EOS", "MASK")
+# Fill-in-the-middle (mtrain.infilling): model ids only, never base ids, so the base vocabulary
+# and the shards stay as they were.
+INFILL_TOKENS = ("FIM_PREFIX", "FIM_SUFFIX", "FIM_MIDDLE", "FIM_END")
 ARTIFACT_FORMAT = 1
 
 
@@ -57,6 +64,16 @@ def label_token(key: str, value: str) -> str:
     return f"{key}={value}"
 
 
+class InfillIds(NamedTuple):
+    """The model ids of the infilling tokens: a piece as ``prefix`` ... ``suffix`` ...
+    ``middle`` ... ``end``."""
+
+    prefix: int
+    suffix: int
+    middle: int
+    end: int
+
+
 @dataclass
 class MusicTokenizer:
     """Base tokenizer + labels + optional learned vocabulary, under one hash."""
@@ -64,6 +81,8 @@ class MusicTokenizer:
     base: miditok.MusicTokenizer
     labels: list[str]
     learned: LearnedVocab | None = None
+    # Whether the infilling tokens are reserved: always in new artifacts, never in older ones.
+    infill: bool = True
 
     # ---- id layout -------------------------------------------------------------------
     @property
@@ -78,13 +97,34 @@ class MusicTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self.num_specials + self.num_units + len(self.labels)
+        return self.label_offset + len(self.labels)
 
     pad_id, bos_id, eos_id = 0, 1, 2
 
     @property
-    def label_offset(self) -> int:
+    def infill_offset(self) -> int:
+        """Where the infilling ids start: right after the musical units."""
         return self.num_specials + self.num_units
+
+    @property
+    def num_infill(self) -> int:
+        return len(INFILL_TOKENS) if self.infill else 0
+
+    @property
+    def infill_ids(self) -> InfillIds | None:
+        """The infilling ids, or None for an artifact written before they existed."""
+        if not self.infill:
+            return None
+        return InfillIds(*range(self.infill_offset, self.infill_offset + len(INFILL_TOKENS)))
+
+    @property
+    def label_offset(self) -> int:
+        return self.infill_offset + self.num_infill
+
+    @property
+    def bar_id(self) -> int | None:
+        """The base id of the token that opens a bar; None for tokenizers without bars."""
+        return self.base.vocab.get("Bar_None")
 
     def label_ids(self, labels: dict[str, str]) -> list[int]:
         """Conditioning ids for a piece's labels; labels without a token are left out."""
@@ -117,13 +157,13 @@ class MusicTokenizer:
         base_ids = np.asarray(base_ids, dtype=np.int64)
         if self.learned is None:
             return base_ids
-        units = self.learned.encode(base_ids[base_ids >= self.num_specials])
+        units = self.learned.encode(base_ids[base_ids >= self.num_specials], self.bar_id)
         return units + self.num_specials
 
     def decode_base(self, ids: np.ndarray) -> np.ndarray:
-        """Model ids to base ids; specials and labels are dropped."""
+        """Model ids to base ids; specials, infilling tokens and labels are dropped."""
         ids = np.asarray(ids, dtype=np.int64)
-        units = ids[(ids >= self.num_specials) & (ids < self.label_offset)]
+        units = ids[(ids >= self.num_specials) & (ids < self.infill_offset)]
         if self.learned is None:
             return units
         return self.learned.decode(units - self.num_specials)
@@ -143,6 +183,8 @@ class MusicTokenizer:
         h.update(json.dumps(self.labels).encode())
         if self.learned is not None:
             h.update(self.learned.model)
+        if self.infill:  # only then: an older artifact keeps the hash its datasets recorded
+            h.update(json.dumps(INFILL_TOKENS).encode())
         return h.hexdigest()
 
     def describe(self) -> dict:
@@ -155,6 +197,7 @@ class MusicTokenizer:
             "vocab_size": self.vocab_size,
             "special_ids": {name: i for i, name in enumerate(SPECIAL_TOKENS)},
             "labels": {name: self.label_offset + i for i, name in enumerate(self.labels)},
+            **({"infill_ids": self.infill_ids._asdict()} if self.infill else {}),
         }
 
     def save(self, url: str) -> None:
@@ -183,7 +226,7 @@ class MusicTokenizer:
         if meta["learned_vocab_size"] is not None:
             learned = LearnedVocab(storage.read_bytes(storage.join(url, "learned.model")))
         labels = sorted(meta["labels"], key=meta["labels"].get)
-        tok = cls(base, labels, learned)
+        tok = cls(base, labels, learned, infill="infill_ids" in meta)
         if tok.hash != meta["hash"]:
             raise ValueError(
                 f"tokenizer artifact {url} is damaged: its files hash to {tok.hash[:12]} but "

@@ -3,9 +3,10 @@ loadable without DeepSpeed, and the ways it is loaded (inference, data, fine-tun
 
 An export (``python -m mtrain.export``) writes
 ``model.safetensors`` (fp32, tied embeddings stored once), ``config.json`` (the model shape and
-provenance), ``tokenizer/`` (the artifact the model was trained with) and, where the model maps
-onto GPT-2, ``hf/`` for ``transformers.GPT2LMHeadModel.from_pretrained``. The merged weights
-are checked against logits the training engine saved with the checkpoint. ZeRO partitions are
+provenance), ``tokenizer/`` (the artifact the model was trained with) and ``hf/`` for
+``transformers.AutoModelForCausalLM.from_pretrained`` (GPT-2, GPT-NeoX or Llama: see
+``mtrain.hf_export``). The merged weights are checked against logits the training engine saved
+with the checkpoint, and ``hf/``, loaded back, against the merged weights. ZeRO partitions are
 merged from the fp32 master weights with memory-mapped reads and the optimizer moments dropped,
 so a model needs about twice its fp32 size in RAM, never its optimizer state.
 
@@ -30,7 +31,7 @@ from data_pipeline.reader import load_card
 from data_pipeline.storage import make_readable
 from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.checkpoint import damage, latest_intact
-from mtrain.hf_export import maps_to_gpt2, save_gpt2
+from mtrain.hf_export import hf_architecture, save_hf
 from mtrain.model import GPT, GPTConfig
 from mtrain.run_dir import COMPLETE_CHECKPOINTS, CheckpointDir, RunDir
 
@@ -166,12 +167,9 @@ def export_verified(found: CheckpointDir, output: Path) -> Path:
     make_readable(str(tmp))  # safetensors writes 0o600; the umask decides here
     tmp.replace(output / WEIGHTS)
     verified = verify_against_probe(model, found)
-    gpt2_reason = maps_to_gpt2(model)
-    if gpt2_reason is None:
-        save_gpt2(model, output / HF)
-        make_readable(str(output / HF))
-    else:
-        log.info("no Hugging Face export: %s", gpt2_reason)
+    probe_inputs = torch.load(found.probe, weights_only=True)["inputs"]
+    hf_diff = save_hf(model, output / HF, probe_inputs, FP32_TOLERANCE)
+    make_readable(str(output / HF))
     if (output / TOKENIZER).exists():
         shutil.rmtree(output / TOKENIZER)
     shutil.copytree(run.tokenizer, output / TOKENIZER)
@@ -183,7 +181,8 @@ def export_verified(found: CheckpointDir, output: Path) -> Path:
         "verified_logits_max_abs_diff": verified.max_abs_diff,
         "verified_logits_dtype": verified.dtype,
         "verified_logits_tolerance": verified.tolerance,
-        "hf_gpt2": gpt2_reason is None,
+        "hf_architecture": hf_architecture(model_cfg),
+        "hf_logits_max_abs_diff": hf_diff,
     }
     (output / CONFIG).write_text(json.dumps(meta, indent=2))
     log.info(

@@ -9,10 +9,17 @@ before is loaded. CRC-32 because it is cheap (~4.9 GB/s here, against ~1.7 GB/s 
 ~1 GB/s for BLAKE2b) and the threat is bit rot and truncation, not an adversary. After the save,
 the files are shared out among the ranks by size to be checksummed (a shared file system is
 assumed) and rank 0 gathers the sums: no rank reads the whole checkpoint.
+
+A checkpoint resumes on another number of ranks too: its partitioned state is converted to
+DeepSpeed's universal layout (one file per parameter and state, world-size-free) and loaded
+from there, and the data loader deals anew what the old ranks' positions left of each epoch.
 """
 
+import argparse
+import contextlib
 import errno
 import gc
+import io
 import json
 import logging
 import random
@@ -28,6 +35,7 @@ import torch
 
 from data_pipeline.errors import InputError
 from mtrain import distributed
+from mtrain.engine import seed_everything
 from mtrain.run_dir import CheckpointDir, RunDir
 
 if TYPE_CHECKING:
@@ -300,15 +308,31 @@ class Checkpointer:
         this rank's state (None and empty when there is none), and the damaged ones skipped."""
         ckpt, skipped = latest_intact(self.run_dir, move_aside=True)
         if ckpt is None:
-            return Resumed(None, {}, {}, skipped)
-        return Resumed(ckpt, *load(self.engine, ckpt), skipped)
+            return Resumed(None, {}, [], skipped)
+        saved_by = world_size_of(ckpt)
+        if saved_by == distributed.group_size():
+            client, rank_state = load(self.engine, ckpt)
+            return Resumed(ckpt, client, [rank_state], skipped, saved_by)
+        client, conversion = load_elsewhere(self.engine, ckpt)
+        states = [load_trainer_state(ckpt.trainer_state(r)) for r in range(saved_by)]
+        # The old ranks' RNG streams do not map onto the new ranks: each draws a fresh one,
+        # from the seed, the step and its rank (the same on a second resume from here).
+        fresh = np.random.SeedSequence([self.cfg.seed, client["step"], distributed.group_rank()])
+        seed_everything(int(fresh.generate_state(1)[0]))
+        states = [{k: v for k, v in s.items() if k != "rng"} for s in states]
+        return Resumed(ckpt, client, states, skipped, saved_by, conversion)
 
 
 class Resumed(NamedTuple):
     ckpt: CheckpointDir | None
     client: dict
-    rank_state: dict
+    # This rank's trainer state; on another number of ranks, every old rank's (without RNG).
+    rank_states: list[dict]
     skipped: list[str]
+    # How many ranks saved the checkpoint, and what resuming on another number did (None:
+    # the same number, an exact resume).
+    saved_by: int = 0
+    conversion: str | None = None
 
 
 def out_of_space(exc: BaseException, path: Path) -> bool:
@@ -352,30 +376,97 @@ def _prune(run: RunDir, keep_last: int) -> None:
 
 
 def load(engine, ckpt: CheckpointDir) -> tuple[dict, dict]:
-    """Restores model, optimizer and scheduler into the engine; returns the client state and
-    this rank's trainer state (RNG restored already)."""
+    """Restores model, optimizer and scheduler into the engine from a checkpoint saved by as
+    many ranks; returns the client state and this rank's trainer state (RNG restored
+    already)."""
     _, client_state = engine.load_checkpoint(
         str(ckpt.path.parent),
         tag=ckpt.path.name,
         load_optimizer_states=True,
         load_lr_scheduler_states=True,
     )
-    rank_file = ckpt.trainer_state(engine.global_rank)
-    if not rank_file.exists():
-        raise RuntimeError(
-            f"{rank_file} is missing: checkpoint {ckpt.path} was saved by a run with a different "
-            "number of ranks; resume with the same world size or start from an export "
-            "(init_from=)"
-        )
-    rank_state = load_trainer_state(rank_file)
+    rank_state = load_trainer_state(ckpt.trainer_state(engine.global_rank))
     set_rng_state(rank_state.pop("rng"))
     return client_state or {}, rank_state
 
 
-def check_resumable(run: RunDir, model: dict, tokenizer_hash: str, world_size: int) -> bool:
+def load_elsewhere(engine, ckpt: CheckpointDir) -> tuple[dict, str]:
+    """Restores, like ``load``, a checkpoint that another number of ranks saved; returns the
+    client state and what was done, in words. Partitioned state (ZeRO-1/2/3, or ZeRO-0's bf16
+    optimizer) is converted by rank 0 to DeepSpeed's universal layout (``ds_to_universal``,
+    one parameter at a time: peak memory is one old rank's optimizer file plus one parameter)
+    and every rank loads its new partition from there; ZeRO-0 without it saved the whole state
+    once and loads as it is. Collective."""
+    saved_by = world_size_of(ckpt)
+    if not any(ckpt.path.glob("*optim_states.pt")):
+        _, client_state = engine.load_checkpoint(
+            str(ckpt.path.parent), tag=ckpt.path.name, load_lr_scheduler_states=True
+        )
+        return client_state or {}, f"whole ZeRO-0 state of {saved_by} rank(s), nothing to convert"
+    universal, start = ckpt.universal, time.monotonic()
+    failure = None
+    if distributed.group_rank() == 0:
+        failure = convert_to_universal(ckpt, universal)
+    # Also the barrier: every rank waits here for rank 0's conversion.
+    if (failure := distributed.from_rank_0(failure)) is not None:
+        ranks = distributed.group_size()
+        raise RuntimeError(f"cannot convert {ckpt.path} for {ranks} ranks: {failure}")
+    converted_s = time.monotonic() - start
+    # DeepSpeed reads this switch of its config at load time only; it is set for this one load.
+    engine._config.load_universal_checkpoint = True
+    try:
+        _, client_state = engine.load_checkpoint(
+            str(universal.parent),
+            tag=universal.name,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+    finally:
+        engine._config.load_universal_checkpoint = False
+    distributed.barrier()
+    if distributed.group_rank() == 0:
+        shutil.rmtree(universal.parent, ignore_errors=True)
+    stage = engine.zero_optimization_stage()
+    return client_state or {}, (
+        f"converted ZeRO-{stage} state of {saved_by} rank(s) to the universal layout in "
+        f"{converted_s:.1f} s, loaded in {time.monotonic() - start - converted_s:.1f} s"
+    )
+
+
+def convert_to_universal(ckpt: CheckpointDir, universal: Path) -> str | None:
+    """Runs DeepSpeed's converter in this process, its progress bars kept out of the logs;
+    returns why it failed (None: it did not)."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    shutil.rmtree(universal.parent, ignore_errors=True)  # a conversion cut short before
+    args = argparse.Namespace(
+        input_folder=str(ckpt.path),
+        output_folder=str(universal),
+        # One process: the rank's own (worker pools would fork a process holding the group).
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        # ZeRO-1/2 checkpoints lack the (version-only, without tensor parallelism) universal
+        # info the converter asks for; ZeRO-3's path does not read it.
+        inject_missing_state=True,
+    )
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+            ds_to_universal.main(args)
+    except Exception as exc:  # said on every rank, which all stop
+        log.debug("ds_to_universal said:\n%s", said.getvalue())
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def check_resumable(run: RunDir, model: dict, tokenizer_hash: str) -> bool:
     """Whether ``run`` has a checkpoint to resume (False: a fresh run); refuses with an
-    InputError, naming both values, a run saved with another model shape, tokenizer or number
-    of ranks. Reads only: nothing in the run directory changes."""
+    InputError, naming both values, a run saved with another model shape or tokenizer. Another
+    number of ranks is no reason: ``Checkpointer.resume`` converts the state for them (and
+    ``plan_batch`` has checked already that they keep the global batch). Reads only: nothing in
+    the run directory changes."""
     ckpt = latest_complete(run, quiet=True)
     if ckpt is None:
         return False
@@ -389,8 +480,6 @@ def check_resumable(run: RunDir, model: dict, tokenizer_hash: str, world_size: i
     artifact = run.tokenizer / "artifact.json"
     if artifact.exists() and (saved := json.loads(artifact.read_text())["hash"]) != tokenizer_hash:
         problems.append(f"tokenizer: run {saved[:12]}, this dataset's {tokenizer_hash[:12]}")
-    if (ranks := world_size_of(ckpt)) != world_size:
-        problems.append(f"world size: run {ranks} ranks, now {world_size}")
     if problems:
         raise InputError(
             f"run_dir {run.root} cannot resume from {ckpt.path.name} with this config: "

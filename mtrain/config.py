@@ -69,6 +69,8 @@ class DeepSpeedConfig:
     # torch's 30 minutes. Minutes, not seconds: a checkpoint save of a large model, or a slow
     # first step, happens between collectives and must not trip it.
     timeout_s: int = 600
+    # Refuse to launch when the memory estimate (mtrain.memory) exceeds a rank's device memory.
+    check_memory: bool = True
 
     def __post_init__(self):
         require(
@@ -84,6 +86,13 @@ class DeepSpeedConfig:
                 (self.timeout_s >= 1, "timeout_s", "must be at least 1 (seconds)"),
             ],
         )
+
+    @property
+    def clips_in_trainer(self) -> bool:
+        """Whether the trainer clips the gradients instead of DeepSpeed: without ZeRO or a
+        mixed-precision optimizer DeepSpeed computes the norm to clip and then drops it, and
+        has no check of it; the trainer's one norm serves clipping, reporting and the check."""
+        return self.zero_stage == 0 and self.precision == Precision.fp32
 
 
 @dataclass

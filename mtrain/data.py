@@ -11,6 +11,11 @@
   (epoch, block, pieces done in it, tokens waiting to be packed) is therefore the whole state:
   a resume reopens one shard, skips to the block start and replays nothing else.
   torchdata's StatefulDataLoader carries each worker's position with its batches.
+- Another number of ranks (or workers): the old streams' positions are turned into a
+  world-size-free ``DataPosition``, the pieces of each epoch consumed, numbered in card order
+  (an in-flight block's consumed pieces are known from its seeded permutation). The new streams
+  deal each such epoch anew and skip those pieces; the tokens the old streams had read but not
+  yet packed are handed to new streams. No piece is repeated or skipped, and no token lost.
 - Packing: [BOS, label ids..., tokens..., EOS] back to back, cut into windows of seq_len + 1
   tokens overlapping by one; no padding. Attention crosses piece boundaries (standard GPT
   packing); BOS tells the model where a new piece starts.
@@ -21,6 +26,7 @@
 """
 
 import functools
+import heapq
 import multiprocessing as mp
 import multiprocessing.forkserver
 import os
@@ -50,6 +56,7 @@ from data_pipeline.reader import (
 from data_pipeline.tokenizer import MusicTokenizer
 from mtrain import liveness
 from mtrain.augment import Augmenter
+from mtrain.infilling import InfillTraining
 from mtrain.packing import SequencePacker
 
 # Loader workers start after the process group, whose gloo/NCCL threads may hold a lock at
@@ -78,6 +85,9 @@ class DataConfig:
     # a read gives up; reads are retried with backoff until then. $MTRAIN_STORAGE_RETRY_S or
     # 600 s when None.
     storage_retry_s: float | None = None
+    # Share of training pieces rearranged for fill-in-the-middle over bars (mtrain.infilling);
+    # 0 trains on plain pieces only. Validation and evaluation always read plain pieces.
+    infill_rate: float = 0.0
 
     def __post_init__(self):
         require(
@@ -93,6 +103,7 @@ class DataConfig:
                     "on_corrupt_shard",
                     f"must be {SKIP!r} or {RAISE!r}",
                 ),
+                (0 <= self.infill_rate <= 1, "infill_rate", "must be in [0, 1] (0: off)"),
                 (
                     self.storage_retry_s is None or self.storage_retry_s >= 0,
                     "storage_retry_s",
@@ -148,7 +159,17 @@ def stream_plan(
     order = np.random.default_rng([seed, epoch]).permutation(len(shards))
     shards = [shards[i] for i in order]
     if len(shards) >= num_streams:
-        return shards[stream::num_streams]
+        # Each shard to the stream with the fewest pieces so far: streams end an epoch within
+        # one shard's worth of each other, however the shards' sizes differ (round robin left
+        # two shards' worth between 64 ranks x 4 workers over 1200 shards).
+        loads = [(0, s) for s in range(num_streams)]
+        mine = []
+        for shard in shards:
+            pieces, owner = heapq.heappop(loads)
+            if owner == stream:
+                mine.append(shard)
+            heapq.heappush(loads, (pieces + shard.pieces, owner))
+        return mine
     shard = shards[stream % len(shards)]
     readers = len(range(stream % len(shards), num_streams, len(shards)))
     return [ShardShare(shard.url, shard.pieces, stream // len(shards), readers)]
@@ -166,6 +187,104 @@ def check_enough_pieces(shards: list[ShardShare], num_streams: int) -> None:
             f"{readers} streams share a shard, but one holds only {smallest} pieces; use "
             "fewer data.num_workers or prepare the dataset with smaller shards"
         )
+
+
+# A set of pieces as sorted, disjoint [start, end) ranges of their numbers in card order (the
+# train shards' pieces counted shard after shard): the same set whatever the number of ranks.
+Ranges = list[list[int]]
+
+
+def as_ranges(numbers: np.ndarray) -> Ranges:
+    numbers = np.unique(numbers)
+    cuts = np.flatnonzero(np.diff(numbers) != 1) + 1
+    return [[int(run[0]), int(run[-1]) + 1] for run in np.split(numbers, cuts) if len(run)]
+
+
+def in_ranges(numbers: np.ndarray, ranges: Ranges) -> np.ndarray:
+    """Which of ``numbers`` the ranges hold, as a boolean mask."""
+    if not ranges:
+        return np.zeros(len(numbers), dtype=bool)
+    starts, ends = np.asarray(ranges).T
+    i = np.searchsorted(starts, numbers, side="right") - 1
+    return (i >= 0) & (numbers < ends[np.maximum(i, 0)])
+
+
+def range_numbers(ranges: Ranges) -> np.ndarray:
+    return np.concatenate([np.arange(a, b) for a, b in ranges] or [np.zeros(0, dtype=np.int64)])
+
+
+@dataclass
+class DataPosition:
+    """Where training stands in the data whatever the number of ranks: the pieces consumed of
+    each epoch from the first one unfinished on, and the tokens the old streams had read but
+    not yet packed into a window, in old stream order."""
+
+    consumed: dict[int, Ranges]
+    carries: list[list[int]]
+
+    def __str__(self) -> str:
+        return ", ".join(
+            f"{sum(b - a for a, b in ranges)} pieces of epoch {epoch}"
+            for epoch, ranges in sorted(self.consumed.items())
+        )
+
+
+@dataclass
+class Dealing:
+    """What a stream's share of an epoch is and in which order it reads it, as piece numbers:
+    the same arithmetic ``TrainStream`` reads by, without reading. ``skip``: the pieces of each
+    epoch consumed before this dealing began (under another number of streams)."""
+
+    shards: list[ShardShare]
+    seed: int
+    shuffle_buffer: int
+    skip: dict[int, Ranges]
+
+    def __post_init__(self):
+        firsts = np.cumsum([0] + [s.pieces for s in self.shards])
+        self.first = {s.url: int(f) for s, f in zip(self.shards, firsts, strict=False)}
+
+    def numbers(self, share: ShardShare) -> np.ndarray:
+        return self.first[share.url] + np.arange(share.offset, share.pieces, share.stride)
+
+    def kept(self, share: ShardShare, epoch: int) -> np.ndarray:
+        """Which of the share's pieces this dealing reads in ``epoch``."""
+        return ~in_ranges(self.numbers(share), self.skip.get(epoch, []))
+
+    def slots(self, epoch: int, stream: int, num_streams: int) -> np.ndarray:
+        """The numbers of the pieces ``stream`` reads in ``epoch``, in slot order."""
+        plan = stream_plan(self.shards, epoch, self.seed, stream, num_streams)
+        parts = [self.numbers(s)[self.kept(s, epoch)] for s in plan]
+        return np.concatenate(parts or [np.zeros(0, dtype=np.int64)])
+
+    def block_order(self, epoch: int, stream: int, block: int, length: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch, stream, block]).permutation(length)
+
+    def consumed(self, epoch: int, stream: int, num_streams: int, at: dict) -> np.ndarray:
+        """The pieces ``stream`` had consumed of ``epoch`` at position ``at`` (a TrainStream
+        state), besides those this dealing skips."""
+        slots = self.slots(epoch, stream, num_streams)
+        if epoch < at["epoch"]:
+            return slots
+        start = at["block"] * self.shuffle_buffer
+        block = slots[start : start + self.shuffle_buffer]
+        order = self.block_order(epoch, stream, at["block"], len(block))
+        return np.concatenate([slots[:start], block[order[: at["done"]]]])
+
+
+def handed_over(carries: list[list[int]], stream: int, num_streams: int) -> list[int]:
+    """The old streams' unpacked tokens a new stream starts with: those of the old streams
+    congruent to it modulo the new number of streams, in order."""
+    return [token for old in carries[stream::num_streams] for token in old]
+
+
+def _stream_states(loader: dict, workers: int) -> list[dict | None]:
+    """Each stream's TrainStream state inside a StatefulDataLoader state (None for a worker
+    that had given no batch yet), in worker order."""
+    if "_snapshot" not in loader:
+        return [loader.get("dataset_state")]
+    snapshots = loader["_snapshot"]["_worker_snapshots"]
+    return [(snapshots.get(f"worker_{w}") or {}).get("dataset_state") for w in range(workers)]
 
 
 def inputs_and_targets(windows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,8 +310,13 @@ class TrainStream(IterableDataset):
         self.tokenizer, self.reader = tokenizer, reader
         self.rank, self.world_size = rank, world_size
         self.augment = Augmenter(tokenizer.base.vocab, cfg.transpose_range, cfg.velocity_shift)
+        self.infill = InfillTraining(tokenizer, cfg.infill_rate, seq_len)
         self.epoch = self.block = self.done = 0
         self.packer = SequencePacker(seq_len)
+        self.dealing = Dealing(shards, cfg.seed, cfg.shuffle_buffer, {})
+        # The old streams' unpacked tokens, for a dealing on another number of streams.
+        self.handover: list[list[int]] = []
+        self.restored = False
 
     def state_dict(self) -> dict:
         return {
@@ -206,18 +330,22 @@ class TrainStream(IterableDataset):
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.block, self.done = state["epoch"], state["block"], state["done"]
         self.packer = SequencePacker(self.seq_len, state["carry"])
+        self.restored = True
 
     def __iter__(self) -> Iterator[np.ndarray]:
         worker = get_worker_info()
         workers, worker_id = (1, 0) if worker is None else (worker.num_workers, worker.id)
         stream, num_streams = self.rank * workers + worker_id, self.world_size * workers
         size = self.cfg.shuffle_buffer
+        if not self.restored:
+            carry = handed_over(self.handover, stream, num_streams)
+            self.packer = SequencePacker(self.seq_len, carry)
         while True:
             plan = stream_plan(self.shards, self.epoch, self.cfg.seed, stream, num_streams)
             slots = self._slots(plan, self.block * size)
             while pieces := list(islice(slots, size)):
-                seed = [self.cfg.seed, self.epoch, stream, self.block]
-                for i in np.random.default_rng(seed).permutation(len(pieces))[self.done :]:
+                order = self.dealing.block_order(self.epoch, stream, self.block, len(pieces))
+                for i in order[self.done :]:
                     self.done += 1
                     if pieces[i] is not None:
                         yield from self.packer.add(self._document(pieces[i]))
@@ -227,17 +355,21 @@ class TrainStream(IterableDataset):
                 raise CorruptShardError(f"every shard of {self.cfg.path} is damaged")
 
     def _slots(self, plan: list[ShardShare], start: int) -> Iterator[StoredPiece | None]:
-        """The epoch's pieces from position ``start`` on; shards before it stay unopened."""
+        """The epoch's pieces (but those the dealing skips) from position ``start`` on; shards
+        before it stay unopened."""
         for shard in plan:
-            if start < shard.size:
-                yield from self.reader.read(shard, start)
-            start = max(0, start - shard.size)
+            kept = self.dealing.kept(shard, self.epoch)
+            if start < (left := int(kept.sum())):
+                first = int(np.flatnonzero(kept)[start])
+                pieces = self.reader.read(shard, first)
+                yield from (p for keep, p in zip(kept[first:], pieces, strict=True) if keep)
+            start = max(0, start - left)
 
     def _document(self, piece: StoredPiece) -> np.ndarray:
         # Seeded by the piece, not the stream: the same piece gets the same augmentation
         # whatever worker reads it.
         rng = np.random.default_rng([self.cfg.seed, self.epoch, zlib.crc32(piece.key.encode())])
-        return self.tokenizer.document(piece.labels, self.augment(piece.tokens, rng))
+        return self.infill(piece.labels, self.augment(piece.tokens, rng), rng)
 
 
 class StreamingData:
@@ -272,6 +404,7 @@ class StreamingData:
             cfg, seq_len, shards, self.tokenizer, self.reader, rank, world_size
         )
         self.layout = {"rank": rank, "world_size": world_size, "num_workers": cfg.num_workers}
+        self._start_epoch = 0
         if cfg.num_workers:
             start_worker_server()
         self._loader = StatefulDataLoader(
@@ -314,13 +447,74 @@ class StreamingData:
         return self.reader.retries.value
 
     def state_dict(self) -> dict:
-        return {**self.layout, "loader": self._loader.state_dict()}
+        return {**self.layout, "loader": self._loader.state_dict(), "dealt": self._dealt()}
 
     def load_state_dict(self, state: dict) -> None:
         saved = {key: state[key] for key in self.layout}
         if saved != self.layout:
             raise ValueError(
                 f"the data loader state was saved by {saved}, this loader is {self.layout}: "
-                "an exact resume needs the same ranks and data.num_workers"
+                "an exact resume needs the same ranks and data.num_workers (resume_elsewhere "
+                "takes the states of every old rank)"
             )
+        self._deal(state.get("dealt", {}))
         self._loader.load_state_dict(state["loader"])
+
+    def resume_elsewhere(self, states: list[dict]) -> DataPosition:
+        """Goes on from the states every rank of a run with another number of ranks or
+        workers saved (``state_dict()``, in rank order): each epoch they had begun is dealt
+        anew to this run's streams, less the pieces they had consumed."""
+        position = self.position(states)
+        self._deal(
+            {
+                "epoch": min(position.consumed),
+                "skip": position.consumed,
+                "carries": position.carries,
+            }
+        )
+        return position
+
+    def position(self, states: list[dict]) -> DataPosition:
+        """The world-size-free position that every rank's saved state describes together."""
+        streams = []  # (stream, number of streams, position, dealing) of every old stream
+        for state in states:
+            workers = max(1, state["num_workers"])
+            dealt = state.get("dealt", {})
+            skip = dealt.get("skip", {})
+            dealing = Dealing(self.train.shards, self.cfg.seed, self.cfg.shuffle_buffer, skip)
+            for worker, at in enumerate(_stream_states(state["loader"], workers)):
+                stream = state["rank"] * workers + worker
+                # A worker that had given no batch yet stands where its dealing began.
+                at = at or {
+                    "epoch": dealt.get("epoch", 0),
+                    "block": 0,
+                    "done": 0,
+                    "carry": handed_over(dealt.get("carries", []), stream, len(states) * workers),
+                }
+                streams.append((stream, state["world_size"] * workers, at, dealing))
+        first = min(at["epoch"] for _, _, at, _ in streams)
+        last = max(at["epoch"] for _, _, at, _ in streams)
+        consumed = {}
+        for epoch in range(first, last + 1):
+            parts = [range_numbers(d.skip.get(epoch, [])) for *_, d in streams]
+            parts += [
+                d.consumed(epoch, stream, total, at)
+                for stream, total, at, d in streams
+                if epoch <= at["epoch"]
+            ]
+            consumed[epoch] = as_ranges(np.concatenate(parts))
+        carries = [list(at["carry"]) for _, _, at, _ in sorted(streams, key=lambda s: s[0])]
+        return DataPosition(consumed, carries)
+
+    def _dealt(self) -> dict:
+        """This dealing's constants: where it began, what it skips, the carries handed over."""
+        train = self.train
+        return {"epoch": self._start_epoch, "skip": train.dealing.skip, "carries": train.handover}
+
+    def _deal(self, dealt: dict) -> None:
+        """Starts the streams where ``dealt`` says (before the loader's iterator exists: the
+        workers get the stream as it is then)."""
+        self._start_epoch = dealt.get("epoch", 0)
+        self.train.epoch, self.train.block, self.train.done = self._start_epoch, 0, 0
+        self.train.dealing.skip = dealt.get("skip", {})
+        self.train.handover = dealt.get("carries", [])

@@ -108,6 +108,20 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def sum_over_ranks(values: list[torch.Tensor | float]) -> list[float]:
+    """Element-wise sums over ranks of a few numbers (tensors stay on their device until the
+    one all-reduce), as floats: one collective and one host sync for all of them."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values])
+    if dist.is_initialized():
+        t = t.to(_comm_device())
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def mean_over_ranks(value: float) -> float:
     if not dist.is_initialized():
         return value

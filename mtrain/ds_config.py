@@ -1,10 +1,17 @@
 """The DeepSpeed JSON config, generated from the typed configs (one source of truth)."""
 
 from mtrain.config import BatchPlan, DeepSpeedConfig, OptimConfig, Precision
+from mtrain.memory import ModelShape, zero_buckets
 
 
-def deepspeed_config(ds: DeepSpeedConfig, optim: OptimConfig, plan: BatchPlan) -> dict:
+def deepspeed_config(
+    ds: DeepSpeedConfig, optim: OptimConfig, plan: BatchPlan, shape: ModelShape | None = None
+) -> dict:
+    """``shape``: the model's, to size ZeRO's buckets from it (DeepSpeed's GPU-sized defaults
+    without it)."""
     zero: dict = {"stage": ds.zero_stage}
+    if shape is not None and ds.zero_stage > 0:
+        zero |= zero_buckets(shape).as_deepspeed(ds.zero_stage)
     if ds.zero_stage == 3:
         zero |= {
             "stage3_param_persistence_threshold": ds.param_persistence_threshold,
@@ -18,7 +25,7 @@ def deepspeed_config(ds: DeepSpeedConfig, optim: OptimConfig, plan: BatchPlan) -
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.grad_accum,
         "train_batch_size": plan.micro_batch_size * plan.grad_accum * plan.world_size,
-        "gradient_clipping": optim.grad_clip,
+        "gradient_clipping": 0.0 if ds.clips_in_trainer else optim.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": ds.precision == Precision.bf16},
         "fp16": {"enabled": ds.precision == Precision.fp16, "loss_scale": 0},

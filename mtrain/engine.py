@@ -14,6 +14,7 @@ import torch
 from mtrain import liveness
 from mtrain.config import BatchPlan, TrainConfig
 from mtrain.ds_config import deepspeed_config
+from mtrain.memory import ModelShape
 from mtrain.model import GPT
 from mtrain.schedule import lr_multiplier
 
@@ -33,7 +34,7 @@ def build_engine(cfg: TrainConfig, plan: BatchPlan, rank: int):
     import deepspeed
 
     seed_everything(cfg.trainer.seed)  # same initial weights on every rank
-    ds_config = deepspeed_config(cfg.deepspeed, cfg.optim, plan)
+    ds_config = deepspeed_config(cfg.deepspeed, cfg.optim, plan, ModelShape.of(cfg.model))
     if cfg.deepspeed.zero_init and cfg.deepspeed.zero_stage == 3:
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = GPT(cfg.model)
@@ -56,6 +57,10 @@ def build_engine(cfg: TrainConfig, plan: BatchPlan, rank: int):
         config=ds_config,
         lr_scheduler=schedule,
     )
+    if cfg.model.compile:
+        # In place (nn.Module.compile, not a wrapper): parameter names, hence checkpoints and
+        # exports, keep no "_orig_mod." prefix. The graphs are compiled at the first step.
+        engine.compile()
     local, total = parameter_share(engine.module)
     log.info(
         "rank %d holds %d of %d parameter elements (%.1f%%)",
@@ -78,13 +83,6 @@ def batch_loss(engine, batch: tuple[torch.Tensor, torch.Tensor], device) -> torc
     liveness.record_step(getattr(engine, "global_steps", 0))
     inputs, targets = (x.to(device, non_blocking=True) for x in batch)
     return engine(inputs, targets=targets).loss
-
-
-def whole_grad_norm(module: torch.nn.Module) -> float | None:
-    """The norm of gradients that are whole on every rank (no ZeRO: DeepSpeed reports none
-    then; they are already averaged over ranks after the last backward of a step)."""
-    norms = [p.grad.norm() for p in module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else None
 
 
 def as_float(x) -> float | None:

@@ -34,10 +34,14 @@ def param_count(cfg: "GPTConfig", include_embeddings: bool = True) -> int:
     leaves out the lookup tables (token and learned position embeddings), not an untied
     output projection, which is a matmul."""
     d, f, bias = cfg.d_model, cfg.hidden, int(cfg.bias)
-    layer_norm = d + d * bias
+    llama = cfg.block == "llama"
+    # A LayerNorm has a gain and (with biases) a shift; an RMSNorm a gain only.
+    norm = d + d * bias * (not llama)
     attention = (d * 3 * d + 3 * d * bias) + (d * d + d * bias)
-    mlp = (d * f + f * bias) + (f * d + d * bias)
-    total = cfg.n_layer * (2 * layer_norm + attention + mlp) + layer_norm
+    # SwiGLU's gate is a third matrix beside GELU's up and down.
+    up_matrices = 2 if llama else 1
+    mlp = up_matrices * (d * f + f * bias) + (f * d + d * bias)
+    total = cfg.n_layer * (2 * norm + attention + mlp) + norm
     if not cfg.tie_embeddings:
         total += cfg.vocab_size * d  # lm_head
     if include_embeddings:
@@ -54,7 +58,8 @@ def flops_per_token(cfg: "GPTConfig", seq_len: int) -> float:
     N counts every weight a token is multiplied by: the non-embedding parameters plus the
     output projection onto the vocabulary, also when it is tied to the token embedding. A
     lookup costs no FLOPs but the projection does (2·V·d per token forward), and with a music
-    vocabulary and a small model it is no rounding error.
+    vocabulary and a small model it is no rounding error. SwiGLU's gate is one more matrix in
+    N; its elementwise product, like GELU, is left out as PaLM leaves nonlinearities out.
     """
     n = param_count(cfg, include_embeddings=False)
     if cfg.tie_embeddings:

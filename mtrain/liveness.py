@@ -8,7 +8,8 @@ loop, beats, because a rank blocked in a collective waiting for a peer is health
 beating, while a frozen (SIGSTOP, swapped out, stuck holding the GIL), killed or OOM-killed
 rank stops. On a collective error, ``raise_naming_suspects`` reads the files and names the
 ranks whose process is gone or stopped (same host) or whose heartbeat is stale, else those
-behind the others in steps.
+behind the others in steps. A rank that is gone while the kernel's OOM-kill count rose, or whose
+last beat saw the machine nearly out of memory, is named as killed for memory.
 
 Processes: ``die_with_parent`` (Linux ``PR_SET_PDEATHSIG``) lets a rank die with its launcher,
 and ``watch_rank`` lets a loader worker die with its rank (see ``mtrain.data``).
@@ -67,6 +68,7 @@ class Heartbeat:
         self.last_step = 0
         self.last_forward = time.monotonic()
         self.stall_reported = False
+        self.process = psutil.Process()
         self._stop = threading.Event()
         self.beat()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-rank{rank}", daemon=True)
@@ -83,6 +85,9 @@ class Heartbeat:
             "host": socket.gethostname(),
             "step": self.last_step,
             "time": time.time(),
+            # What an OOM kill leaves behind: this rank's size and what the machine had left.
+            "rss": self.process.memory_info().rss,
+            "available": memory_available(),
         }
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.write_text(json.dumps(record))
@@ -115,13 +120,15 @@ class Heartbeat:
 
 
 _current: Heartbeat | None = None
+_oom_kills_at_start: int | None = None
 
 
 def start(
     run_root: Path, rank: int, world_size: int = 1, stall_after_s: float | None = None
 ) -> Heartbeat:
     """Starts (once per process) this rank's heartbeat; ``record_step`` then records steps."""
-    global _current
+    global _current, _oom_kills_at_start
+    _oom_kills_at_start = oom_kills()
     if _current is None or _current.path != heartbeat_path(run_root, rank):
         if _current is not None:
             _current.stop()
@@ -178,9 +185,10 @@ def suspects(
             dead.append(rank)
         elif rank != me and age > STALE_AFTER_S:
             stale.append(rank)
+        oom = killed_for_memory(beat) if rank != me and state in ("gone", "zombie") else None
         lines.append(
             f"rank {rank} ({where}, process {state}): last heartbeat {age:.1f} s ago "
-            f"at step {beat['step']}"
+            f"at step {beat['step']}" + (f"; {oom}" if oom else "")
         )
     named = dead or stale
     if not named:
@@ -222,6 +230,11 @@ def raise_naming_suspects(error: BaseException, run_root: Path) -> None:
         if named
         else "no rank's heartbeat is stale (a network problem?)"
     )
+    if any("killed for memory" in line for line in lines):
+        who += (
+            " - killed for memory, not a network fault: lower the memory per rank "
+            "(python -m mtrain.plan says what fits)"
+        )
     first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
     folder = heartbeat_path(run_root, 0).parent
     message = (
@@ -233,6 +246,79 @@ def raise_naming_suspects(error: BaseException, run_root: Path) -> None:
     new = RankStoppedAnswering(message)
     new.suspects = named  # type: ignore[attr-defined]
     raise new from error
+
+
+# ---- memory: the kernel's OOM killer and the cgroup's limit --------------------------------
+
+# A dead rank whose last beat saw less memory left on the machine than this share of its own
+# size: a kill for memory where the kernel's counters cannot be read (a rank grows by a
+# gradient bucket or a gathered block within one beat).
+LOW_MEMORY_SHARE = 0.25
+
+
+def _read_counter(path: Path, name: str) -> int | None:
+    try:
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == name:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def oom_kills() -> int | None:
+    """Processes the kernel's OOM killer has ended: this cgroup's count (v2 memory.events, v1
+    memory.oom_control) plus the machine's (/proc/vmstat); None when neither is readable."""
+    counts = [
+        _read_counter(Path("/sys/fs/cgroup/memory.events"), "oom_kill"),
+        _read_counter(Path("/sys/fs/cgroup/memory/memory.oom_control"), "oom_kill"),
+        _read_counter(Path("/proc/vmstat"), "oom_kill"),
+    ]
+    known = [c for c in counts if c is not None]
+    return sum(known) if known else None
+
+
+def cgroup_memory_left() -> int | None:
+    """Bytes this cgroup may still allocate (v2 or v1), or None without a limit."""
+    for limit_file, used_file in (
+        ("memory.max", "memory.current"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    ):
+        root = Path("/sys/fs/cgroup")
+        try:
+            limit = (root / limit_file).read_text().strip()
+            used = int((root / used_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit != "max" and int(limit) < 2**60:  # v1 writes "no limit" as a huge number
+            return int(limit) - used
+    return None
+
+
+def memory_available() -> int:
+    """Bytes the machine can still give (the cgroup's limit where lower)."""
+    available = psutil.virtual_memory().available
+    left = cgroup_memory_left()
+    return available if left is None else min(available, left)
+
+
+def killed_for_memory(beat: dict) -> str | None:
+    """Why a rank that is gone was (likely) killed for memory, from the kernel's OOM-kill count
+    since this rank started and the rank's last heartbeat; None without such evidence."""
+    rss, available = beat.get("rss"), beat.get("available")
+    known = rss is not None and available is not None
+    tight = known and available < LOW_MEMORY_SHARE * rss
+    now = oom_kills()
+    counted = now is not None and _oom_kills_at_start is not None and now > _oom_kills_at_start
+    if not (counted or tight):
+        return None
+    evidence = []
+    if counted:
+        evidence.append(f"the kernel's OOM-kill count rose {_oom_kills_at_start} -> {now}")
+    if known:
+        evidence.append(f"its last RSS {rss / 2**30:.2f} GiB with {available / 2**30:.2f} GiB left")
+    return "killed for memory (" + "; ".join(evidence) + ")"
 
 
 # ---- processes that die with their parent -------------------------------------------------

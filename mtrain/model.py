@@ -1,7 +1,8 @@
 """A decoder-only GPT in plain PyTorch: the math of the model and nothing about distribution.
 
-Pre-LayerNorm blocks, causal attention, rotary or learned positions, a GELU MLP, tied input and
-output embeddings, GPT-2 initialisation, and a KV cache for generation.
+Pre-norm blocks of causal attention and an MLP, in two flavours: GPT-2's (LayerNorm, GELU) and
+Llama's (RMSNorm, SwiGLU); rotary or learned positions, tied input and output embeddings,
+GPT-2 initialisation, and a KV cache for generation.
 """
 
 import dataclasses
@@ -18,6 +19,12 @@ from torch.utils.checkpoint import checkpoint
 from data_pipeline.errors import require
 
 POSITIONALS = ("rope", "learned")
+# The block's norm and MLP: GPT-2's LayerNorm and GELU MLP, or Llama's RMSNorm and SwiGLU MLP.
+BLOCKS = ("gpt2", "llama")
+# Both norms' epsilon: PyTorch's LayerNorm default, and Llama 2's RMSNorm's.
+NORM_EPS = 1e-5
+# A SwiGLU hidden width is rounded up to a multiple of this, as Llama's is (whole GPU tiles).
+SWIGLU_MULTIPLE = 64
 
 
 @dataclass
@@ -29,16 +36,21 @@ class GPTConfig:
     n_layer: int = 2
     n_head: int = 2
     d_model: int = 64
-    # Width of the MLP's hidden layer; 4 * d_model when None.
+    # Width of the MLP's hidden layer; when None, 4 * d_model for GELU and for SwiGLU 8/3 *
+    # d_model rounded up to a multiple of 64 (its three matrices then hold about GELU's two's).
     d_ff: int | None = None
     max_seq_len: int = 128
     dropout: float = 0.0
     bias: bool = False
+    block: str = "gpt2"
     positional: str = "rope"
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     # Recompute each block's activations in the backward pass: less memory, ~1/3 more compute.
     activation_checkpointing: bool = False
+    # torch.compile the model inside the DeepSpeed engine (engine.compile(), in place: no
+    # "_orig_mod." in checkpoints); the first step waits for the compiler (minutes on a CPU).
+    compile: bool = False
     init_std: float = 0.02
 
     @property
@@ -47,7 +59,11 @@ class GPTConfig:
 
     @property
     def hidden(self) -> int:
-        return self.d_ff or 4 * self.d_model
+        if self.d_ff:
+            return self.d_ff
+        if self.block == "llama":
+            return -(-8 * self.d_model // (3 * SWIGLU_MULTIPLE)) * SWIGLU_MULTIPLE
+        return 4 * self.d_model
 
     def __post_init__(self):
         sizes_ok = min(self.n_layer, self.n_head, self.d_model, self.max_seq_len) >= 1
@@ -71,6 +87,13 @@ class GPTConfig:
                     self.positional in POSITIONALS,
                     "positional",
                     f"is not one of {', '.join(POSITIONALS)}",
+                ),
+                (self.block in BLOCKS, "block", f"is not one of {', '.join(BLOCKS)}"),
+                (
+                    self.block != "llama" or self.positional == "rope",
+                    "block",
+                    "is Llama's, whose positions are rotary: set model.positional=rope, or "
+                    "model.block=gpt2 for learned positions",
                 ),
                 (
                     not whole_heads or self.positional != "rope" or self.head_dim % 2 == 0,
@@ -115,8 +138,8 @@ class KVCache:
 
 
 def rotary(cfg: GPTConfig, start: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [length, head_dim/2] of the angles position x frequency for positions
-    start..start+length; in fp32 at every call, not in a buffer that bf16 training casts down."""
+    """cos and sin [length, head_dim/2] in fp32 of the angles position x frequency for
+    positions start..start+length-1."""
     freqs = cfg.rope_theta ** -(
         torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32) / cfg.head_dim
     )
@@ -193,22 +216,48 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """GPT-2's, down(gelu(up x)), or Llama's SwiGLU (Shazeer 2020), down(silu(gate x) * up x)."""
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
+        self.gate = Linear(cfg.d_model, cfg.hidden, bias=cfg.bias) if cfg.block == "llama" else None
         self.up = Linear(cfg.d_model, cfg.hidden, bias=cfg.bias)
         self.down = Linear(cfg.hidden, cfg.d_model, bias=cfg.bias)
         self.down.into_residual = True
 
     def forward(self, x):
-        return self.down(F.gelu(self.up(x)))
+        if self.gate is None:
+            return self.down(F.gelu(self.up(x)))
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) times a gain, no mean subtracted and no bias (Zhang & Sennrich 2019); in fp32
+    then cast back before the gain, exactly as Llama computes it."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + NORM_EPS)
+        return self.weight * h.type_as(x)
+
+
+def norm(cfg: GPTConfig) -> nn.Module:
+    """The block's normalisation over d_model: LayerNorm for GPT-2's, RMSNorm for Llama's."""
+    if cfg.block == "llama":
+        return RMSNorm(cfg.d_model)
+    return nn.LayerNorm(cfg.d_model, eps=NORM_EPS, bias=cfg.bias)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln_1 = norm(cfg)
         self.attn = CausalSelfAttention(cfg, layer)
-        self.ln_2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln_2 = norm(cfg)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -232,10 +281,14 @@ class GPT(nn.Module):
             self.wpe = nn.Embedding(config.max_seq_len, config.d_model)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.ln_f = norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        # cos and sin of positions 0..max_seq_len-1 per device, made at the first forward there
+        # (see _rotary). An attribute, not a buffer: bf16 training would cast a buffer down,
+        # and checkpoints would hold it.
+        self.rotary_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         # Through apply(), one module at a time: under deepspeed.zero.Init that is where each
         # module's partitioned parameters are gathered for writing.
         self.apply(self._init_weights)
@@ -275,7 +328,7 @@ class GPT(nn.Module):
     def hidden_states(self, idx: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """The hidden states [batch, time, d_model] of ``idx`` after block ``layer``, indexed
         like a Python list (-1 is the last block; None means the last). The last block's pass
-        through the final LayerNorm: they are exactly what ``lm_head`` turns into the logits.
+        through the final norm: they are exactly what ``lm_head`` turns into the logits.
         Earlier blocks' are the raw residual stream."""
         n_layer = self.config.n_layer
         layer = n_layer - 1 if layer is None else layer
@@ -302,7 +355,7 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
         else:
-            rope = rotary(self.config, start, T, idx.device)
+            rope = self._rotary(start, T, idx.device)
         x = self.drop(x)
         for block in itertools.islice(self.blocks, depth):
             # Not with a cache: recomputing a block in the backward pass would append twice.
@@ -311,6 +364,21 @@ class GPT(nn.Module):
             else:
                 x = block(x, rope, kv_cache)
         return x
+
+    def _rotary(self, start: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of positions start..start+length-1, sliced from this device's tables.
+        A compiled graph computes them itself instead (fused into its kernels): filling the
+        cache from inside it would make torch.compile recompile at the next call."""
+        if torch.compiler.is_compiling():
+            return rotary(self.config, start, length, device)
+        tables = self.rotary_tables.get(device)
+        if tables is None:
+            # Plain tensors even when the first call is generation's (inference mode): a table
+            # made there could not be saved for a later backward.
+            with torch.inference_mode(False), torch.no_grad():
+                tables = rotary(self.config, 0, self.config.max_seq_len, device)
+            self.rotary_tables[device] = tables
+        return tables[0][start : start + length], tables[1][start : start + length]
 
     def new_kv_cache(
         self, batch_size: int, max_len: int | None = None, device=None, dtype=None

@@ -67,6 +67,13 @@ class CheckpointDir:
         return self.path / "export"
 
     @property
+    def universal(self) -> Path:
+        """Where a resume on another number of ranks converts it to DeepSpeed's universal
+        (world-size-free) layout, removed once loaded; outside ``checkpoints/``, whose
+        directories are all checkpoints."""
+        return self.run.root / "universal" / self.path.name
+
+    @property
     def run(self) -> "RunDir":
         return RunDir(self.path.parent.parent)
 
@@ -86,6 +93,11 @@ class RunDir:
     @property
     def tokenizer(self) -> Path:
         return self.root / "tokenizer"
+
+    @property
+    def train_config(self) -> Path:
+        """The training config as Hydra composed it (conf/train.yaml's hydra.output_subdir)."""
+        return self.root / "hydra" / "config.yaml"
 
     @property
     def checkpoints(self) -> Path:

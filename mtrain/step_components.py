@@ -147,6 +147,8 @@ class Preemption:
     def __init__(self, checkpointer: Checkpointer, exit_code: int):
         self.checkpointer, self.exit_code = checkpointer, exit_code
         self.raised = False
+        # Whether a signal reached any rank: the optimizer step's one collective carries it.
+        self.agreed = False
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._set)
 
@@ -158,7 +160,7 @@ class Preemption:
         self.raised = True
 
     def due(self, step: int) -> bool:
-        return distributed.any_rank(self.raised)  # a signal may reach only some ranks
+        return self.agreed  # a signal may reach only some ranks
 
     def run(self, step: int, metrics: dict) -> dict:
         self.checkpointer.save(step)

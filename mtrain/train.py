@@ -9,6 +9,7 @@ from data_pipeline.errors import InputError
 from mtrain import distributed
 from mtrain.config import TrainConfig
 from mtrain.data import StreamingData
+from mtrain.memory import check_fits, training_layout
 from mtrain.run_lock import RunLock, agree_on_refusal
 from mtrain.trainer import Trainer
 
@@ -20,6 +21,8 @@ def run(cfg: TrainConfig, overrides: list[str]) -> int:
         cfg.data, cfg.model.max_seq_len, cfg.trainer.micro_batch_size, place.rank, place.world_size
     )
     cfg.model = cfg.model.with_vocab(data.tokenizer.vocab_size)
+    if cfg.deepspeed.check_memory:
+        check_fits(training_layout(cfg, place.world_size))
     trainer = Trainer(cfg, place, data, overrides)
     # Rank 0 takes the run directory before anything is written there; every rank checks that
     # its checkpoints fit this config. Other ranks learn of rank 0's refusal once the process

@@ -5,8 +5,10 @@ that are due (validation, samples, reporting, preemption, checkpoints).
 import dataclasses
 import json
 import logging
+import math
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from omegaconf import OmegaConf
@@ -15,7 +17,7 @@ from mtrain import distributed, liveness
 from mtrain.checkpoint import SUSPECT_STEPS, Checkpointer, check_resumable
 from mtrain.config import TrainConfig, plan_batch
 from mtrain.data import StreamingData
-from mtrain.engine import as_float, batch_loss, build_engine, whole_grad_norm
+from mtrain.engine import as_float, batch_loss, build_engine
 from mtrain.monitor import StepTimer, ThroughputMonitor
 from mtrain.run_dir import RunDir
 from mtrain.step_components import (
@@ -38,53 +40,115 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-class OptimizerStep:
-    """One optimizer step over ``grad_accum`` micro batches; returns the mean loss over ranks.
+@dataclass
+class StepOutcome:
+    """What every rank agrees on after an optimizer step, from the step's one collective."""
 
-    A micro batch whose loss is not finite on any rank is skipped on all of them (ZeRO's
-    collectives need every rank to take the same path) and counted; too many in a row stop the
-    run, since a model that only produces NaN will not recover. ``whole_grads``: the engine
-    reports no grad norm (no ZeRO), so it is measured on the whole gradients.
+    loss: float  # mean over ranks and micro batches of the finite losses (nan if none)
+    nonfinite: int  # micro batches, over all ranks, whose loss was not finite
+    applied: bool  # False: the optimizer skipped the step (gradients not finite)
+    stop_asked: bool  # a preemption signal reached some rank
+
+
+class OptimizerStep:
+    """One optimizer step over ``grad_accum`` micro batches.
+
+    Nothing is checked between micro batches: a check would cost a host sync, and a collective
+    too (ZeRO needs every rank on the same path), per micro batch. A non-finite loss gives
+    non-finite gradients, and the step is then skipped as a whole: by DeepSpeed's own check of
+    the global gradient norm under ZeRO, by the trainer's under ZeRO-0 (which has none), where
+    the trainer clips too (``clips_own``), so that one norm serves clipping, reporting and the
+    check. The step's bookkeeping (loss, non-finite count, preemption) is one small all-reduce
+    at its end, where the optimizer has synchronised anyway. Too many steps in a row with a
+    non-finite loss stop the run, since a model that only produces NaN will not recover.
     """
 
     def __init__(
-        self, engine, device, grad_accum: int, max_nonfinite_in_row: int, whole_grads: bool
+        self,
+        engine,
+        device,
+        grad_accum: int,
+        max_nonfinite_in_row: int,
+        clips_own: bool,
+        grad_clip: float = 0.0,
     ):
         self.engine, self.device, self.grad_accum = engine, device, grad_accum
-        self.max_nonfinite_in_row, self.whole_grads = max_nonfinite_in_row, whole_grads
+        self.max_nonfinite_in_row, self.clips_own = max_nonfinite_in_row, clips_own
+        self.grad_clip = grad_clip
         self.nonfinite_skipped = 0
+        self.nonfinite_in_row = 0
         self.grad_norm: float | None = None
         # The checkpoint (path, step) this run resumed from: a suspect for a NaN soon after.
         self.resumed_from: tuple[str, int] | None = None
 
-    def __call__(self, batches: Iterator, step: int, timer: StepTimer) -> float:
+    def __call__(
+        self, batches: Iterator, step: int, timer: StepTimer, stop_asked: bool = False
+    ) -> StepOutcome:
         """Takes optimizer step number ``step`` (counted from 1)."""
-        losses = []
-        in_row = 0
-        while len(losses) < self.grad_accum:
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        nonfinite = torch.zeros((), dtype=torch.float64, device=self.device)
+        own_norm = None
+        for micro in range(self.grad_accum):
             with timer.waiting():
                 batch = next(batches)
             loss = batch_loss(self.engine, batch, self.device)
-            if distributed.any_rank(not torch.isfinite(loss).item()):
-                self.nonfinite_skipped += 1
-                in_row += 1
-                log.warning(
-                    "non-finite loss at step %d: micro batch skipped (%d in a row)", step, in_row
-                )
-                if in_row >= self.max_nonfinite_in_row:
-                    raise NonFiniteLoss(self._nonfinite_message(in_row, step))
-                continue
-            in_row = 0
+            finite = torch.isfinite(loss.detach())
+            loss_sum += torch.where(finite, loss.detach(), 0.0)
+            nonfinite += ~finite
             self.engine.backward(loss)
-            if len(losses) == self.grad_accum - 1:
-                self.grad_norm = whole_grad_norm(self.engine.module) if self.whole_grads else None
+            if micro == self.grad_accum - 1 and self.clips_own:
+                own_norm = self._clip()  # gradients are reduced over ranks by now
             self.engine.step()
-            losses.append(loss.item())
-        self.grad_norm = as_float(self.engine.get_global_grad_norm()) or self.grad_norm
-        return distributed.mean_over_ranks(sum(losses) / len(losses))
+        total_loss, total_nonfinite, stops = distributed.sum_over_ranks(
+            [loss_sum, nonfinite, float(stop_asked)]
+        )
+        ranks = distributed.world_size()
+        finite_batches = self.grad_accum * ranks - total_nonfinite
+        if own_norm is not None:
+            self.grad_norm = own_norm
+            applied = math.isfinite(own_norm)
+        else:
+            self.grad_norm = as_float(self.engine.get_global_grad_norm())
+            applied = self.engine.was_step_applied()
+        outcome = StepOutcome(
+            loss=total_loss / finite_batches if finite_batches else math.nan,
+            nonfinite=int(total_nonfinite),
+            applied=applied,
+            stop_asked=stops > 0,
+        )
+        self._count(outcome, step)
+        return outcome
+
+    def _clip(self) -> float:
+        """Clips the whole gradients (ZeRO-0) and returns their norm; non-finite ones are
+        dropped, so that the optimizer skips every parameter."""
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True).item()
+        if not math.isfinite(norm):
+            self.engine.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def _count(self, outcome: StepOutcome, step: int) -> None:
+        if not outcome.nonfinite:
+            self.nonfinite_in_row = 0
+            return
+        self.nonfinite_skipped += outcome.nonfinite
+        self.nonfinite_in_row += 1
+        log.warning(
+            "non-finite loss in %d micro batch(es) at step %d: step %s (%d in a row)",
+            outcome.nonfinite,
+            step,
+            "applied with the finite gradients" if outcome.applied else "skipped",
+            self.nonfinite_in_row,
+        )
+        if self.nonfinite_in_row >= self.max_nonfinite_in_row:
+            raise NonFiniteLoss(self._nonfinite_message(self.nonfinite_in_row, step))
 
     def _nonfinite_message(self, in_row: int, step: int) -> str:
-        message = f"{in_row} micro batches in a row gave a non-finite loss at step {step}"
+        message = (
+            f"{in_row} optimizer steps in a row had a non-finite loss, the last at step {step}"
+        )
         if self.resumed_from is not None and step <= self.resumed_from[1] + SUSPECT_STEPS:
             path, at = self.resumed_from
             return (
@@ -115,26 +179,25 @@ class Trainer:
 
     def check_resumable(self) -> None:
         """Before any process group, on every rank (the same answer from the same files):
-        refuses a run directory whose checkpoints another model shape, tokenizer or number of
-        ranks saved, with nothing in it changed."""
+        refuses a run directory whose checkpoints another model shape or tokenizer saved, with
+        nothing in it changed (another number of ranks resumes, converted)."""
         self.resuming = check_resumable(
-            self.run_dir,
-            dataclasses.asdict(self.cfg.model),
-            self.data.tokenizer.hash,
-            self.place.world_size,
+            self.run_dir, dataclasses.asdict(self.cfg.model), self.data.tokenizer.hash
         )
 
     def fit(self, device: torch.device) -> int:
         """Trains to ``trainer.max_steps``; returns the exit code (0, or the requeue code after
         a preemption signal)."""
         components, tracker = self._start(device)
+        preemption = next(c for c in components if isinstance(c, Preemption))
         batches, timer = self.data.train_batches(), StepTimer()
         self._log_plan()
         try:
             while self.step < self.cfg.trainer.max_steps:
-                loss = self.optimizer_step(batches, self.step + 1, timer)
+                outcome = self.optimizer_step(batches, self.step + 1, timer, preemption.raised)
+                preemption.agreed = outcome.stop_asked
                 self.step += 1
-                metrics = self._metrics(loss, *timer.finish())
+                metrics = self._metrics(outcome, *timer.finish())
                 for component in components:
                     if component.due(self.step):
                         with timer.paused():
@@ -167,7 +230,8 @@ class Trainer:
             device,
             self.plan.grad_accum,
             t.max_nonfinite_in_row,
-            whole_grads=cfg.deepspeed.zero_stage == 0,
+            clips_own=cfg.deepspeed.clips_in_trainer,
+            grad_clip=cfg.optim.grad_clip,
         )
         probe_shape = (cfg.model.vocab_size, self.plan.seq_len)
         checkpointer = Checkpointer(engine, self.run_dir, t, probe_shape, self._state)
@@ -200,16 +264,26 @@ class Trainer:
 
     def _resume(self, checkpointer: Checkpointer) -> None:
         """Loads the newest intact checkpoint; rows of ``metrics.jsonl`` after its step are
-        dropped, so that each step appears once."""
-        ckpt, client, rank_state, skipped = checkpointer.resume()
+        dropped, so that each step appears once. A checkpoint of another number of ranks is
+        converted, and the data dealt anew from where all its ranks stood."""
+        resumed = checkpointer.resume()
+        ckpt, client, skipped = resumed.ckpt, resumed.client, resumed.skipped
         skipped_note = f" (skipped {'; '.join(skipped)})" if skipped else ""
         if ckpt is not None:
             self.step = client["step"]
             self.optimizer_step.nonfinite_skipped = client.get("nonfinite_skipped", 0)
             self.optimizer_step.resumed_from = (str(ckpt.path), self.step)
             self.run_id = client.get("wandb_run_id")
-            self.data.load_state_dict(rank_state["data"])
-            log.info("resumed from %s at step %d%s", ckpt.path, self.step, skipped_note)
+            change = ""
+            if resumed.conversion is None:
+                self.data.load_state_dict(resumed.rank_states[0]["data"])
+            else:
+                position = self.data.resume_elsewhere([s["data"] for s in resumed.rank_states])
+                change = (
+                    f", written by {resumed.saved_by} rank(s), now {self.place.world_size}: "
+                    f"{resumed.conversion}; data position: {position}"
+                )
+            log.info("resumed from %s at step %d%s%s", ckpt.path, self.step, change, skipped_note)
         elif skipped:
             log.warning("no intact checkpoint: starting from step 0%s", skipped_note)
         if self.place.is_main:
@@ -235,9 +309,10 @@ class Trainer:
         self.run_id = tracker.run_id
         return tracker
 
-    def _metrics(self, loss: float, step_s: float, wait_s: float) -> dict:
+    def _metrics(self, outcome: StepOutcome, step_s: float, wait_s: float) -> dict:
         return {
-            "train/loss": loss,
+            "train/loss": outcome.loss,
+            "train/step_applied": outcome.applied,
             "train/lr": self.scheduler.get_last_lr()[0],
             "train/grad_norm": self.optimizer_step.grad_norm,
             "train/nonfinite_skipped": self.optimizer_step.nonfinite_skipped,

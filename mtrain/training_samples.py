@@ -74,7 +74,8 @@ class TrainingSamples:
         heard = [s for s in stats if s["notes"] > 0]
         found = {
             f"samples/{key}": float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
-            for key in stats[0]
+            for key, value in stats[0].items()
+            if isinstance(value, int | float)  # not what stopped it
             for values in [
                 np.array([s[key] for s in (heard if key in METRICS else stats)], dtype=np.float64)
             ]

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Submits a sliced preparation: N array tasks, then the merge once all have succeeded.
 #   slurm/prepare.sh 8 source=s3://corpus/midi output=s3://datasets/midi-v1 [overrides...]
-# Extra sbatch options go in SBATCH_ARGS (e.g. SBATCH_ARGS="--partition=cpu").
+# Extra sbatch options go in SBATCH_ARGS (e.g. SBATCH_ARGS="--partition=cpu --cpus-per-task=16").
+# A task's one collector process (writing shards) keeps up with ~15 workers: on wider nodes
+# run more tasks of at most 16 CPUs rather than one task per node.
 set -euo pipefail
 slices=${1:?usage: prepare.sh NUM_SLICES output=... [overrides]}
 shift

@@ -107,13 +107,20 @@ def tiny_model(tmp_path_factory) -> dict[str, Path]:
     ``export`` directories. Enough training to tell the styles apart, not to make music."""
     root = tmp_path_factory.mktemp("tiny_model")
     midi_factory.write_two_styles(root / "midi", 60)
+    prepare_train_export(root, val=0.1, test=0.2, steps=200)
+    return {"dataset": root / "ds", "run": root / "run", "export": root / "export"}
+
+
+def prepare_train_export(root: Path, val: float, test: float, steps: int, *extra: str) -> None:
+    """The MIDI files under ``root/midi`` prepared (``root/ds``), a tiny model trained on them
+    in one process for ``steps`` steps (``root/run``) and exported (``root/export``)."""
     run_module(
         "data_pipeline.prepare",
         f"source={root / 'midi'}",
         f"output={root / 'ds'}",
         "workers=1",
-        "split.val=0.1",
-        "split.test=0.2",
+        f"split.val={val}",
+        f"split.test={test}",
         f"hydra.run.dir={root / 'hydra'}",
     )
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
@@ -125,18 +132,18 @@ def tiny_model(tmp_path_factory) -> dict[str, Path]:
         "model=tiny",
         "deepspeed=cpu",
         "deepspeed.zero_stage=0",
-        "trainer.max_steps=200",
-        "trainer.save_every=200",
+        f"trainer.max_steps={steps}",
+        f"trainer.save_every={steps}",
         "trainer.eval_every=0",
         "trainer.micro_batch_size=8",
         "trainer.global_batch_tokens=1024",
         "optim.lr=3e-3",
         "optim.warmup_steps=20",
         "logger.mode=disabled",
+        *extra,
         env=env,
     )
     run_module("mtrain.export", f"checkpoint={root / 'run'}", f"output={root / 'export'}")
-    return {"dataset": root / "ds", "run": root / "run", "export": root / "export"}
 
 
 # ---- real trainings (DeepSpeed on CPU, gloo), started the way a user starts them ----------

@@ -1,9 +1,12 @@
 """Procedural MIDI for tests: small real pieces (melody, bass, drums) and every kind of bad
 file the pipeline must quarantine."""
 
+import multiprocessing as mp
+import os
 import random
 from pathlib import Path
 
+import numpy as np
 import symusic
 
 TPQ = 480
@@ -95,3 +98,107 @@ def write_bad_files(root: Path) -> dict[str, str]:
         "garbage_after_header.mid": "parse_error",
         "zero_notes.mid": "no_notes",
     }
+
+
+# A corpus at scale: every piece different in length, meter, tempo, instruments and density,
+# and a share of files broken the ways real crawls are (cut short, garbage, empty, no notes).
+METERS = ((4, 4), (3, 4), (2, 4), (6, 8), (5, 4), (7, 8), (12, 8))
+BAD_KINDS = ("empty", "garbage", "truncated", "text", "zero_notes")
+STYLES = ("band", "piano", "choir", "strings", "folk", "electronic", "brass", "solo")
+
+
+def varied_piece(seed: int) -> symusic.Score:
+    """A procedural piece: 1-64 bars in one of several meters, one to six instruments (drums
+    in some), one to three tempos, notes of varied density, length and loudness."""
+    rng = np.random.default_rng(seed)
+    score = symusic.Score(TPQ)
+    num, den = METERS[rng.integers(len(METERS))]
+    bar_ticks = TPQ * 4 * num // den
+    bars = int(rng.choice((1, 2, 4, 8, 16, 32, 64), p=(0.05, 0.1, 0.2, 0.3, 0.2, 0.1, 0.05)))
+    score.time_signatures.append(symusic.TimeSignature(0, num, den))
+    for change in range(int(rng.integers(1, 4))):
+        at = 0 if change == 0 else int(rng.integers(bars)) * bar_ticks
+        score.tempos.append(symusic.Tempo(at, float(rng.uniform(50, 200))))
+    sixteenths = bars * bar_ticks // (TPQ // 4)
+    tonic = int(rng.integers(48, 72))
+    for t in range(int(rng.integers(1, 7))):
+        drums = t > 0 and rng.random() < 0.3
+        track = symusic.Track(name=f"t{t}", program=int(rng.integers(128)), is_drum=bool(drums))
+        n = max(1, int(sixteenths * rng.uniform(0.1, 1.0)))
+        starts = np.sort(rng.integers(0, sixteenths, n)) * (TPQ // 4)
+        durations = rng.choice((TPQ // 4, TPQ // 2, TPQ, 2 * TPQ, 4 * TPQ), n)
+        if drums:
+            pitches = rng.choice((36, 38, 42, 46, 49, 51), n)
+        else:
+            walk = np.cumsum(rng.integers(-2, 3, n)) % 14
+            octave = 12 * int(rng.integers(-2, 2))
+            pitches = tonic + octave + np.take(SCALE, walk % 7) + 12 * (walk // 7)
+        track.notes = symusic.Note.from_numpy(
+            starts.astype(np.int32),
+            durations.astype(np.int32),
+            np.clip(pitches, 21, 108).astype(np.int8),
+            rng.integers(30, 127, n).astype(np.int8),
+        )
+        score.tracks.append(track)
+    return score
+
+
+def bad_bytes(kind: str, seed: int) -> bytes:
+    rng = random.Random(seed)
+    if kind == "empty":
+        return b""
+    if kind == "garbage":
+        return rng.randbytes(rng.randrange(16, 8192))
+    if kind == "truncated":
+        good = varied_piece(seed).dumps_midi()
+        return good[: max(20, len(good) // rng.randrange(2, 6))]
+    if kind == "text":
+        return f"not a MIDI file ({seed})\n".encode()
+    silent = symusic.Score(TPQ)
+    silent.tracks.append(symusic.Track(name="silent"))
+    return silent.dumps_midi()
+
+
+def scale_file(index: int, bad_share: float, duplicate_share: float) -> tuple[str, bytes]:
+    """File ``index`` of a scale corpus: its path under the root and its bytes."""
+    rng = random.Random(index)
+    style = STYLES[index % len(STYLES)]
+    name = f"{style}/{index // 1000:04d}/{index:07d}.mid"
+    draw = rng.random()
+    if draw < bad_share:
+        return name, bad_bytes(BAD_KINDS[index % len(BAD_KINDS)], index)
+    if draw < bad_share + duplicate_share and index > 0:
+        return name, varied_piece(rng.randrange(index)).dumps_midi()
+    return name, varied_piece(index).dumps_midi()
+
+
+def _write_range(job: tuple[str, range, float, float]) -> int:
+    root, indices, bad_share, duplicate_share = job
+    written = 0
+    for index in indices:
+        name, data = scale_file(index, bad_share, duplicate_share)
+        path = os.path.join(root, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            written += f.write(data)
+    return written
+
+
+def write_scale_corpus(
+    root: Path,
+    count: int,
+    workers: int = 1,
+    bad_share: float = 0.03,
+    duplicate_share: float = 0.01,
+) -> int:
+    """Writes ``count`` files under ``root/<style>/<thousand>/`` (the same bytes for the same
+    arguments, whatever ``workers``); returns the bytes written."""
+    jobs = [
+        (str(root), range(start, min(start + 500, count)), bad_share, duplicate_share)
+        for start in range(0, count, 500)
+    ]
+    if workers <= 1:
+        return sum(map(_write_range, jobs))
+    # Spawned: forking a process that has imported torch (the benches, pytest) can crash.
+    with mp.get_context("spawn").Pool(workers) as pool:
+        return sum(pool.imap_unordered(_write_range, jobs))

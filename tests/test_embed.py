@@ -1,5 +1,6 @@
-"""Pieces -> vectors: hidden states, mean pooling over windows, label retrieval and probe against
-the pitch-class baseline, nearest-neighbour queries, and the app's errors."""
+"""Pieces -> vectors: hidden states, mean pooling over windows, centring, label retrieval and
+probe against the pitch-class baseline, nearest-neighbour queries, a dataset with one label, and
+the app's errors."""
 
 import json
 from pathlib import Path
@@ -12,11 +13,53 @@ from conftest import iter_pieces, run_module, shard_urls
 
 from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.artifacts import load_exported
-from mtrain.evaluation.embeddings import MeanPooler, pitch_class_histogram, unit_rows
-
-pytestmark = pytest.mark.slow
+from mtrain.evaluation.embeddings import (
+    MeanPooler,
+    centred_unit_rows,
+    cosine_spread,
+    label_precision,
+    pitch_class_histogram,
+    unit_rows,
+    unscorable,
+)
 
 K = 4
+
+
+def test_centring_spreads_pieces_that_share_one_direction():
+    """Mean pooling's failure mode, made up: every vector is mostly one shared direction, with
+    a small part of its own cluster's direction and noise on top."""
+    rng = np.random.default_rng(0)
+    clusters = rng.normal(size=(3, 32))
+    labels = [str(i % 3) for i in range(60)]
+    own = clusters[[int(label) for label in labels]] + rng.normal(scale=0.7, size=(60, 32))
+    pooled = 20 * rng.normal(size=32) + own
+    assert cosine_spread(unit_rows(pooled))["min"] > 0.98
+    centred = centred_unit_rows(pooled)
+    spread = cosine_spread(centred)
+    assert spread["min"] < -0.5 and abs(spread["median"]) < 0.2 and 0.5 < spread["max"] < 1
+    assert label_precision(centred, labels, K)["precision"] > 0.95
+    np.testing.assert_allclose(np.linalg.norm(centred, axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("labels", "says"),
+    [
+        (
+            {"collection=bach": 432, "composer=bach": 432},
+            "one 'collection' label, collection=bach, so no piece can be told from another by it "
+            "(no kind of label in it has two values",
+        ),
+        (
+            {"composer=bach": 3, "composer=handel": 2},
+            "no 'collection' label, so no piece can be told from another by it (label_key= "
+            "picks another kind: composer)",
+        ),
+    ],
+)
+def test_fewer_than_two_label_values_cannot_be_scored(labels, says):
+    assert says in unscorable({"labels": labels}, "collection")
+    assert unscorable({"labels": {"collection=a": 1, "collection=b": 1}}, "collection") is None
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +90,7 @@ def model_and_tokenizer(tiny_model):
     return model, MusicTokenizer.load(str(tiny_model["export"] / "tokenizer"))
 
 
+@pytest.mark.slow
 def test_rows_line_up_with_the_pieces_of_the_split(embedded, test_split, model_and_tokenizer):
     out, _ = embedded
     vectors = np.load(out / "embeddings.npy")
@@ -59,6 +103,7 @@ def test_rows_line_up_with_the_pieces_of_the_split(embedded, test_split, model_a
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_piece_embeds_the_same_alone_and_in_a_batch(embedded, test_split, model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     docs = [tokenizer.document({}, tokens, end=False) for tokens, _ in test_split[:3]]
@@ -70,11 +115,16 @@ def test_a_piece_embeds_the_same_alone_and_in_a_batch(embedded, test_split, mode
     for doc in docs:
         together.add(doc)
     np.testing.assert_allclose(together.means()[1], alone.means()[0], atol=1e-5)
-    # The app's row is that same piece without its labels, pooled over all its windows.
-    app_row = np.load(embedded[0] / "embeddings.npy")[1]
-    np.testing.assert_allclose(unit_rows(alone.means())[0], app_row, atol=1e-5)
+    # The app's rows are the pieces without their labels, pooled over all their windows, at
+    # length 1, less the split's mean.
+    for doc in (tokenizer.document({}, tokens, end=False) for tokens, _ in test_split[3:]):
+        together.add(doc)
+    app_rows = np.load(embedded[0] / "embeddings.npy")
+    expected = centred_unit_rows(unit_rows(together.means()))
+    np.testing.assert_allclose(expected, app_rows, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_last_hidden_states_are_what_the_logits_are_made_from(model_and_tokenizer):
     model, _ = model_and_tokenizer
     idx = torch.randint(
@@ -92,6 +142,7 @@ def test_the_last_hidden_states_are_what_the_logits_are_made_from(model_and_toke
         model.hidden_states(idx, layer=2)
 
 
+@pytest.mark.slow
 def test_the_pitch_class_baseline_counts_pitched_notes_only(model_and_tokenizer):
     _, tokenizer = model_and_tokenizer
     score = symusic.Score(480)
@@ -105,6 +156,7 @@ def test_the_pitch_class_baseline_counts_pitched_notes_only(model_and_tokenizer)
     np.testing.assert_allclose(histogram, np.bincount([0, 4, 7, 0], minlength=12) / 4)
 
 
+@pytest.mark.slow
 def test_the_model_retrieves_its_style_better_than_chance_beside_the_baseline(embedded):
     out, stdout = embedded
     report = json.loads((out / "report.json").read_text())
@@ -121,8 +173,36 @@ def test_the_model_retrieves_its_style_better_than_chance_beside_the_baseline(em
     table = (out / "report.md").read_text()
     assert "| model embedding |" in table and "| pitch-class histogram (baseline) |" in table
     assert table.split("\n## ")[0] in stdout
+    # Centring spreads the cosines that mean pooling crowds near 1.
+    spread = report["cosine_spread"]
+    assert spread["centred"]["min"] < 0 < spread["mean-pooled"]["min"]
+    assert spread["centred"]["median"] < spread["mean-pooled"]["median"]
+    assert "cosines between pieces: mean-pooled" in table
 
 
+@pytest.mark.slow
+def test_a_label_without_two_values_is_named_up_front_and_nothing_is_scored(tiny_model, tmp_path):
+    # The pieces' only label kind is collection: by composer, nothing can be told apart.
+    proc = run_module(
+        "mtrain.embed",
+        f"checkpoint={tiny_model['export']}",
+        f"data_path={tiny_model['dataset']}",
+        f"output={tmp_path}",
+        "label_key=composer",
+    )
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert "no 'composer' label" in report["unscored"]
+    assert "label_key= picks another kind: collection" in report["unscored"]
+    assert report["retrieval"] == report["probe"] == {}
+    # Said before the split is embedded, and the probe's train split is never embedded.
+    assert "no retrieval or probe scores" in proc.stdout
+    assert "embed test" in proc.stderr and "embed train" not in proc.stderr
+    table = (tmp_path / "report.md").read_text()
+    assert "Not scored: the dataset has no 'composer' label" in table and "| - |" not in table
+    assert np.load(tmp_path / "embeddings.npy").shape[0] == report["pieces"]
+
+
+@pytest.mark.slow
 def test_a_query_lists_its_nearest_other_pieces(embedded, test_split):
     out, stdout = embedded
     query = json.loads((out / "report.json").read_text())["query"]
@@ -139,6 +219,7 @@ def test_a_query_lists_its_nearest_other_pieces(embedded, test_split):
     assert f"Nearest to {ids[2][:12]}" in stdout and ids[expected[0]][:12] in stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "key"),
     [("query=ffffffffffff", "query=ffffffffffff"), ("checkpoint=/nonexistent", "checkpoint=")],

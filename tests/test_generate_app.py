@@ -1,6 +1,7 @@
 """``python -m mtrain.generate`` on a tiny trained model: every mode writes valid MIDI, piano
 rolls and (with a SoundFont) audio; labels steer the style; a continuation keeps its prompt;
-bad requests fail with a message that names the key."""
+max_bars stops sampling; a piece may be longer than the context; bad requests fail with a
+message that names the key."""
 
 import json
 import os
@@ -15,9 +16,14 @@ from conftest import run_module
 
 from data_pipeline.midi_file import read_score
 from data_pipeline.tokenizer import MusicTokenizer
+from mtrain.artifacts import load_for_inference
 from mtrain.evaluation.music_metrics import compute_all
+from mtrain.generation.compose import DEFAULT_MIN_P
+from mtrain.generation.decoding import Stop, decode
 from mtrain.generation.prompts import banned_for
 from mtrain.generation.render import find_soundfont
+from mtrain.generation.repair import to_midi
+from mtrain.generation.sampling import SamplingConfig
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
@@ -145,21 +151,44 @@ def test_bad_requests_fail_with_the_key_named(tiny_model, tmp_path, override, me
 def test_a_head_with_some_labels_lets_the_model_name_the_other_kinds(tiny_model):
     tok = MusicTokenizer.load(str(tiny_model["export"] / "tokenizer"))
     labels = list(range(tok.label_offset, tok.vocab_size))  # collection=band, collection=duo
-    specials = [tok.pad_id, tok.bos_id, 3]
+    specials = [tok.pad_id, tok.bos_id, 3, *tok.infill_ids]
     assert banned_for(tok, [tok.bos_id]) == specials
     assert banned_for(tok, [tok.bos_id, labels[1]]) == specials + labels
     music = tok.encode_base(np.array([4, 5])).tolist()
-    assert banned_for(tok, [tok.bos_id, *music]) == [tok.pad_id, tok.bos_id, 3, *labels]
+    assert banned_for(tok, [tok.bos_id, *music]) == specials + labels
 
 
 def test_a_checkpoint_directory_generates_pieces_cut_to_max_bars(tiny_model, tmp_path):
-    """A DeepSpeed checkpoint directory works as checkpoint= directly, and max_bars=2 cuts
-    every piece (4/4 here) before its third bar."""
+    """A DeepSpeed checkpoint directory works as checkpoint= directly, and max_bars=2 stops
+    sampling at the third bar line, long before max_new_tokens, and cuts every piece (4/4
+    here) before its third bar."""
     (step,) = (tiny_model["run"] / "checkpoints").glob("step_*")
     out = tmp_path / "cut"
-    generate(step, out, "num_samples=2", "max_bars=2", "sampling.max_new_tokens=120")
+    generate(step, out, "num_samples=3", "max_bars=2", "sampling.max_new_tokens=1000")
     assert (step / "export" / "model.safetensors").exists()
+    rows = samples(out)
+    # A piece may also end at EOS within two bars; none runs on to max_new_tokens.
+    assert {row["stopped_by"] for row in rows} <= {"max_bars", "stop_token"}
+    assert "max_bars" in {row["stopped_by"] for row in rows}
+    assert all(row["new_tokens"] < 1000 and row["bars"] <= 2 for row in rows)
     for midi in sorted(out.glob("sample-*.mid")):
         score = symusic.Score(str(midi))
         assert score.note_num() > 0
         assert max(n.time for t in score.tracks for n in t.notes) < 8 * score.ticks_per_quarter
+
+
+def test_a_piece_four_times_the_context_is_valid_midi(tiny_model, tmp_path):
+    """The window slides three times over: 4 x 128 tokens decode to a valid MIDI file whose
+    music goes on after the first window's, not a piece that stops where the context does."""
+    model, _, tok, _ = load_for_inference(str(tiny_model["export"]), "cpu")
+    context, prompt = model.config.max_seq_len, [tok.bos_id]
+    cfg = SamplingConfig(min_p=DEFAULT_MIN_P, max_new_tokens=4 * context)
+    banned = [tok.eos_id, *banned_for(tok, prompt)]
+    (row,) = decode(model, [prompt], cfg, tok.eos_id, banned_ids=banned)
+    assert len(row.tokens) == 4 * context and row.stop == Stop.max_new_tokens
+    score, _ = to_midi(tok, prompt + row.tokens)
+    score.dump_midi(str(tmp_path / "long.mid"))
+    long = read_score((tmp_path / "long.mid").read_bytes())  # the strict reader
+    first, _ = to_midi(tok, prompt + row.tokens[:context])
+    assert long.note_num() > 3 * first.note_num() > 0
+    assert long.end() > 2 * first.end()

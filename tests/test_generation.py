@@ -1,6 +1,8 @@
-"""Generation: sampling filters, the KV-cache loop against the uncached one, prompts from labels
-and MIDI, and any token sequence back to a valid MIDI score."""
+"""Generation: sampling filters, the KV-cache loop against the uncached one, the window that
+slides past the context, length limits that stop sampling, prompts from labels and MIDI, and
+any token sequence back to a valid MIDI score."""
 
+import dataclasses
 from collections import defaultdict
 from pathlib import Path
 
@@ -9,11 +11,12 @@ import pytest
 import symusic
 import torch
 from conftest import run_module
-from midi_factory import piece, write_corpus, write_piece
+from midi_factory import piece, varied_piece, write_corpus, write_piece
 
 from data_pipeline.config import TokenizerConfig, TokenizerKind
 from data_pipeline.tokenizer import MusicTokenizer, build_base_tokenizer
-from mtrain.generation.decoding import decode
+from mtrain.generation.compose import GeneratedPiece, head_length
+from mtrain.generation.decoding import Continuation, Stop, decode
 from mtrain.generation.prompts import (
     build_prompt,
     clip_score,
@@ -22,7 +25,8 @@ from mtrain.generation.prompts import (
     tick_at_bar,
 )
 from mtrain.generation.repair import repair, to_midi
-from mtrain.generation.sampling import SamplingConfig, disallow, next_token
+from mtrain.generation.sampling import Sampler, SamplingConfig, next_token
+from mtrain.generation.timeline import Timeline, time_events
 from mtrain.model import GPT, GPTConfig
 
 GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=60)
@@ -48,20 +52,33 @@ def tok(tmp_path_factory) -> MusicTokenizer:
     return MusicTokenizer.load(str(root / "ds" / "tokenizer"))
 
 
-@pytest.fixture(scope="module")
-def model(tok) -> GPT:
+def random_model(tok: MusicTokenizer, max_seq_len: int, positional: str = "rope") -> GPT:
     # A large init spreads the logits: clear argmaxes, and a model that loves to repeat.
     torch.manual_seed(0)
     cfg = GPTConfig(
-        vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, max_seq_len=128, init_std=0.2
+        vocab_size=tok.vocab_size,
+        n_layer=2,
+        n_head=2,
+        d_model=32,
+        max_seq_len=max_seq_len,
+        positional=positional,
+        init_std=0.2,
     )
     return GPT(cfg).eval()
 
 
-def draws(cfg: SamplingConfig, logits: torch.Tensor, n: int = 4000) -> set[int]:
-    rows = logits.expand(n, -1)
-    seen = torch.zeros(n, 0, dtype=torch.long)
-    return set(next_token(rows, seen, cfg, torch.Generator().manual_seed(cfg.seed)).tolist())
+@pytest.fixture(scope="module")
+def model(tok) -> GPT:
+    return random_model(tok, 128)
+
+
+def draws(cfg: SamplingConfig, logits: torch.Tensor, n: int = 4000, banned=()) -> set[int]:
+    return set(Sampler(cfg, banned, "cpu").draw(logits.expand(n, -1)).tolist())
+
+
+def new_tokens(model: GPT, batch, cfg: SamplingConfig, stop_id=None, **options) -> list[list]:
+    """The tokens ``decode`` draws for each prompt."""
+    return [row.tokens for row in decode(model, batch, cfg, stop_id, **options)]
 
 
 def prompts(tok: MusicTokenizer) -> list[list[int]]:
@@ -111,9 +128,9 @@ def test_filters_draw_exactly_the_tokens_they_keep(cfg, kept):
 
 
 def test_disallowed_tokens_are_never_drawn():
-    banned = disallow(PROBS.log()[None], [0, 2, 7])
-    assert draws(SamplingConfig(), banned) == set(range(20)) - {0, 2, 7}
-    assert draws(SamplingConfig(top_k=3), banned) == {1, 3, 4}
+    logits = PROBS.log()[None]
+    assert draws(SamplingConfig(), logits, banned=[0, 2, 7]) == set(range(20)) - {0, 2, 7}
+    assert draws(SamplingConfig(top_k=3), logits, banned=[0, 2, 7]) == {1, 3, 4}
 
 
 def test_repetition_penalty_pushes_seen_tokens_down_whatever_their_sign():
@@ -128,7 +145,7 @@ def test_repetition_penalty_pushes_seen_tokens_down_whatever_their_sign():
 def test_repetition_penalty_lowers_repeats_in_generation(tok, model):
     def distinct_share(penalty: float) -> float:
         cfg = SamplingConfig(temperature=0.0, repetition_penalty=penalty, max_new_tokens=80)
-        rows = decode(model, prompts(tok), cfg, None)
+        rows = new_tokens(model, prompts(tok), cfg)
         return sum(len(set(row)) for row in rows) / sum(map(len, rows))
 
     assert distinct_share(1.5) > 2 * distinct_share(1.0)
@@ -144,52 +161,152 @@ def test_sampling_config_names_a_bad_key():
 
 def test_cached_generation_equals_uncached_and_one_prompt_at_a_time(tok, model):
     batch = prompts(tok)
-    cached = decode(model, batch, GREEDY, None)
+    cached = new_tokens(model, batch, GREEDY)
     assert [len(row) for row in cached] == [60, 60]
-    assert decode(model, batch, GREEDY, None, use_cache=False) == cached
+    assert new_tokens(model, batch, GREEDY, use_cache=False) == cached
     # Prompts of different lengths in one batch: each row as if generated alone.
-    assert [decode(model, [p], GREEDY, None)[0] for p in batch] == cached
+    assert [new_tokens(model, [p], GREEDY)[0] for p in batch] == cached
     # A LongTensor batch of equal-length prompts is read the same way.
     tensor = torch.tensor([batch[0], batch[0]])
-    assert decode(model, tensor, GREEDY, None) == [cached[0], cached[0]]
+    assert new_tokens(model, tensor, GREEDY) == [cached[0], cached[0]]
 
 
 def test_sampled_generation_repeats_with_its_seed(tok, model):
     def sample(seed: int) -> list[list[int]]:
         cfg = SamplingConfig(top_k=50, seed=seed, max_new_tokens=40)
-        return decode(model, prompts(tok), cfg, None)
+        return new_tokens(model, prompts(tok), cfg)
 
     assert sample(3) == sample(3) != sample(4)
 
 
 def test_each_row_stops_after_its_stop_token(tok, model):
     batch = prompts(tok)
-    free = decode(model, batch, GREEDY, None)
+    free = new_tokens(model, batch, GREEDY)
     # In use stop_id is EOS, which an untrained model hardly draws; a token it does draw
     # exercises the same rule.
     stop = free[0][10]
     stopped = decode(model, batch, GREEDY, stop)
     for row, full in zip(stopped, free, strict=True):
         end = full.index(stop) + 1 if stop in full else len(full)
-        assert row == full[:end]
-    assert len(stopped[0]) <= 11 < len(free[0])
+        assert row.tokens == full[:end]
+        assert row.stop == (Stop.stop_token if stop in full else Stop.max_new_tokens)
+    assert len(stopped[0].tokens) <= 11 < len(free[0])
 
 
-def test_generation_never_runs_past_max_seq_len(tok, model):
-    long_prompt = [tok.bos_id] + [5] * 99
-    cfg = SamplingConfig(max_new_tokens=512)
-    assert len(decode(model, [long_prompt], cfg, None)[0]) == 128 - 100
-    assert len(decode(model, [long_prompt], cfg, None, max_len=110)[0]) == 10
-    assert decode(model, [[tok.bos_id] * 128], cfg, None) == [[]]
-    with pytest.raises(ValueError, match="shorten it"):
-        decode(model, [[tok.bos_id] * 129], cfg, None)
+@pytest.mark.parametrize("positional", ["rope", "learned"])
+def test_generation_slides_its_window_past_the_context(tok, positional):
+    """Four times the context: while the sequence fits the tokens are a plain run's; after, the
+    window holds the head (BOS, label) and the latest tokens, cached or not alike."""
+    model, batch = random_model(tok, 32, positional), prompts(tok)
+    head, context = head_length(tok, batch[0]), model.config.max_seq_len
+    assert head == 2
+    # Greedy with a repetition penalty: varied tokens, each one the model's choice.
+    cfg = SamplingConfig(temperature=0.0, repetition_penalty=1.3, max_new_tokens=4 * context)
+    slid = new_tokens(model, batch, cfg, head=head)
+    assert [len(row) for row in slid] == [4 * context] * 2
+    fits = dataclasses.replace(cfg, max_new_tokens=context - len(batch[1]))
+    assert [row[: fits.max_new_tokens] for row in slid] == new_tokens(model, batch, fits, head=head)
+    assert new_tokens(model, batch, cfg, head=head, use_cache=False) == slid
+    # The first slide comes when token context + 1 is due: the window drops half its music.
+    sequence = batch[0] + slid[0]
+    t = context + 1
+    start = t - (context - head) + (context - head) // 2
+    window = torch.tensor([sequence[:head] + sequence[start:t]])
+    with torch.inference_mode():
+        logits = model(window).logits[:, -1]
+    assert next_token(logits, window, cfg, torch.Generator()).item() == sequence[t]
+
+
+def test_a_head_is_bos_and_the_labels(tok):
+    music = tok.encode_base(tok.midi_to_base_ids(piece(5)))[:5].tolist()
+    labels = tok.label_ids({"collection": "jazz"})
+    assert head_length(tok, [tok.bos_id, *labels, *music]) == 2
+    assert head_length(tok, [tok.bos_id, *music]) == 1
+    assert head_length(tok, music) == 0
+
+
+def test_the_timeline_follows_the_decoder_through_meters_and_tempos(tok):
+    """At every note, the clock's seconds are the decoded note's onset, and it reads as many
+    bars as the piece has Bar tokens: 4/4, 3/4, 2/4, 6/8, 5/4, 7/8, 12/8, 1-3 tempos."""
+    names = {i: name for name, i in tok.base.vocab.items()}
+    events = time_events(tok)
+    for seed in range(12):
+        ids = tok.encode_base(tok.midi_to_base_ids(varied_piece(seed))).tolist()
+        clock, onsets = Timeline(tok, events), []
+        for token in ids:
+            assert clock.read(token) is None  # no limits, none reached
+            if names[token].startswith("Pitch"):
+                onsets.append(clock.seconds)
+        score = tok.base_ids_to_midi(tok.decode_base(np.array(ids))).to("second")
+        decoded = sorted(n.time for t in score.tracks for n in t.notes)
+        assert sorted(onsets) == pytest.approx(decoded, abs=1e-4)  # symusic: float32
+        assert clock.bars == [names[i] for i in ids].count("Bar_None")
+
+
+def limited(tok, model, max_bars=None, max_seconds=None) -> list:
+    """Continuations of [BOS] that may only draw one bar's worth of tokens (so bars come
+    quickly), stopped by a Timeline at max_bars or max_seconds, and their scores with one more
+    note (C4) where sampling stopped."""
+    v = tok.base.vocab
+    note = [v["Program_0"], v["Pitch_60"], v["Velocity_63"], v["Duration_1.0.8"]]
+    allowed = {v["Bar_None"], v["TimeSig_4/4"], v["Position_0"], v["Position_16"], *note}
+    banned = [i for i in range(tok.vocab_size) if i not in allowed]
+    meters = [Timeline(tok, time_events(tok), max_bars, max_seconds) for _ in range(3)]
+    cfg = SamplingConfig(max_new_tokens=500, seed=1)
+    rows = decode(model, [[tok.bos_id]] * 3, cfg, None, banned_ids=banned, meters=meters)
+    # After a bar line, the note needs the bar's time signature and a position.
+    opening = [v["TimeSig_4/4"], v["Position_0"]]
+    scores = [
+        to_midi(tok, [tok.bos_id, *row.tokens, *opening[row.tokens[-1] != v["Bar_None"] :], *note])
+        for row in rows
+    ]
+    return rows, [score for score, _ in scores]
+
+
+def onsets(score: symusic.Score) -> list[int]:
+    return [n.time for t in score.tracks for n in t.notes]
+
+
+def test_max_bars_stops_sampling_at_the_bar_line_past_it(tok, model):
+    rows, scores = limited(tok, model, max_bars=3)
+    bar = tok.base.vocab["Bar_None"]
+    for row, score in zip(rows, scores, strict=True):
+        assert row.stop == Stop.max_bars
+        # The fourth bar line is the last token drawn: sampling stopped there, not at 500.
+        assert row.tokens.count(bar) == 4 and row.tokens[-1] == bar
+        # Every note drawn is in the first 3 bars; where it stopped is bar 3 (0-based).
+        *drawn, where = onsets(score)
+        assert max(drawn, default=0) < tick_at_bar(score, 3) <= where
+
+
+def test_max_seconds_stops_sampling_at_the_onset_past_it(tok, model):
+    rows, scores = limited(tok, model, max_seconds=5.0)  # 2 s a bar: 4/4 at 120 bpm
+    for row, score in zip(rows, scores, strict=True):
+        assert row.stop == Stop.max_seconds and len(row.tokens) < 500
+        *drawn, where = onsets(score.to("second"))
+        assert max(drawn, default=0) < 5.0 <= where
+
+
+def test_a_prompt_already_long_enough_draws_nothing(tok, model):
+    v = tok.base.vocab
+    bars = [v["Bar_None"], v["TimeSig_4/4"], v["Position_0"], v["Pitch_60"]] * 3
+    meter = Timeline(tok, time_events(tok), max_bars=2)
+    (row,) = decode(model, [[tok.bos_id, *bars]], GREEDY, None, meters=[meter])
+    assert row == Continuation([], Stop.max_bars)
+
+
+def test_a_piece_reports_what_stopped_it_and_its_bars(tok):
+    score = tok.base_ids_to_midi(tok.midi_to_base_ids(piece(3, bars=5)))
+    stats = GeneratedPiece([1] * 30, 10, score, 0, Stop.max_bars).stats()
+    assert stats["stopped_by"] == "max_bars" and stats["new_tokens"] == 20
+    assert stats["bars"] == 5
 
 
 def test_continuations_never_draw_specials_or_labels(tok, model):
     banned = continuation_banned_ids(tok)
     assert tok.eos_id not in banned and {tok.pad_id, tok.bos_id, tok.label_offset} <= set(banned)
     cfg = SamplingConfig(max_new_tokens=100)
-    rows = decode(model, prompts(tok), cfg, None, banned_ids=banned)
+    rows = new_tokens(model, prompts(tok), cfg, banned_ids=banned)
     assert not {t for row in rows for t in row} & set(banned)
 
 
@@ -280,7 +397,7 @@ def test_a_continuation_starts_with_the_prompt_notes(tok, model, tmp_path):
     assert [names[int(i)] for i in music].count("Bar_None") == 1
     prompt = build_prompt(tok, {"collection": "jazz"}, music)
     assert prompt[:2] == [tok.bos_id, tok.label_ids({"collection": "jazz"})[0]]
-    new = decode(model, [prompt], SamplingConfig(max_new_tokens=60), tok.eos_id)[0]
+    new = new_tokens(model, [prompt], SamplingConfig(max_new_tokens=60), tok.eos_id)[0]
     alone, repairs = to_midi(tok, prompt)
     continued, _ = to_midi(tok, prompt + new)
     assert repairs == 0 and alone.note_num() > 0

@@ -1,5 +1,7 @@
-"""The GPT and its FLOPs arithmetic: shapes, causality, the KV cache, parameter counts, MFU."""
+"""The GPT and its FLOPs arithmetic: shapes, causality, the KV cache, both blocks, rotary tables,
+parameter counts, MFU."""
 
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -7,9 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import launch, losses, train_args
 from omegaconf import OmegaConf
+from safetensors import safe_open
 
 from mtrain import flops
+from mtrain import model as model_module
+from mtrain.artifacts import WEIGHTS, export
 from mtrain.model import GPT, GPTConfig, Linear
 
 VOCAB = 97
@@ -24,6 +30,19 @@ GPT2_SMALL = GPTConfig(
     bias=True,
     positional="learned",
 )
+# Llama 2 7B exactly: 6,738,415,616 parameters as published (untied, hidden 11008).
+LLAMA2_7B = GPTConfig(
+    vocab_size=32000,
+    n_layer=32,
+    n_head=32,
+    d_model=4096,
+    d_ff=11008,
+    max_seq_len=4096,
+    block="llama",
+    tie_embeddings=False,
+)
+# Every (positional, block) a model may have.
+ARCHITECTURES = [("rope", "gpt2"), ("learned", "gpt2"), ("rope", "llama")]
 
 
 def tiny(**overrides) -> GPTConfig:
@@ -69,9 +88,9 @@ def test_targets_of_minus_100_are_left_out_of_the_mean():
     torch.testing.assert_close(loss, expected)
 
 
-@pytest.mark.parametrize("positional", ["rope", "learned"])
-def test_a_future_token_does_not_change_earlier_logits(positional):
-    model = build(tiny(positional=positional)).eval()
+@pytest.mark.parametrize(("positional", "block"), ARCHITECTURES)
+def test_a_future_token_does_not_change_earlier_logits(positional, block):
+    model = build(tiny(positional=positional, block=block)).eval()
     idx = tokens(2, 24)
     changed = idx.clone()
     changed[:, 12] = (changed[:, 12] + 1) % VOCAB
@@ -80,9 +99,9 @@ def test_a_future_token_does_not_change_earlier_logits(positional):
     assert not torch.allclose(before[:, 12:], after[:, 12:])
 
 
-@pytest.mark.parametrize("positional", ["rope", "learned"])
-def test_kv_cache_decoding_matches_a_full_forward(positional):
-    model = build(tiny(positional=positional)).eval()
+@pytest.mark.parametrize(("positional", "block"), ARCHITECTURES)
+def test_kv_cache_decoding_matches_a_full_forward(positional, block):
+    model = build(tiny(positional=positional, block=block)).eval()
     idx = tokens(2, 40)
     with torch.no_grad():
         full = model(idx).logits
@@ -92,6 +111,37 @@ def test_kv_cache_decoding_matches_a_full_forward(positional):
         incremental = torch.cat([model(piece, kv_cache=cache).logits for piece in pieces], dim=1)
     assert cache.pos == 40
     torch.testing.assert_close(incremental, full, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("positional", "block"), ARCHITECTURES)
+def test_hidden_states_of_the_last_block_are_what_lm_head_reads(positional, block):
+    model = build(tiny(positional=positional, block=block)).eval()
+    idx = tokens(2, 20)
+    with torch.no_grad():
+        logits = model.lm_head(model.hidden_states(idx))
+        torch.testing.assert_close(logits, model(idx).logits, rtol=0, atol=0)
+        assert model.hidden_states(idx, layer=0).shape == (2, 20, 32)
+
+
+def test_rotary_tables_are_made_once_per_device_in_fp32_as_the_per_call_formula(monkeypatch):
+    made, rotary = [], model_module.rotary
+    monkeypatch.setattr(model_module, "rotary", lambda *args: made.append(args) or rotary(*args))
+    cfg = tiny(rope_theta=500.0)
+    model = build(cfg).eval().to(torch.bfloat16)  # bf16 weights: the tables stay fp32
+    with torch.no_grad():
+        model(tokens(2, 20))
+        cache = model.new_kv_cache(batch_size=1)
+        for piece in tokens(1, 9).split(3, dim=1):
+            model(piece, kv_cache=cache)
+    assert len(made) == 1 and made[0][1:3] == (0, cfg.max_seq_len)
+    cos, sin = model.rotary_tables[torch.device("cpu")]
+    assert cos.dtype == sin.dtype == torch.float32
+    assert not any("rotary" in key for key in model.state_dict())
+    # The angles as they were computed at every call before the tables, for positions 5..11.
+    freqs = cfg.rope_theta ** -(torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim)
+    angles = torch.outer(torch.arange(5, 12).float(), freqs)
+    torch.testing.assert_close(cos[5:12], angles.cos(), rtol=0, atol=0)
+    torch.testing.assert_close(sin[5:12], angles.sin(), rtol=0, atol=0)
 
 
 def test_kv_cache_and_context_limits_are_errors():
@@ -112,6 +162,18 @@ def test_config_errors_name_the_key():
         GPT(tiny(positional="alibi"))
     with pytest.raises(ValueError, match=r"model\.n_head=3"):
         GPT(tiny(n_head=3))
+    with pytest.raises(ValueError, match=r"model\.block='mamba'"):
+        GPT(tiny(block="mamba"))
+    with pytest.raises(ValueError, match=r"model\.block='llama'.*model\.positional=rope"):
+        GPT(tiny(block="llama", positional="learned"))
+
+
+def test_swiglu_hidden_width_holds_about_the_gelu_mlps_parameters():
+    # 8/3 d_model rounded up to a multiple of 64: exactly 8/3 d for GPT-2 small's width.
+    assert tiny(d_model=768, n_head=12, block="llama").hidden == 2048
+    assert tiny(d_model=512, n_head=8, block="llama").hidden == 1408
+    assert tiny(d_model=512, n_head=8).hidden == 2048
+    assert tiny(block="llama", d_ff=100).hidden == 100
 
 
 def test_input_and_output_embeddings_share_one_tensor():
@@ -153,8 +215,10 @@ def test_weight_decay_only_on_matrices_and_each_tensor_once():
         tiny(bias=True),
         tiny(positional="learned", tie_embeddings=False),
         tiny(bias=True, positional="learned", d_ff=48, n_layer=3),
+        tiny(block="llama"),
+        tiny(block="llama", bias=True, tie_embeddings=False, d_ff=48),
     ],
-    ids=["tied-rope", "bias", "learned-untied", "bias-learned-d_ff"],
+    ids=["tied-rope", "bias", "learned-untied", "bias-learned-d_ff", "llama", "llama-bias"],
 )
 def test_analytic_param_count_is_the_model_count(cfg):
     model = build(cfg)
@@ -174,6 +238,16 @@ def test_param_count_of_the_gpt2_small_shape_built_on_meta():
     embeddings = (50257 + 1024) * 768
     assert count(model, non_embedding=True) == 124_439_808 - embeddings
     assert flops.param_count(GPT2_SMALL, include_embeddings=False) == 124_439_808 - embeddings
+
+
+def test_param_count_of_the_llama2_7b_shape_built_on_meta():
+    with torch.device("meta"):
+        model = GPT(LLAMA2_7B)
+    assert sum(p.numel() for p in model.parameters()) == 6_738_415_616
+    assert flops.param_count(LLAMA2_7B) == 6_738_415_616
+    # SwiGLU's three matrices per block count in N: 6N + attention, N without the lookup table.
+    n = 6_738_415_616 - 32000 * 4096
+    assert flops.flops_per_token(LLAMA2_7B, 4096) == 6 * n + 12 * 32 * 4096 * 4096
 
 
 def test_flops_per_token():
@@ -249,7 +323,9 @@ def test_a_tiny_model_overfits_one_batch():
     assert losses[-1] < 0.5 * losses[0]
 
 
-@pytest.mark.parametrize("name", ["tiny", "gpt_125m", "gpt_350m", "gpt_760m", "gpt_1b"])
+@pytest.mark.parametrize(
+    "name", ["tiny", "small_20m", "gpt_125m", "gpt_350m", "gpt_760m", "gpt_1b"]
+)
 def test_model_configs_are_gpt_configs(name):
     raw = OmegaConf.load(MODEL_CONFS / f"{name}.yaml")
     assert "vocab_size" not in raw  # it comes from the tokenizer
@@ -272,3 +348,31 @@ def test_decoding_linear_equals_nn_linear(rows, bias):
         fast = layer(x)
     assert fast.shape == (rows, 1, 80)
     torch.testing.assert_close(fast, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_training_has_the_eager_losses_and_plain_parameter_names(bach_dataset, tmp_path):
+    """model.compile=true: DeepSpeed's engine.compile() (inductor) gives the eager losses step
+    by step, and its checkpoint and export name parameters as the model does, with no
+    "_orig_mod." of a torch.compile wrapper; the Llama block exports as LlamaForCausalLM."""
+    shape = ["model.block=llama", "deepspeed.zero_stage=0", "trainer.max_steps=3"]
+    runs = {"eager": tmp_path / "eager", "compiled": tmp_path / "compiled"}
+    for name, run_dir in runs.items():
+        extra = ["model.compile=true"] if name == "compiled" else []
+        # torchrun for one rank: a free port of its own, beside other trainings
+        proc = launch(train_args(bach_dataset, run_dir, *shape, *extra), ranks=1, torchrun=True)
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-4000:]
+    eager, compiled = losses(runs["eager"]), losses(runs["compiled"])
+    assert sorted(compiled) == [1, 2, 3]
+    for step, loss in eager.items():
+        assert compiled[step] == pytest.approx(loss, rel=1e-5, abs=1e-5), step
+    checkpoint = runs["compiled"] / "checkpoints" / "step_00000003"
+    saved = torch.load(checkpoint / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    exported = export(runs["compiled"], tmp_path / "export")
+    with safe_open(exported / WEIGHTS, "pt") as weights:
+        names = set(weights.keys())
+    meta = json.loads((exported / "config.json").read_text())
+    plain = set(build(tiny(block="llama")).state_dict())
+    assert set(saved) == plain and names <= plain and "blocks.0.mlp.gate.weight" in names
+    assert meta["hf_architecture"] == "LlamaForCausalLM"

@@ -1,6 +1,7 @@
 """The resilient pool: a worker that dies or hangs costs one item, never the run."""
 
 import time
+from itertools import count, islice
 
 from pool_tasks import square_or_misbehave
 
@@ -28,3 +29,9 @@ def test_crash_hang_and_error_each_cost_one_item():
 def test_results_keep_input_order_with_one_worker():
     with ResilientPool(square_or_misbehave, workers=1, timeout_s=30) as pool:
         assert list(pool.imap([3, 2, 1])) == [9, 4, 1]
+
+
+def test_an_endless_input_is_drawn_as_workers_free_up():
+    # A million-file listing is never held whole: items are drawn lazily, in order.
+    with ResilientPool(abs, workers=2, timeout_s=30) as pool:
+        assert list(islice(pool.imap(count(-3)), 6)) == [3, 2, 1, 0, 1, 2]

@@ -110,8 +110,6 @@ def test_a_second_job_and_a_changed_config_are_refused_with_nothing_changed(bach
     code, out = run([*args, "trainer.max_steps=500", "model.n_layer=1"], ranks=1)
     assert code == 2 and "model.n_layer: run 2, now 1" in out, out[-3000:]
     assert "init_from=" in out and "init_distributed" not in out
-    code, out = run([*args, "trainer.max_steps=500"], ranks=2)
-    assert code != 0 and "world size: run 1 ranks, now 2" in out, out[-3000:]
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in kept} == before
     assert (run_dir / "metrics.jsonl").read_bytes() == metrics
     assert not (run_dir / "LOCK").exists()

@@ -12,6 +12,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import midi_factory
 import pytest
 from conftest import REPO, comparable, run_module
 
@@ -197,6 +198,46 @@ def test_prepare_array_and_merge_equal_a_single_prepare(slurm, midi_corpus, tmp_
     assert len(load_card(str(sliced))["slices"]) == 2
 
 
+def test_prepare_array_at_scale_streams_and_learns_a_bounded_vocabulary(slurm, tmp_path):
+    """bench/bench_corpus.py's path at CI size: a procedural corpus with bad files and
+    duplicates, three array tasks and the merge, a BPE vocabulary learned from a bounded
+    sample of pieces; every file accounted for, no task's memory near a corpus-sized one."""
+    files = 1200
+    corpus, out = tmp_path / "corpus", tmp_path / "ds"
+    midi_factory.write_scale_corpus(corpus, files, workers=2)
+    proc = subprocess.run(
+        [
+            str(REPO / "slurm" / "prepare.sh"),
+            "3",
+            f"source={corpus}",
+            f"output={out}",
+            "tokenizer.learned.kind=bpe",
+            "tokenizer.learned.size=1000",
+            "tokenizer.learned.max_pieces=400",
+        ],
+        env={
+            **slurm,
+            "SBATCH_ARGS": f"--cpus-per-task=1 --output={tmp_path}/%x-%j.out --chdir={REPO}",
+        },
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    merge_job = proc.stdout.split("merge job ")[1].strip()
+    assert wait_for(slurm, merge_job, {"COMPLETED"}) == "COMPLETED"
+    card = load_card(str(out))
+    assert card["files"]["total"] == files
+    assert len((out / "manifest.jsonl").read_text().splitlines()) == files
+    assert card["files"]["duplicates"] > 0
+    assert {"empty", "not_midi", "parse_error", "no_notes"} <= set(card["failures"]["by_reason"])
+    assert card["tokenizer"]["learned_vocab_size"] == 1000
+    assert [s["index"] for s in card["slices"]] == [0, 1, 2]
+    for task in card["slices"]:
+        # Interpreter, MidiTok and torch: ~250 MiB at any corpus size (bench/bench_corpus.py).
+        assert task["peak_rss_mb"]["collector"] < 600, task
+        assert task["peak_rss_mb"]["worker"] < 600, task
+
+
 @pytest.mark.parametrize(
     ("script", "args"),
     [
@@ -280,6 +321,26 @@ def test_submitit_sweep_runs_each_job_with_slurm_ranks(slurm, bach_dataset, tmp_
     assert any("optim.lr=0.0003" in o for o in overrides)
 
 
+def two_nodes(tmp_path: Path):
+    """A second slurmd in its own network namespace, one rank per node."""
+    return local_cluster(
+        tmp_path / "cluster", nodes=2, ranks_per_node=1, GLOO_SOCKET_IFNAME="mtrain0"
+    )
+
+
+def train_on_two_nodes(env: dict, tmp_path: Path, dataset, run_dir: Path, *extra: str) -> str:
+    return sbatch(
+        env,
+        "--nodes=2",
+        f"--output={tmp_path}/%j.out",
+        "slurm/train.sbatch",
+        f"data.path={dataset}",
+        f"run_dir={run_dir}",
+        *extra,
+        *TRAIN,
+    )
+
+
 @pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None,
     reason="a second node needs root and iproute2 for its network namespace",
@@ -287,24 +348,52 @@ def test_submitit_sweep_runs_each_job_with_slurm_ranks(slurm, bach_dataset, tmp_
 def test_two_nodes_train_across_a_network_namespace(bach_dataset, tmp_path):
     """A second slurmd in its own network namespace, reached over a veth pair: one rank per
     node, the rendezvous and gloo traffic go between the two addresses."""
-    cluster = local_cluster(
-        tmp_path / "cluster", nodes=2, ranks_per_node=1, GLOO_SOCKET_IFNAME="mtrain0"
-    )
-    with cluster as env:
-        run_dir = tmp_path / "run"
-        job = sbatch(
-            env,
-            "--nodes=2",
-            f"--output={tmp_path}/%j.out",
-            "slurm/train.sbatch",
-            f"data.path={bach_dataset}",
-            f"run_dir={run_dir}",
-            "trainer.max_steps=8",
-            *TRAIN,
-        )
+    run_dir = tmp_path / "run"
+    with two_nodes(tmp_path) as env:
+        job = train_on_two_nodes(env, tmp_path, bach_dataset, run_dir, "trainer.max_steps=8")
         assert wait_for(env, job, {"COMPLETED"}) == "COMPLETED"
     log = (tmp_path / f"{job}.out").read_text()
     assert "2 node(s) x 1 rank(s), master 10.77.0." in log
     assert steps(run_dir) == list(range(1, 9))
     shares = [(run_dir / f"train-rank{r}.log").read_text() for r in (0, 1)]
     assert all("(50.0%)" in s for s in shares)  # ZeRO-3 partitioned across the two nodes
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None,
+    reason="a second node needs root and iproute2 for its network namespace",
+)
+def test_a_requeue_on_fewer_nodes_resumes_the_run(bach_dataset, tmp_path):
+    """A job started on both nodes (one rank each) is preempted; while it is requeued, node2
+    is drained and the job asks for ``--nodes=1-2`` (Slurm gives a range as many nodes as are
+    free when it starts): it comes back on one node and goes on from the 2-rank ZeRO-3
+    checkpoint."""
+    run_dir = tmp_path / "run"
+    with two_nodes(tmp_path) as env:
+        job = train_on_two_nodes(
+            env, tmp_path, bach_dataset, run_dir, "trainer.max_steps=40", "trainer.save_every=1000"
+        )
+        deadline = time.monotonic() + 240
+        while not (run_dir / "metrics.jsonl").exists() or len(steps(run_dir)) < 5:
+            assert time.monotonic() < deadline
+            assert job_field(env, job, "JobState") in {"PENDING", "CONFIGURING", "RUNNING"}
+            time.sleep(0.2)
+        subprocess.run(
+            ["scontrol", "update", "nodename=node2", "state=drain", "reason=elastic-test"],
+            env=env,
+            check=True,
+        )
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
+        wait_for(env, job, {"PENDING"}, timeout=120)
+        # The task count of the first start (2 nodes x 1) stays with a requeued job, and would
+        # keep asking for 2 nodes: it goes too.
+        subprocess.run(
+            ["scontrol", "update", f"jobid={job}", "numnodes=1-2", "numtasks=1"],
+            env=env,
+            check=True,
+        )
+        assert wait_for(env, job, {"COMPLETED"}) == "COMPLETED"
+    log = (tmp_path / f"{job}.out").read_text()
+    assert "restart 0: 2 node(s) x 1 rank(s)" in log and "restart 1: 1 node(s)" in log
+    assert "written by 2 rank(s), now 1: converted ZeRO-3 state" in log
+    assert steps(run_dir) == list(range(1, 41))  # no step lost, none repeated

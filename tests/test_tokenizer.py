@@ -62,6 +62,20 @@ def test_learned_vocabulary_round_trips_exactly(training_pieces, kind):
     np.testing.assert_array_equal(tok.decode_base(tok.encode_base(rare)), rare)
 
 
+@pytest.mark.parametrize("kind", [LearnedVocabKind.bpe, LearnedVocabKind.unigram])
+def test_bar_by_bar_encoding_gives_the_whole_piece_encoding(training_pieces, kind):
+    base, pieces = training_pieces
+    cfg = LearnedVocabConfig(kind=kind, size=700)
+    vocab = LearnedVocab(train(pieces, range(4, len(base)), base.vocab["Bar_None"], cfg, seed=0))
+    vocab.CACHED_BARS = 50  # fewer than the pieces' bars: eviction happens too
+    unseen = [np.asarray(base.encode(piece(seed)).ids) for seed in range(1000, 1005)]
+    for ids in [*pieces[:10], *unseen, *pieces[:3]]:  # the last three come from the cache
+        body = ids[ids >= 4]
+        whole = vocab.encode(body)  # no bar id: the piece in one go
+        np.testing.assert_array_equal(vocab.encode(body, base.vocab["Bar_None"]), whole)
+    assert len(vocab._bars) == 50
+
+
 def test_learned_size_must_exceed_the_base_vocabulary(training_pieces):
     base, pieces = training_pieces
     with pytest.raises(ValueError, match=r"tokenizer.learned.size=100 must exceed"):

@@ -6,6 +6,7 @@ dozen steps) so the whole file stays within a few minutes on two cores.
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, kill_tree, launch, losses, run, train_args
+from conftest import CPU_ENV, REPO, free_port, kill_tree, launch, losses, run, train_args
 from wandb_records import history
 
 from data_pipeline.tokenizer import MusicTokenizer
@@ -192,7 +193,7 @@ def test_export_consolidates_zero3_and_matches_transformers(bach_dataset, tmp_pa
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     model, meta = load_exported(export_dir)
-    assert meta["step"] == 6 and meta["hf_gpt2"]
+    assert meta["step"] == 6 and meta["hf_architecture"] == "GPT2LMHeadModel"
     assert meta["verified_logits_max_abs_diff"] < 1e-5
     probe = torch.load(run_dir / "checkpoints" / "step_00000006" / "probe.pt")
     hf = GPT2LMHeadModel.from_pretrained(export_dir / "hf").eval()
@@ -265,3 +266,23 @@ def test_evaluate_reports_bits_per_note_and_second(uninterrupted, bach_dataset, 
     assert sum(shares) == pytest.approx(1.0)
     assert {"Pitch", "Duration", "Position", "conditioning"} <= set(lik["by_token_type"])
     assert "| bits_per_note |" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "precision"), [(0, "fp32"), (3, "bf16")])
+def test_a_step_with_a_nan_loss_leaves_the_weights_alone_under_a_real_engine(stage, precision):
+    """ZeRO-3 in bf16 (the default) relies on DeepSpeed's own check of the gradient norm,
+    ZeRO-0 in fp32 on the trainer's."""
+    script = Path(__file__).with_name("poisoned_step.py")
+    proc = subprocess.run(
+        [sys.executable, str(script), str(stage), precision, str(free_port())],
+        env={**os.environ, **CPU_ENV},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["first_applied"] and not seen["bad_applied"] and seen["bad_nonfinite"] == 2
+    assert seen["unchanged"] and seen["finite"]
+    assert seen["after_applied"] and math.isfinite(seen["after_loss"])

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from scripted_engine import ScriptedEngine, micro_batches
 
 from data_pipeline.errors import ConfigError
 from mtrain.checkpoint import _prune, latest_complete
@@ -282,60 +283,45 @@ def test_prune_with_keep_last_1_and_nothing_complete(tmp_path):
 
 
 # ---- the optimizer step's non-finite bookkeeping -----------------------------------------------
-class ScriptedEngine:
-    """A stand-in for the DeepSpeed engine: each forward returns the next scripted loss."""
-
-    def __init__(self, losses: list[float]):
-        self.losses = iter(losses)
-        self.backwards: list[float] = []
-        self.steps = 0
-
-    def __call__(self, inputs, targets):
-        return SimpleNamespace(loss=torch.tensor(next(self.losses)))
-
-    def backward(self, loss):
-        self.backwards.append(loss.item())
-
-    def step(self):
-        self.steps += 1
-
-    def get_global_grad_norm(self):
-        return torch.tensor(0.5)
-
-
-def micro_batches():
-    while True:
-        yield torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long)
-
-
-def test_a_non_finite_micro_batch_is_skipped_and_counted():
-    engine = ScriptedEngine([1.0, math.nan, 2.0, math.inf, 6.0])
-    step = OptimizerStep(engine, "cpu", grad_accum=3, max_nonfinite_in_row=2, whole_grads=False)
-    loss = step(micro_batches(), 1, StepTimer())
-    assert loss == pytest.approx(3.0)  # the mean of the three finite ones
-    assert engine.backwards == [1.0, 2.0, 6.0] and engine.steps == 3
-    assert step.nonfinite_skipped == 2
+def test_a_non_finite_loss_skips_the_step_and_is_counted():
+    engine = ScriptedEngine([1.0, math.nan, 2.0, 4.0, 6.0, 8.0], grad_accum=3)
+    step = OptimizerStep(engine, "cpu", grad_accum=3, max_nonfinite_in_row=2, clips_own=False)
+    first = step(micro_batches(), 1, StepTimer())
+    assert first.loss == pytest.approx(1.5)  # the mean of the two finite ones
+    assert (first.nonfinite, first.applied) == (1, False)
+    assert len(engine.backwards) == 3  # every micro batch goes through backward
+    second = step(micro_batches(), 2, StepTimer())
+    assert (second.loss, second.nonfinite, second.applied) == (6.0, 0, True)
+    assert step.nonfinite_skipped == 1 and step.nonfinite_in_row == 0
     assert step.grad_norm == 0.5
 
 
-def test_too_many_non_finite_losses_in_a_row_stop_the_run():
-    engine = ScriptedEngine([1.0, math.nan, 1.0, math.nan, math.nan, math.nan])
-    step = OptimizerStep(engine, "cpu", grad_accum=4, max_nonfinite_in_row=3, whole_grads=False)
-    message = r"3 micro batches in a row .* at step 7; lower optim\.lr"
+def test_too_many_steps_in_a_row_with_a_non_finite_loss_stop_the_run():
+    engine = ScriptedEngine([1.0, math.nan, math.inf, 1.0, math.nan, math.nan], grad_accum=2)
+    step = OptimizerStep(engine, "cpu", grad_accum=2, max_nonfinite_in_row=3, clips_own=False)
+    message = r"3 optimizer steps in a row .* at step 7; lower optim\.lr"
+    step(micro_batches(), 5, StepTimer())
+    step(micro_batches(), 6, StepTimer())
     with pytest.raises(NonFiniteLoss, match=message):
         step(micro_batches(), 7, StepTimer())
-    assert step.nonfinite_skipped == 4 and engine.backwards == [1.0, 1.0]
+    assert step.nonfinite_skipped == 4
 
 
-def test_whole_gradient_norm_is_measured_without_zero():
+def test_without_zero_the_trainer_clips_measures_and_checks_the_whole_gradients():
     model = torch.nn.Linear(3, 1, bias=False)
-    model.weight.grad = torch.tensor([[3.0, 0.0, 4.0]])
-    engine = ScriptedEngine([1.0, 2.0])
+    engine = ScriptedEngine([1.0, 2.0, 1.0, 1.0], grad_accum=2, grad_norm=None)
     engine.module = model
-    engine.get_global_grad_norm = lambda: None  # DeepSpeed reports none without ZeRO
-    step = OptimizerStep(engine, "cpu", grad_accum=2, max_nonfinite_in_row=2, whole_grads=True)
-    step(micro_batches(), 1, StepTimer())
-    assert step.grad_norm == pytest.approx(5.0)
+    engine.optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    engine.backward = lambda loss: setattr(model.weight, "grad", torch.tensor([[3.0, 0.0, 4.0]]))
+    step = OptimizerStep(
+        engine, "cpu", grad_accum=2, max_nonfinite_in_row=2, clips_own=True, grad_clip=1.0
+    )
+    assert step(micro_batches(), 1, StepTimer()).applied
+    assert step.grad_norm == pytest.approx(5.0)  # before clipping
+    assert torch.linalg.vector_norm(model.weight.grad) == pytest.approx(1.0)
+    engine.backward = lambda loss: setattr(model.weight, "grad", torch.full((1, 3), math.inf))
+    assert not step(micro_batches(), 2, StepTimer()).applied
+    assert model.weight.grad is None  # dropped: the optimizer skips every parameter
 
 
 # ---- step timer --------------------------------------------------------------------------------
@@ -379,6 +365,10 @@ def test_preemption_is_due_after_a_signal_and_stops_after_saving(own_signal_hand
     preemption = Preemption(SimpleNamespace(save=saved.append), exit_code=75)
     assert not preemption.due(3)
     os.kill(os.getpid(), signal.SIGUSR1)
+    assert preemption.raised and not preemption.due(4)  # due once the ranks agree on it
+    engine = ScriptedEngine([1.0], grad_accum=1)
+    step = OptimizerStep(engine, "cpu", grad_accum=1, max_nonfinite_in_row=1, clips_own=False)
+    preemption.agreed = step(micro_batches(), 4, StepTimer(), preemption.raised).stop_asked
     assert preemption.due(4)
     with pytest.raises(Preempted) as stop:
         preemption.run(4, {})

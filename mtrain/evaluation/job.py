@@ -28,8 +28,10 @@ from data_pipeline.errors import ConfigError, require
 from data_pipeline.reader import ShardReader, split_shares
 from mtrain.artifacts import load_for_data
 from mtrain.evaluation import reports
+from mtrain.evaluation.infill import InfillEvalConfig, evaluate_infilling, infill_markdown
 from mtrain.evaluation.likelihood import evaluate_pieces
 from mtrain.generation.compose import DEFAULT_MIN_P, compose
+from mtrain.generation.infill import check_trained_for_infilling
 from mtrain.generation.prompts import build_prompt, parse_labels
 from mtrain.generation.sampling import SamplingConfig
 from mtrain.tracking import LoggerConfig, WandbMode, log_report, table
@@ -73,6 +75,9 @@ class EvaluateConfig:
     batch_size: int = 8
     max_pieces: int | None = None
     music: MusicEvalConfig = field(default_factory=MusicEvalConfig)
+    # infill.bars=2: fill 2 bars in the middle of each piece (a model trained with
+    # data.infill_rate > 0), NLL with and without the suffix, filled vs true bars' metrics.
+    infill: InfillEvalConfig = field(default_factory=InfillEvalConfig)
     # Where the model runs: auto (the GPU when there is one), cpu, cuda, cuda:1, ...
     device: str = "auto"
     # Metrics only, no model: every MIDI file under midi_dir, against reference_dir if given.
@@ -107,6 +112,8 @@ def markdown(report: dict) -> str:
     if "music" in report:
         lines += ["## Musical metrics: generated vs reference", ""]
         lines.append(reports.markdown_comparison(report["music"]))
+    if "infill" in report:
+        lines += infill_markdown(report["infill"])
     return "\n".join(lines) + "\n"
 
 
@@ -177,6 +184,13 @@ def evaluate_model(cfg: EvaluateConfig, out: Path) -> dict:
             out,
         )
         report["music"]["repairs"] = sum(p.repairs for p in pieces)
+    if cfg.infill.bars:
+        check_trained_for_infilling(tokenizer, meta, cfg.checkpoint)
+        log.info(
+            "filling %d bars in %d pieces of %s", cfg.infill.bars, cfg.infill.max_pieces, cfg.split
+        )
+        pieces = islice(reader.pieces(shares), cfg.infill.max_pieces)
+        report["infill"] = evaluate_infilling(model, tokenizer, pieces, cfg.infill)
     return report
 
 

@@ -24,14 +24,15 @@ IGNORE = -100
 
 def token_types(tokenizer: MusicTokenizer) -> list[str]:
     """A type per model id: the MidiTok token family (Pitch, Duration, Position, ...),
-    ``special``, ``conditioning`` for labels, ``learned`` for learned-vocabulary pieces."""
+    ``special``, ``infill`` for the infilling tokens, ``conditioning`` for labels, ``learned``
+    for learned-vocabulary pieces."""
     types = ["special"] * len(SPECIAL_TOKENS)
     if tokenizer.learned is None:
         by_id = {i: name for name, i in tokenizer.base.vocab.items()}
         types += [by_id[i].split("_")[0] for i in range(len(SPECIAL_TOKENS), len(by_id))]
     else:
         types += ["learned"] * tokenizer.num_units
-    return types + ["conditioning"] * len(tokenizer.labels)
+    return types + ["infill"] * tokenizer.num_infill + ["conditioning"] * len(tokenizer.labels)
 
 
 def windows(doc: np.ndarray, length: int) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -2,15 +2,18 @@
 
 import dataclasses
 from dataclasses import dataclass
+from itertools import takewhile
 
 import symusic
 
+from data_pipeline.midi_file import barline_ticks
 from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.evaluation.music_metrics import compute_all
-from mtrain.generation.decoding import decode
+from mtrain.generation.decoding import Stop, decode
 from mtrain.generation.prompts import banned_for, clip_score
 from mtrain.generation.repair import to_midi
 from mtrain.generation.sampling import SamplingConfig
+from mtrain.generation.timeline import Timeline, time_events
 from mtrain.model import GPT
 
 # The apps' default min-p: the long tail of a small model's distribution (15% of the mass on
@@ -27,22 +30,43 @@ class GeneratedPiece:
     prompt_tokens: int
     score: symusic.Score
     repairs: int
-    stopped: bool  # drew EOS before any length limit
+    stop: Stop  # what ended sampling: EOS, max_new_tokens, max_bars or max_seconds
 
     @property
     def new_tokens(self) -> int:
         return len(self.ids) - self.prompt_tokens
 
+    @property
+    def bars(self) -> int:
+        """Bars up to the one the last note starts in (0 without notes); a note held past the
+        cut at max_bars adds none."""
+        onsets = [int(t.notes.numpy()["time"].max()) for t in self.score.tracks if t.notes]
+        if not onsets:
+            return 0
+        last = max(onsets)
+        return sum(1 for _ in takewhile(lambda tick: tick <= last, barline_ticks(self.score)))
+
     def stats(self) -> dict:
         return {
             "tokens": len(self.ids),
             "new_tokens": self.new_tokens,
+            "stopped_by": str(self.stop),
             "repairs": self.repairs,
-            "ended_with_eos": self.stopped,
             "notes": self.score.note_num(),
+            "bars": self.bars,
             "seconds": round(float(self.score.to("second").end()), 3),
             **compute_all(self.score),
         }
+
+
+def head_length(tokenizer: MusicTokenizer, prompt: list[int]) -> int:
+    """The leading ids of ``prompt`` that say what the piece is, BOS and the labels: a piece
+    longer than the model's context keeps them in its window."""
+    labels = range(tokenizer.label_offset, tokenizer.vocab_size)
+    head = int(bool(prompt) and prompt[0] == tokenizer.bos_id)
+    while head < len(prompt) and prompt[head] in labels:
+        head += 1
+    return head
 
 
 def compose(
@@ -57,18 +81,30 @@ def compose(
 ) -> list[GeneratedPiece]:
     """``count`` pieces continuing ``prompt`` (model ids starting with BOS), drawn
     ``batch_size`` at a time; batch b draws with seed ``sampling.seed + b`` so that any batch
-    size gives reproducible music."""
+    size gives reproducible music. Each piece (prompt included) ends at EOS, after
+    ``sampling.max_new_tokens`` new tokens, or as soon as it reaches ``max_bars`` bars or
+    ``max_seconds`` seconds: sampling stops there, and the score is cut to that length."""
     if count < 1 or batch_size < 1:
         raise ValueError(f"num_samples={count} and batch_size={batch_size} must be >= 1")
     banned = banned_for(tokenizer, prompt)
+    limited = max_bars is not None or max_seconds is not None
+    events = time_events(tokenizer) if limited else {}
     pieces = []
     for batch, start in enumerate(range(0, count, batch_size)):
         rows = min(batch_size, count - start)
         seeded = dataclasses.replace(sampling, seed=sampling.seed + batch)
-        for new in decode(model, [prompt] * rows, seeded, tokenizer.eos_id, banned_ids=banned):
-            ids = prompt + new
+        meters = [Timeline(tokenizer, events, max_bars, max_seconds) for _ in range(rows)]
+        for new in decode(
+            model,
+            [prompt] * rows,
+            seeded,
+            tokenizer.eos_id,
+            banned_ids=banned,
+            head=head_length(tokenizer, prompt),
+            meters=meters if limited else (),
+        ):
+            ids = prompt + new.tokens
             score, repairs = to_midi(tokenizer, ids)
-            stopped = bool(new) and new[-1] == tokenizer.eos_id
-            piece = clip_score(score, max_bars, max_seconds)
-            pieces.append(GeneratedPiece(ids, len(prompt), piece, repairs, stopped))
+            piece = clip_score(clip_score(score, max_bars), seconds=max_seconds)
+            pieces.append(GeneratedPiece(ids, len(prompt), piece, repairs, new.stop))
     return pieces

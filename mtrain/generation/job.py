@@ -1,8 +1,9 @@
 """A generation job, what ``python -m mtrain.generate`` runs.
 
-Three modes, from what is given: unconditional (neither), conditioned on label tokens
-(``label=<kind>:<value>``, as the dataset card lists them), and continuation of the first bars
-or seconds of a prompt MIDI file (with or without labels). Every sample is written as a valid
+Four modes, from what is given: unconditional (neither), conditioned on label tokens
+(``label=<kind>:<value>``, as the dataset card lists them), continuation of the first bars
+or seconds of a prompt MIDI file (with or without labels), and infilling of a prompt's bars
+(``infill=bars:9-12``, ``mtrain.generation.infill``). Every sample is written as a valid
 ``.mid`` (token orders the decoder would refuse are repaired, and counted), a piano-roll
 ``.png`` and, where a General MIDI SoundFont is installed, a ``.wav``; ``samples.json`` holds
 each sample's tokens, repairs and musical metrics.
@@ -11,6 +12,7 @@ each sample's tokens, repairs and musical metrics.
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +21,20 @@ from omegaconf import OmegaConf
 from data_pipeline.errors import require
 from mtrain.artifacts import load_for_inference
 from mtrain.generation.compose import DEFAULT_MIN_P, compose
-from mtrain.generation.prompts import build_prompt, parse_labels, prompt_from_midi
+from mtrain.generation.infill import (
+    BAR_RANGE_FORMAT,
+    BarRange,
+    check_trained_for_infilling,
+    infill,
+    plan_infill,
+)
+from mtrain.generation.prompts import (
+    build_prompt,
+    parse_labels,
+    prompt_from_midi,
+    read_prompt,
+    validate_labels,
+)
 from mtrain.generation.render import RenderConfig, Renderer, wandb_media
 from mtrain.generation.sampling import SamplingConfig
 from mtrain.tracking import LoggerConfig, WandbMode, log_report, table
@@ -41,6 +56,10 @@ class GenerateConfig:
     prompt: str | None = None
     prompt_bars: int | None = None
     prompt_seconds: float | None = None
+    # Bars of the prompt to regenerate from the bars around them, bars:FIRST-LAST counted from
+    # 1 (e.g. bars:9-12), for a model trained with data.infill_rate > 0; every note starting
+    # outside them is kept as it is in the prompt.
+    infill: str | None = None
     # Length limits on each whole piece (prompt included) besides sampling.max_new_tokens.
     max_bars: int | None = None
     max_seconds: float | None = None
@@ -70,18 +89,46 @@ class GenerateConfig:
                 ),
                 (self.max_bars is None or self.max_bars >= 1, "max_bars", positive),
                 (self.max_seconds is None or self.max_seconds > 0, "max_seconds", "must be > 0"),
+                (
+                    self.infill is None or BarRange.parse(self.infill) is not None,
+                    "infill",
+                    f"must be {BAR_RANGE_FORMAT}",
+                ),
+                (
+                    self.infill is None or self.prompt is not None,
+                    "infill",
+                    "needs prompt=<file.mid>: the piece whose bars are regenerated",
+                ),
+                (
+                    self.infill is None or (self.prompt_bars, self.prompt_seconds) == (None, None),
+                    "infill",
+                    "reads the whole prompt: drop prompt_bars and prompt_seconds",
+                ),
             ],
         )
 
 
+def length_limits(cfg: GenerateConfig) -> str:
+    """Where a sample ends, in words: 'at EOS, 512 new tokens or 8 bars'."""
+    limits = [f"{cfg.sampling.max_new_tokens} new tokens"]
+    if cfg.max_bars is not None:
+        limits.append(f"{cfg.max_bars} bars")
+    if cfg.max_seconds is not None:
+        limits.append(f"{cfg.max_seconds:g} s")
+    return "at EOS, " + " or ".join(limits)
+
+
 def mode_of(cfg: GenerateConfig) -> str:
+    if cfg.infill:
+        return "infill"
     if cfg.prompt:
         return "continuation"
     return "label" if cfg.label else "unconditional"
 
 
 def markdown(rows: list[dict]) -> str:
-    columns = ["sample", "new_tokens", "repairs", "notes", "seconds", "pitch_range"]
+    columns = ["sample", "new_tokens", "stopped_by", "repairs", "notes", "bars", "seconds"]
+    columns += ["pitch_range"]
     columns += ["pitch_class_entropy", "scale_consistency", "polyphony", "note_density"]
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for row in rows:
@@ -93,40 +140,57 @@ def markdown(rows: list[dict]) -> str:
 def generate_samples(cfg: GenerateConfig, overrides: list[str] = ()) -> dict:
     model, meta, tokenizer, model_dir = load_for_inference(cfg.checkpoint, cfg.device)
     labels = parse_labels(cfg.label)
-    prompt_ids = None
-    if cfg.prompt:
-        bars = cfg.prompt_bars if cfg.prompt_seconds is not None else (cfg.prompt_bars or 4)
-        prompt_ids = prompt_from_midi(tokenizer, cfg.prompt, bars, cfg.prompt_seconds)
-    prompt = build_prompt(tokenizer, labels, prompt_ids)
+    if cfg.infill:
+        check_trained_for_infilling(tokenizer, meta, cfg.checkpoint)
+        validate_labels(tokenizer, labels)
+        gap = BarRange.parse(cfg.infill)
+        request = plan_infill(
+            tokenizer, read_prompt(cfg.prompt), gap, labels, model.config.max_seq_len
+        )
+        prompt = request.prompt
+        first, stop = request.context
+        log.info("filling %s; the model reads bars %d-%d around them", gap, first + 1, stop)
+    else:
+        prompt_ids = None
+        if cfg.prompt:
+            bars = cfg.prompt_bars if cfg.prompt_seconds is not None else (cfg.prompt_bars or 4)
+            prompt_ids = prompt_from_midi(tokenizer, cfg.prompt, bars, cfg.prompt_seconds)
+        prompt = build_prompt(tokenizer, labels, prompt_ids)
     log.info(
-        "generating %d %s samples from %s (step %d) on %s: prompt of %d tokens, up to %d new",
+        "generating %d %s samples from %s (step %d) on %s: prompt of %d tokens; each ends %s; "
+        "past the model's %d positions it reads the piece's head and its latest tokens",
         cfg.num_samples,
         mode_of(cfg),
         model_dir,
         meta["step"],
         model.wte.weight.device,
         len(prompt),
-        cfg.sampling.max_new_tokens,
+        length_limits(cfg),
+        model.config.max_seq_len,
     )
     started = time.perf_counter()
-    pieces = compose(
-        model,
-        tokenizer,
-        prompt,
-        cfg.num_samples,
-        cfg.sampling,
-        cfg.batch_size,
-        cfg.max_bars,
-        cfg.max_seconds,
-    )
+    if cfg.infill:
+        pieces = infill(model, tokenizer, request, cfg.num_samples, cfg.sampling, cfg.batch_size)
+    else:
+        pieces = compose(
+            model,
+            tokenizer,
+            prompt,
+            cfg.num_samples,
+            cfg.sampling,
+            cfg.batch_size,
+            cfg.max_bars,
+            cfg.max_seconds,
+        )
     elapsed = time.perf_counter() - started
     new_tokens = sum(p.new_tokens for p in pieces)
     log.info(
-        "%d tokens in %.1f s: %.0f tokens/s; %d tokens repaired",
+        "%d tokens in %.1f s: %.0f tokens/s; %d tokens repaired; stopped by %s",
         new_tokens,
         elapsed,
         new_tokens / elapsed,
         sum(p.repairs for p in pieces),
+        ", ".join(f"{stop} ({n})" for stop, n in Counter(str(p.stop) for p in pieces).items()),
     )
     out = Path(cfg.output)
     renderer = Renderer(cfg.render)

@@ -15,8 +15,10 @@ DEFAULT_MSPQ = 500_000
 
 
 def specials_but_eos(tokenizer: MusicTokenizer) -> list[int]:
-    """PAD, BOS and MASK: never drawn, whatever the prompt (EOS ends a piece)."""
-    return [i for i in range(len(SPECIAL_TOKENS)) if i != tokenizer.eos_id]
+    """PAD, BOS, MASK and the infilling tokens: never drawn in a continuation, whatever the
+    prompt (EOS ends a piece)."""
+    infill = list(tokenizer.infill_ids or ())
+    return [i for i in range(len(SPECIAL_TOKENS)) if i != tokenizer.eos_id] + infill
 
 
 def continuation_banned_ids(tokenizer: MusicTokenizer) -> list[int]:
@@ -85,16 +87,21 @@ def prompt_from_midi(
         raise ValueError("give the prompt's length in bars or in seconds, not both")
     if (bars is not None and bars < 1) or (seconds is not None and seconds <= 0):
         raise ValueError(f"a prompt needs a positive length, not bars={bars} seconds={seconds}")
+    score = clip_score(read_prompt(path), bars, seconds)
+    if score.note_num() == 0:
+        raise ValueError(f"prompt {path} holds no notes (bars={bars}, seconds={seconds})")
+    return tokenizer.midi_to_base_ids(score)
+
+
+def read_prompt(path: str) -> symusic.Score:
+    """The score of a prompt MIDI file (a path or an fsspec URL), refused in one line when it
+    cannot be read."""
     try:
-        score = read_score(storage.read_bytes(str(path)))
+        return read_score(storage.read_bytes(str(path)))
     except (OSError, MidiFileError) as exc:
         raise ValueError(
             f"prompt={path} is not a readable MIDI file ({type(exc).__name__}: {exc})"
         ) from exc
-    score = clip_score(score, bars, seconds)
-    if score.note_num() == 0:
-        raise ValueError(f"prompt {path} holds no notes (bars={bars}, seconds={seconds})")
-    return tokenizer.midi_to_base_ids(score)
 
 
 def clip_score(

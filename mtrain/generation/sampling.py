@@ -1,6 +1,7 @@
 """Choosing the next token from a model's logits: repetition penalty, temperature, top-k,
 top-p and min-p, drawn from a seeded generator so that a seed always gives the same music."""
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,11 +41,22 @@ class SamplingConfig:
         )
 
 
-def disallow(logits: torch.Tensor, token_ids) -> torch.Tensor:
-    """``logits`` [batch, vocab] with ``token_ids`` made impossible (a new tensor)."""
-    logits = logits.clone()
-    logits[:, list(token_ids)] = float("-inf")
-    return logits
+class Sampler:
+    """``next_token`` as a decoding loop calls it: the seeded generator and the banned ids
+    made once, not at every step."""
+
+    def __init__(self, cfg: SamplingConfig, banned_ids, device):
+        self.cfg = cfg
+        self.generator = torch.Generator(device).manual_seed(cfg.seed)
+        self.banned = torch.tensor(sorted(set(banned_ids)), dtype=torch.long, device=device)
+        # Whether ``draw`` reads the tokens seen so far (the repetition penalty does).
+        self.reads_history = cfg.repetition_penalty != 1.0
+
+    def draw(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+        """One token per row [batch] from ``logits`` [batch, vocab]; never a banned id."""
+        if self.banned.numel():
+            logits = logits.index_fill(1, self.banned, float("-inf"))
+        return next_token(logits, seen, self.cfg, self.generator)
 
 
 def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -57,34 +69,38 @@ def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -
 
 
 def next_token(
-    logits: torch.Tensor, seen: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
+    logits: torch.Tensor,
+    seen: torch.Tensor | None,
+    cfg: SamplingConfig,
+    generator: torch.Generator,
 ) -> torch.Tensor:
     """One token per row [batch] from ``logits`` [batch, vocab], given the tokens ``seen`` so
-    far [batch, time] (prompt included, as in CTRL).
+    far [batch, time] (prompt included, as in CTRL; None without a repetition penalty).
 
     In order: the repetition penalty; the temperature (0: argmax, nothing is drawn); top-k;
     top-p, which always keeps the most likely token; min-p, relative to the most likely token
     after temperature; then one draw from what is left. Filters only ever remove tokens, so
-    tokens already at -inf (see ``disallow``) are never drawn.
+    tokens at -inf (banned) are never drawn. The filters work on the candidates sorted by
+    likelihood, the top k alone when top-k is set: a draw among 50 candidates, not a softmax
+    and a mask over the whole vocabulary at every step.
     """
     logits = logits.float()
-    if cfg.repetition_penalty != 1.0 and seen.numel():
+    if cfg.repetition_penalty != 1.0 and seen is not None and seen.numel():
         logits = penalize_repeats(logits, seen, cfg.repetition_penalty)
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / cfg.temperature
-    if cfg.top_k > 0:
-        kth = logits.topk(min(cfg.top_k, logits.size(-1)), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if not (cfg.top_k or cfg.top_p < 1.0 or cfg.min_p):
+        return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    k = min(cfg.top_k or logits.size(-1), logits.size(-1))
+    candidates, order = logits.topk(k, dim=-1)  # sorted, most likely first
     if cfg.top_p < 1.0:
-        probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
+        probs = candidates.softmax(dim=-1)
         # A token goes when the more likely ones already reach top_p: the first one never does.
-        beyond = probs.cumsum(dim=-1) - probs >= cfg.top_p
-        logits = logits.masked_fill(
-            torch.zeros_like(beyond).scatter(1, order, beyond), float("-inf")
-        )
+        candidates = candidates.masked_fill(probs.cumsum(dim=-1) - probs >= cfg.top_p, -math.inf)
     if cfg.min_p > 0:
-        probs = logits.softmax(dim=-1)
-        floor = cfg.min_p * probs.max(dim=-1, keepdim=True).values
-        logits = logits.masked_fill(probs < floor, float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+        # p < min_p * p_max, in logits: the softmax's normalisation cancels out.
+        floor = candidates[:, :1] + math.log(cfg.min_p)
+        candidates = candidates.masked_fill(candidates < floor, -math.inf)
+    drawn = torch.multinomial(candidates.softmax(dim=-1), 1, generator=generator)
+    return order.gather(1, drawn).squeeze(-1)

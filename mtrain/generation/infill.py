@@ -1,0 +1,218 @@
+"""Infilling: bars of a piece regenerated from the bars before and after them, every note that
+starts outside those bars kept note-for-note.
+
+The model reads the nearest bars on either side that fit its context (as it was trained, see
+``mtrain.infilling``) and writes the middle bars; the new notes are then spliced into a copy of
+the input score, so nothing outside the gap passes through the tokenizer's quantization.
+"""
+
+import dataclasses
+import logging
+import re
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import symusic
+from omegaconf import OmegaConf
+
+from data_pipeline.errors import InputError
+from data_pipeline.midi_file import barline_ticks
+from data_pipeline.tokenizer import MusicTokenizer
+from mtrain.generation.compose import GeneratedPiece
+from mtrain.generation.decoding import decode
+from mtrain.generation.repair import to_midi
+from mtrain.generation.sampling import SamplingConfig
+from mtrain.infilling import (
+    FRAME_TOKENS,
+    infill_document,
+    joined,
+    nearest_context,
+    split_bars,
+)
+from mtrain.model import GPT
+from mtrain.run_dir import RunDir
+
+log = logging.getLogger(__name__)
+BAR_RANGE = re.compile(r"bars:(\d+)(?:-(\d+))?")
+BAR_RANGE_FORMAT = "bars:FIRST-LAST, counted from 1 (e.g. bars:9-12)"
+
+
+@dataclass(frozen=True)
+class BarRange:
+    """Bars ``first`` to ``last`` of a piece, counted from 1, both included."""
+
+    first: int
+    last: int
+
+    @classmethod
+    def parse(cls, text: str) -> "BarRange | None":
+        """``bars:9-12`` or ``bars:9``; None when ``text`` is not a range of that form."""
+        match = BAR_RANGE.fullmatch(text.strip())
+        if not match:
+            return None
+        first, last = int(match[1]), int(match[2] or match[1])
+        return cls(first, last) if 1 <= first <= last else None
+
+    def __str__(self) -> str:
+        return f"bars:{self.first}-{self.last}"
+
+
+def trained_infill_rate(meta: dict) -> float | None:
+    """``data.infill_rate`` of the run an exported model comes from (0 for runs from before the
+    key), or None when that run's config is not at hand."""
+    config = RunDir(Path(meta["checkpoint"]).parent.parent).train_config
+    if not config.exists():
+        return None
+    return float(OmegaConf.load(config).get("data", {}).get("infill_rate", 0.0))
+
+
+def check_trained_for_infilling(tokenizer: MusicTokenizer, meta: dict, checkpoint: str) -> None:
+    """Refuses a model that never saw an infilling document: its tokenizer has no infilling
+    tokens, or its run recorded ``data.infill_rate=0``."""
+    fix = "train one with data.infill_rate=0.5 (or fine-tune this one with init_from=)"
+    if tokenizer.infill_ids is None or tokenizer.bar_id is None:
+        raise InputError(
+            f"checkpoint={checkpoint} cannot fill bars: its tokenizer has no infilling tokens "
+            f"or no Bar tokens; {fix} on a dataset prepared again with REMI"
+        )
+    rate = trained_infill_rate(meta)
+    if rate == 0:
+        raise InputError(
+            f"checkpoint={checkpoint} was trained with data.infill_rate=0 and never learned to "
+            f"fill bars; {fix}"
+        )
+    if rate is None:
+        log.warning("no training config of %s: assuming it learned to fill bars", checkpoint)
+
+
+def gap_ticks(score: symusic.Score, tokenizer: MusicTokenizer, gap: BarRange) -> tuple[int, int]:
+    """[start, end) in ticks of the bars ``gap`` of ``score``, as the tokenizer's Bar tokens
+    cut it: through the time signatures when it reads them, else in 4/4 (MidiTok's default)."""
+    barlines = barline_ticks(
+        score if tokenizer.base.config.use_time_signatures else without_time_signatures(score)
+    )
+    ticks = list(islice(barlines, gap.last + 1))
+    return ticks[gap.first - 1], ticks[gap.last]
+
+
+def without_time_signatures(score: symusic.Score) -> symusic.Score:
+    score = score.copy()
+    score.time_signatures.clear()
+    return score
+
+
+@dataclass
+class InfillRequest:
+    """What a model fills: the input score, its bars in base ids, the gap and the prompt."""
+
+    score: symusic.Score
+    bars: list[np.ndarray]
+    gap: BarRange
+    prompt: list[int]
+    context: tuple[int, int]  # the bars the model reads, [start, end) counted from 0
+    room: int  # tokens left for the middle: half as many again as the bars it replaces
+
+
+def plan_infill(
+    tokenizer: MusicTokenizer,
+    score: symusic.Score,
+    gap: BarRange,
+    labels: dict[str, str],
+    max_seq_len: int,
+) -> InfillRequest:
+    """The prompt to fill ``gap`` of ``score``: the nearest bars around it that fit the context
+    next to room for the middle (half as much again as the bars it replaces); refused in one line
+    when the gap lies outside the piece or the room alone exceeds the context."""
+    bars = split_bars(tokenizer, tokenizer.midi_to_base_ids(score.copy()))
+    if gap.last > len(bars):
+        raise InputError(
+            f"infill={gap}: the prompt has {len(bars)} bars; give a range within bars:1-{len(bars)}"
+        )
+    lengths = [len(tokenizer.encode_base(bar)) for bar in bars]
+    room = 3 * sum(lengths[gap.first - 1 : gap.last]) // 2 + 8
+    budget = max_seq_len - len(tokenizer.head(labels)) - FRAME_TOKENS - room
+    if budget < 0:
+        raise InputError(
+            f"infill={gap}: the bars to fill need about {room} tokens, more than the model's "
+            f"context of {max_seq_len} leaves beside them; fill fewer bars"
+        )
+    start, end = nearest_context(lengths, gap.first - 1, gap.last, budget)
+    prompt = infill_document(
+        tokenizer, labels, joined(bars[start : gap.first - 1]), joined(bars[gap.last : end])
+    )
+    return InfillRequest(score, bars, gap, prompt.tolist(), (start, end), room)
+
+
+def banned_while_filling(tokenizer: MusicTokenizer) -> list[int]:
+    """Everything but music and FIM_END, which closes the middle."""
+    fim = tokenizer.infill_ids
+    labels = range(tokenizer.label_offset, tokenizer.vocab_size)
+    return [*range(tokenizer.num_specials), fim.prefix, fim.suffix, fim.middle, *labels]
+
+
+def splice(
+    tokenizer: MusicTokenizer, request: InfillRequest, new_ids: list[int]
+) -> tuple[symusic.Score, int]:
+    """The input score with the notes that start in the gap replaced by those the model wrote
+    there, and the number of tokens repaired to decode them. The middle is decoded after the
+    whole prefix, so its bars land where the gap's bars start."""
+    middle = tokenizer.decode_base([i for i in new_ids if i != tokenizer.infill_ids.end])
+    if not len(middle) or middle[0] != tokenizer.bar_id:
+        middle = np.concatenate([[tokenizer.bar_id], middle])
+    prefix = joined(request.bars[: request.gap.first - 1])
+    written, repairs = to_midi(tokenizer, tokenizer.encode_base(np.concatenate([prefix, middle])))
+    (start, end), (w_start, w_end) = (
+        gap_ticks(request.score, tokenizer, request.gap),
+        gap_ticks(written, tokenizer, request.gap),
+    )
+    scale = request.score.ticks_per_quarter / written.ticks_per_quarter
+    out = request.score.copy()
+    for track in out.tracks:
+        track.notes.filter(lambda n: not start <= n.time < end, inplace=True)
+    for track in written.tracks:
+        target = next(
+            (t for t in out.tracks if (t.program, t.is_drum) == (track.program, track.is_drum)),
+            None,
+        )
+        if target is None:
+            target = symusic.Track(track.name, track.program, track.is_drum)
+            out.tracks.append(target)
+        for note in track.notes:
+            if w_start <= note.time < w_end:
+                time = start + round((note.time - w_start) * scale)
+                if time < end:
+                    duration = max(1, round(note.duration * scale))
+                    target.notes.append(symusic.Note(time, duration, note.pitch, note.velocity))
+        target.notes.sort()
+    return out, repairs
+
+
+def infill(
+    model: GPT,
+    tokenizer: MusicTokenizer,
+    request: InfillRequest,
+    count: int,
+    sampling: SamplingConfig,
+    batch_size: int = 4,
+) -> list[GeneratedPiece]:
+    """``count`` fillings of ``request``'s gap, drawn ``batch_size`` at a time (batch b with
+    seed ``sampling.seed + b``, as ``compose`` draws)."""
+    banned, stop = banned_while_filling(tokenizer), tokenizer.infill_ids.end
+    # A middle twice the room is far past the gap's end, where notes are dropped: stop there.
+    sampling = dataclasses.replace(
+        sampling, max_new_tokens=min(sampling.max_new_tokens, 2 * request.room)
+    )
+    pieces = []
+    for batch, first in enumerate(range(0, count, batch_size)):
+        rows = min(batch_size, count - first)
+        seeded = dataclasses.replace(sampling, seed=sampling.seed + batch)
+        # The whole prompt is the head: past the context the window slides over the middle
+        # and keeps both sides of the gap.
+        prompts, head = [request.prompt] * rows, len(request.prompt)
+        for new in decode(model, prompts, seeded, stop, banned_ids=banned, head=head):
+            score, repairs = splice(tokenizer, request, new.tokens)
+            ids = request.prompt + new.tokens
+            pieces.append(GeneratedPiece(ids, len(request.prompt), score, repairs, new.stop))
+    return pieces

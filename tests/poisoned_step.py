@@ -1,0 +1,90 @@
+"""Run as a script by test_trainer_parts: one rank, a real DeepSpeed engine at a given ZeRO stage
+and precision; a step whose loss is poisoned with NaN must leave the weights as they were, and
+training goes on. Prints one JSON line of what it saw.
+
+    python tests/poisoned_step.py <zero stage> <precision> <port>
+"""
+
+import json
+import math
+import os
+import sys
+import tempfile
+
+import torch
+from omegaconf import OmegaConf
+
+from mtrain import distributed
+from mtrain.config import TrainConfig, plan_batch
+from mtrain.engine import build_engine
+from mtrain.monitor import StepTimer
+from mtrain.trainer import OptimizerStep
+
+
+def main(stage: int, precision: str, port: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1")
+    distributed.init(distributed.placement_from_env(), 120)
+    shape = {"vocab_size": 50, "n_layer": 1, "n_head": 2, "d_model": 16, "max_seq_len": 8}
+    cfg = OmegaConf.to_object(
+        OmegaConf.merge(
+            OmegaConf.structured(TrainConfig),
+            {
+                "data": {"path": "unused"},
+                "run_dir": tempfile.mkdtemp(prefix="poisoned-"),
+                "model": shape,
+                "deepspeed": {"zero_stage": stage, "precision": precision},
+                "trainer": {"micro_batch_size": 2, "global_batch_tokens": 32},
+            },
+        )
+    )
+    cfg.deepspeed.param_persistence_threshold = 0
+    plan = plan_batch(cfg, 1)
+    engine, _ = build_engine(cfg, plan, 0)
+    poisoned = [False]
+    forward = engine.module.forward
+
+    def maybe_poisoned(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        return out._replace(loss=out.loss * math.nan) if poisoned[0] else out
+
+    engine.module.forward = maybe_poisoned
+    step = OptimizerStep(engine, "cpu", plan.grad_accum, 5, cfg.deepspeed.clips_in_trainer, 1.0)
+
+    def batches():
+        g = torch.Generator().manual_seed(0)
+        while True:
+            x = torch.randint(0, 50, (2, 9), generator=g)
+            yield x[:, :-1], x[:, 1:]
+
+    def weights() -> torch.Tensor:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        # ZeRO keeps fp32 master weights of its own; without ZeRO they are the parameters.
+        full = [safe_get_full_fp32_param(p) if stage else p.detach() for p in engine.parameters()]
+        return torch.cat([w.flatten() for w in full])
+
+    stream = batches()
+    first = step(stream, 1, StepTimer())
+    before = weights().clone()
+    poisoned[0] = True
+    bad = step(stream, 2, StepTimer())
+    poisoned[0] = False
+    unchanged = torch.equal(before, weights())
+    after = step(stream, 3, StepTimer())
+    print(
+        json.dumps(
+            {
+                "first_applied": first.applied,
+                "bad_applied": bad.applied,
+                "bad_nonfinite": bad.nonfinite,
+                "unchanged": unchanged,
+                "after_applied": after.applied,
+                "after_loss": after.loss,
+                "finite": bool(torch.isfinite(weights()).all()),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), sys.argv[2], sys.argv[3])

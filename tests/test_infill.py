@@ -1,0 +1,225 @@
+"""Infilling: the tokens that frame it (and artifacts from before them), the training
+rearrangement, filling bars of a MIDI file without touching the others, and a tiny model
+trained on pieces whose second half only the suffix reveals, for which the suffix must help."""
+
+import hashlib
+import json
+import random
+
+import numpy as np
+import pytest
+import symusic
+import torch
+from conftest import prepare_train_export, run_module
+from midi_factory import piece
+
+from data_pipeline.config import LearnedVocabConfig, LearnedVocabKind, TokenizerConfig
+from data_pipeline.errors import ConfigError, InputError
+from data_pipeline.learned_vocab import LearnedVocab, train
+from data_pipeline.tokenizer import MusicTokenizer, base_fingerprint, build_base_tokenizer
+from mtrain.generation.infill import (
+    BarRange,
+    check_trained_for_infilling,
+    gap_ticks,
+    infill,
+    plan_infill,
+    splice,
+)
+from mtrain.generation.job import GenerateConfig
+from mtrain.generation.sampling import SamplingConfig
+from mtrain.infilling import InfillTraining, joined
+from mtrain.model import GPT, GPTConfig
+
+LABELS = {"collection": "jazz"}
+
+
+@pytest.fixture(scope="module")
+def tok() -> MusicTokenizer:
+    return MusicTokenizer(build_base_tokenizer(TokenizerConfig()), ["collection=jazz"])
+
+
+def notes(score: symusic.Score, ticks: tuple[int, int], inside: bool) -> list[tuple]:
+    """Every note starting inside (or outside) [start, end) ticks, with all its fields."""
+    start, end = ticks
+    return sorted(
+        (t.program, t.is_drum, n.time, n.duration, n.pitch, n.velocity)
+        for t in score.tracks
+        for n in t.notes
+        if (start <= n.time < end) == inside
+    )
+
+
+def test_an_artifact_from_before_infilling_loads_with_its_ids_and_hash(tok, tmp_path):
+    """artifact.json as written before the infilling tokens: no infill_ids, and a hash over the
+    base vocabulary and the labels only. It loads unchanged, and says it cannot infill."""
+    tok.save(str(tmp_path / "old"))
+    meta = json.loads((tmp_path / "old" / "artifact.json").read_text())
+    del meta["infill_ids"]
+    old_hash = hashlib.sha256()
+    old_hash.update(base_fingerprint(tok.base).encode())
+    old_hash.update(json.dumps(tok.labels).encode())
+    meta["hash"] = old_hash.hexdigest()
+    meta["vocab_size"] = len(tok.base) + 1
+    (tmp_path / "old" / "artifact.json").write_text(json.dumps(meta))
+
+    old = MusicTokenizer.load(str(tmp_path / "old"))
+    assert old.hash == meta["hash"] != tok.hash
+    assert old.infill_ids is None and old.vocab_size == len(tok.base) + 1
+    assert old.label_ids(LABELS) == [len(tok.base)]  # right after the units, as before
+    with pytest.raises(ConfigError, match=r"data.infill_rate=0.5 needs the infilling tokens"):
+        InfillTraining(old, 0.5, 128)
+    InfillTraining(old, 0.0, 128)  # a rate of 0 trains as before, whatever the artifact
+
+
+def test_infilling_tokens_sit_between_the_units_and_the_labels_with_a_learned_vocabulary():
+    base = build_base_tokenizer(TokenizerConfig())
+    pieces = [np.asarray(base.encode(piece(seed)).ids) for seed in range(20)]
+    cfg = LearnedVocabConfig(kind=LearnedVocabKind.bpe, size=600)
+    vocab = LearnedVocab(train(pieces, range(4, len(base)), base.vocab["Bar_None"], cfg, seed=0))
+    tok = MusicTokenizer(base, ["collection=jazz"], vocab)
+    fim = tok.infill_ids
+    assert list(fim) == list(range(4 + len(vocab), 8 + len(vocab)))
+    assert tok.label_offset == fim.end + 1 and tok.vocab_size == tok.label_offset + 1
+    doc = InfillTraining(tok, 1.0, 10_000)(LABELS, pieces[0], np.random.default_rng(0))
+    # The framing tokens decode to nothing; the three parts are the piece's bars reordered.
+    assert sorted(i for i in doc if fim.prefix <= i <= fim.end) == list(fim)
+    assert sorted(tok.decode_base(doc)) == sorted(pieces[0])
+
+
+def test_a_training_piece_becomes_prefix_suffix_middle_at_bar_boundaries(tok):
+    base = tok.midi_to_base_ids(piece(5, bars=12))
+    plain = tok.document(LABELS, base)
+    assert np.array_equal(InfillTraining(tok, 0.0, 128)(LABELS, base, None), plain)
+    fim, bar = tok.infill_ids, tok.bar_id
+    for seed in range(20):
+        doc = InfillTraining(tok, 1.0, 300)(LABELS, base, np.random.default_rng(seed))
+        assert len(doc) <= 300 and list(doc[:2]) == list(tok.head(LABELS))
+        assert doc[2] == fim.prefix and doc[-1] == fim.end
+        cut = [list(doc).index(i) for i in (fim.suffix, fim.middle)]
+        prefix, suffix, middle = doc[3 : cut[0]], doc[cut[0] + 1 : cut[1]], doc[cut[1] + 1 : -1]
+        assert middle[0] == bar and all(p[0] == bar for p in (prefix, suffix) if len(p))
+        excerpt = np.concatenate([prefix, middle, suffix])
+        # Whole bars in their order: a run of the piece's own tokens.
+        windows = np.lib.stride_tricks.sliding_window_view(base, len(excerpt))
+        assert (windows == excerpt).all(axis=1).any()
+
+
+def test_bad_infill_requests_are_refused_in_one_line(tok, tmp_path):
+    for text in ("bars:0-2", "bars:5-3", "9-12", "bars:x"):
+        assert BarRange.parse(text) is None
+        with pytest.raises(ConfigError, match=r"^infill=.* must be bars:FIRST-LAST"):
+            GenerateConfig(checkpoint="c", output="o", prompt="p.mid", infill=text)
+    with pytest.raises(ConfigError, match=r"^infill='bars:2-3' needs prompt=<file.mid>"):
+        GenerateConfig(checkpoint="c", output="o", infill="bars:2-3")
+    with pytest.raises(InputError, match=r"^infill=bars:7-9: the prompt has 8 bars; give a"):
+        plan_infill(tok, piece(1, bars=8), BarRange(7, 9), {}, 512)
+    with pytest.raises(InputError, match=r"^infill=bars:1-8: the bars to fill need about"):
+        plan_infill(tok, piece(1, bars=8), BarRange(1, 8), {}, 512)
+    old = MusicTokenizer(tok.base, tok.labels, infill=False)
+    with pytest.raises(InputError, match=r"^checkpoint=old cannot fill bars: its tokenizer"):
+        check_trained_for_infilling(old, {"checkpoint": str(tmp_path)}, "old")
+    step = tmp_path / "run" / "checkpoints" / "step_00000010"
+    (tmp_path / "run" / "hydra").mkdir(parents=True)
+    (tmp_path / "run" / "hydra" / "config.yaml").write_text("data:\n  infill_rate: 0.0\n")
+    with pytest.raises(InputError, match=r"^checkpoint=run was trained with data.infill_rate=0"):
+        check_trained_for_infilling(tok, {"checkpoint": str(step)}, "run")
+
+
+def test_filling_keeps_every_note_outside_the_gap_exactly(tok):
+    """Even an untrained model's fill leaves the notes outside the gap as they were (velocities
+    and ticks off the tokenizer's grid included), and the true middle bars spliced back give
+    the gap's notes on the grid."""
+    score = piece(3, bars=10)
+    for track in score.tracks:  # off the grid: the tokenizer would move these
+        for note in track.notes:
+            note.time += 7
+    gap = BarRange(4, 5)
+    ticks = gap_ticks(score, tok, gap)
+    request = plan_infill(tok, score, gap, LABELS, 512)
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=16, max_seq_len=512)
+    (filled,) = infill(GPT(cfg).eval(), tok, request, 1, SamplingConfig(max_new_tokens=24))
+    assert filled.new_tokens == 24  # an untrained model does not stop by itself
+    assert notes(filled.score, ticks, False) == notes(score, ticks, False)
+    true_middle = tok.encode_base(joined(request.bars[3:5])).tolist()
+    oracle, repairs = splice(tok, request, [*true_middle, tok.infill_ids.end])
+    quantized = tok.base_ids_to_midi(tok.midi_to_base_ids(score.copy()))
+    scale = score.ticks_per_quarter / quantized.ticks_per_quarter
+    on_grid = [
+        (n[0], n[1], ticks[0] + round((n[2] - gap_ticks(quantized, tok, gap)[0]) * scale), n[4])
+        for n in notes(quantized, gap_ticks(quantized, tok, gap), True)
+    ]
+    assert repairs == 0
+    assert [(n[0], n[1], n[2], n[4]) for n in notes(oracle, ticks, True)] == sorted(on_grid)
+    assert notes(oracle, ticks, False) == notes(score, ticks, False)
+
+
+# ---- end to end: a tiny model trained to fill ------------------------------------------------
+
+
+def two_halves(seed: int, bars: int = 6) -> symusic.Score:
+    """Quarter notes of one pitch in the first two bars, of another in the rest: for a gap of
+    bars 3-4 the second pitch is in the suffix, and nowhere before the gap."""
+    rng = random.Random(seed)
+    first, second = rng.sample(range(48, 84), 2)
+    score = symusic.Score(480)
+    score.tempos.append(symusic.Tempo(0, 120.0))
+    score.time_signatures.append(symusic.TimeSignature(0, 4, 4))
+    track = symusic.Track(name="piano", program=0)
+    for beat in range(4 * bars):
+        track.notes.append(symusic.Note(beat * 480, 480, first if beat < 8 else second, 80))
+    score.tracks.append(track)
+    return score
+
+
+@pytest.fixture(scope="module")
+def fim_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fim")
+    for seed in range(200):
+        path = root / "midi" / f"piece{seed:03d}.mid"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        two_halves(seed).dump_midi(str(path))
+    prepare_train_export(root, 0.05, 0.1, 300, "data.infill_rate=0.5", "data.transpose_range=0")
+    return root
+
+
+@pytest.mark.slow
+def test_the_suffix_lowers_the_gaps_nll_on_a_model_trained_to_fill(fim_model):
+    out = fim_model / "eval"
+    run_module(
+        "mtrain.evaluate",
+        f"checkpoint={fim_model / 'export'}",
+        f"data_path={fim_model / 'ds'}",
+        f"output={out}",
+        "music.num_samples=0",
+        "infill.bars=2",
+        "infill.max_pieces=6",
+        "infill.sampling.temperature=0",
+    )
+    report = json.loads((out / "report.json").read_text())["infill"]
+    assert report["pieces"] == 6 and report["skipped"] == 0, report
+    assert report["nll_with_suffix"] < report["nll_without_suffix"] - 0.05, report
+    assert "## Infilling: 2 bars" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_generate_fills_bars_of_a_midi_file_and_keeps_the_others(fim_model, tmp_path):
+    prompt = tmp_path / "prompt.mid"
+    score = two_halves(10_000)
+    score.dump_midi(str(prompt))
+    score = symusic.Score.from_midi(prompt.read_bytes())
+    out = tmp_path / "filled"
+    run_module(
+        "mtrain.generate",
+        f"checkpoint={fim_model / 'export'}",
+        f"prompt={prompt}",
+        "infill=bars:3-4",
+        f"output={out}",
+        "num_samples=2",
+    )
+    tok = MusicTokenizer.load(str(fim_model / "export" / "tokenizer"))
+    ticks = gap_ticks(score, tok, BarRange(3, 4))
+    for name in ("sample-000.mid", "sample-001.mid"):
+        filled = symusic.Score.from_midi((out / name).read_bytes())
+        assert notes(filled, ticks, False) == notes(score, ticks, False)
+    assert json.loads((out / "samples.json").read_text())["mode"] == "infill"

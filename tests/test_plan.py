@@ -1,0 +1,159 @@
+"""The memory estimate (mtrain.memory): its arithmetic, the advice, the fit check before launch,
+a rank killed for memory named as such, and (slow) the estimate against a real ZeRO-3 run."""
+
+import importlib.util
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+from conftest import REPO, run_module
+
+from data_pipeline.errors import ConfigError
+from mtrain import liveness
+from mtrain.config import BatchPlan, DeepSpeedConfig, OptimConfig, Precision
+from mtrain.ds_config import deepspeed_config
+from mtrain.memory import (
+    GiB,
+    Layout,
+    ModelShape,
+    advice,
+    estimate,
+    fastest_fitting_stage,
+    judge,
+    zero_buckets,
+)
+from mtrain.model import GPTConfig
+
+# gpt_760m's shape, as conf/model/gpt_760m.yaml has it, at the length the issue trains.
+GPT_760M = GPTConfig(vocab_size=521, n_layer=24, n_head=16, d_model=1536, max_seq_len=128,
+                     activation_checkpointing=True)  # fmt: skip
+FP32_ZERO3 = DeepSpeedConfig(zero_stage=3, precision=Precision.fp32)
+
+
+def layout(**change) -> Layout:
+    return replace(Layout(GPT_760M, FP32_ZERO3, micro_batch_size=1, world_size=2), **change)
+
+
+def test_model_shape_counts_the_gpt_exactly():
+    d, shape = 1536, ModelShape.of(GPT_760M)
+    # Per block: q, k, v, out (4 d^2), the MLP (8 d^2), two LayerNorm weights; tied embedding.
+    assert shape.block == 12 * d * d + 2 * d
+    assert shape.params == 24 * shape.block + 521 * d + d  # + the final LayerNorm
+    assert shape.largest == 4 * d * d
+
+
+def test_zero3_states_are_partitioned_and_counted_per_byte():
+    n = ModelShape.of(GPT_760M).params
+    two, four = estimate(layout()).parts, estimate(layout(world_size=4)).parts
+    assert two["parameters"] == two["gradients"] == 4 * n / 2
+    assert two["Adam moments (fp32)"] == 8 * n / 2
+    assert four["Adam moments (fp32)"] == two["Adam moments (fp32)"] / 2
+    bf16 = estimate(layout(deepspeed=replace(FP32_ZERO3, precision=Precision.bf16))).parts
+    assert bf16["parameters"] == 2 * n / 2 and bf16["Adam moments (fp32)"] == 8 * n / 2
+    ddp = estimate(layout(deepspeed=replace(FP32_ZERO3, zero_stage=0))).parts
+    # Without ZeRO an fp32 run needs no master copy; nothing is gathered or bucketed by ZeRO.
+    assert ddp["parameters"] == 4 * n and ddp["fp32 master weights + gradients"] == 0
+    assert ddp["gathered parameters (ZeRO-3)"] == 0
+
+
+def test_each_zero_stage_needs_less_memory_per_rank():
+    totals = [
+        estimate(layout(deepspeed=replace(FP32_ZERO3, zero_stage=s), world_size=8)).total
+        for s in range(4)
+    ]
+    assert totals == sorted(totals, reverse=True) and len(set(totals)) == 4
+
+
+def test_buckets_follow_the_model_and_keep_deepspeeds_defaults_for_large_ones():
+    shape = ModelShape.of(GPT_760M)
+    small = zero_buckets(shape)
+    assert small.reduce == small.max_live == 2 * shape.block and small.prefetch == shape.block
+    huge = zero_buckets(ModelShape.of(replace(GPT_760M, n_layer=2, n_head=64, d_model=8192)))
+    assert (huge.reduce, huge.prefetch, huge.max_live) == (500_000_000, 50_000_000, 1_000_000_000)
+    ds = deepspeed_config(FP32_ZERO3, OptimConfig(), BatchPlan(1, 128, 1, 2), shape)
+    zero = ds["zero_optimization"]
+    assert zero["reduce_bucket_size"] == small.reduce
+    assert zero["stage3_max_live_parameters"] == small.max_live
+
+
+def test_advice_names_the_fastest_stage_or_the_changes_that_fit():
+    roomy = 64 * GiB
+    assert fastest_fitting_stage(layout(), roomy) == 0
+    assert "deepspeed.zero_stage=0" in advice(judge(layout(), roomy, "test"))
+    verdict = judge(layout(), 8 * GiB, "test")
+    assert not verdict.fits
+    line = advice(verdict)
+    assert "deepspeed.precision=bf16" in line and "4 ranks" in line, line
+    assert "8 ranks" not in line  # only the fewest ranks that fit
+
+
+def test_training_is_refused_before_launch_when_it_cannot_fit(monkeypatch):
+    from mtrain import memory
+
+    monkeypatch.setattr(memory, "memory_available", lambda: 4 * GiB)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ConfigError) as refused:
+        memory.check_fits(layout())
+    message = str(refused.value)
+    assert "\n" not in message and "2.0 GiB (available memory / 2 ranks" in message, message
+    assert "deepspeed.check_memory=false" in message
+
+
+def test_a_rank_gone_with_memory_exhausted_is_named_killed_for_memory(tmp_path, monkeypatch):
+    gone_pid = 2**22 + 12345  # above the default pid_max: no such process
+    now = time.time()
+    for rank, rss, available in ((0, 2 * GiB, 2 * GiB), (1, 7.9 * GiB, 0.1 * GiB)):
+        path = liveness.heartbeat_path(tmp_path, rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"rank": rank, "pid": os.getpid() if rank == 0 else gone_pid,
+                  "host": os.uname().nodename, "step": 3, "time": now, "rss": rss,
+                  "available": available}  # fmt: skip
+        path.write_text(json.dumps(record))
+    monkeypatch.setattr(liveness, "_oom_kills_at_start", None)
+    named, lines = liveness.suspects(tmp_path, 2, me=0, now=now)
+    assert named == [1]
+    assert "killed for memory (its last RSS 7.90 GiB with 0.10 GiB left)" in lines[1], lines
+    # The kernel's count rising is evidence enough, however much memory was left.
+    record["available"] = 16 * GiB
+    liveness.heartbeat_path(tmp_path, 1).write_text(json.dumps(record))
+    monkeypatch.setattr(liveness, "_oom_kills_at_start", -1)
+    monkeypatch.setattr(liveness, "oom_kills", lambda: 0)
+    _, lines = liveness.suspects(tmp_path, 2, me=0, now=now)
+    assert "OOM-kill count rose -1 -> 0" in lines[1], lines
+    monkeypatch.setattr(liveness, "_oom_kills_at_start", 0)
+    _, lines = liveness.suspects(tmp_path, 2, me=0, now=now)
+    assert "killed for memory" not in lines[1]
+
+
+@pytest.mark.slow
+def test_plan_app_says_what_fits():
+    out = run_module("mtrain.plan", "model=gpt_760m", "deepspeed=cpu", "world_size=2",
+                     "micro_batch_size=1", "seq_len=128", "model.activation_checkpointing=true",
+                     "vocab_size=521", "device_memory_gb=8").stdout  # fmt: skip
+    assert "680M parameters" in out and "does not fit: " in out, out
+    assert "4 ranks" in out and "with DeepSpeed's default buckets" in out
+
+
+# The scaled-down twin of bench/bench_memory.py: a ~7M-parameter model under ZeRO-3 on 2 ranks.
+# Measured peak RSS per rank must lie within this share of the estimate.
+MARGIN = 0.35
+
+
+@pytest.mark.slow
+def test_estimate_matches_measured_peak_memory_of_zero3_ranks(bach_dataset, tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_memory", REPO / "bench/bench_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_memory"] = bench
+    spec.loader.exec_module(bench)
+    extra = ["model.n_layer=4", "model.d_model=384", "model.n_head=6"]
+    cmd = bench.train_command(str(bach_dataset), tmp_path / "run", "small_20m", 1, extra)
+    code, peaks = bench.run_measured(cmd, 4 * GiB, tmp_path / "train.log")
+    assert code == 0, (tmp_path / "train.log").read_text()[-3000:]
+    planned = bench.planned(str(bach_dataset), "small_20m", extra)
+    ranks = peaks.ranks()
+    assert sorted(ranks) == [0, 1]
+    for rank, peak in ranks.items():
+        assert abs(peak / planned - 1) <= MARGIN, (rank, peak / GiB, planned / GiB)
