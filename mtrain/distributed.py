@@ -123,11 +123,7 @@ def world_size() -> int:
 
 
 def mean_over_ranks(value: float) -> float:
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
+    return sum_over_ranks([value])[0] / world_size()
 
 
 def _comm_device() -> torch.device:

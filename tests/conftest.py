@@ -211,8 +211,10 @@ def kill_tree(proc: subprocess.Popen) -> None:
             p.kill()
 
 
-def run(args: list[str], ranks: int = 2, timeout: float = 300) -> tuple[int, str]:
-    proc = launch(args, ranks)
+def run(
+    args: list[str], ranks: int = 2, timeout: float = 300, torchrun: bool | None = None
+) -> tuple[int, str]:
+    proc = launch(args, ranks, torchrun)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

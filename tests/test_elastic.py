@@ -5,13 +5,12 @@ arithmetic only, then through the real loader), and real ZeRO-3 runs resumed 2 -
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, kill_tree, launch, losses, train_args
+from conftest import REPO, losses, run, train_args
 
 from data_pipeline.reader import ShardReader, ShardShare
 from mtrain.checkpoint import convert_to_universal
@@ -115,14 +114,9 @@ def elastic_args(dataset: Path, run_dir: Path, *extra: str) -> list[str]:
     return [*args, "trainer.micro_batch_size=2", *extra]
 
 
-def train(args: list[str], ranks: int, timeout: float = 300) -> str:
-    proc = launch(args, ranks, torchrun=True)  # --standalone: a free port, even for 1 rank
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc)
-        out, _ = proc.communicate()
-    assert proc.returncode == 0, out[-4000:]
+def train(args: list[str], ranks: int) -> str:
+    code, out = run(args, ranks, torchrun=True)  # --standalone: a free port, even for 1 rank
+    assert code == 0, out[-4000:]
     return out
 
 
