@@ -3,8 +3,12 @@
 Like for like: every contender (fp32, the same shape, seq, micro batch, AdamW, clipping at 1.0)
 fetches its batches from the same kind of loader (``StreamingData``, one DataLoader worker
 process) and is timed per optimizer step with the fetch included; the first steps are left
-out of every median alike (warm-up), start-up is reported on its own. Rounds are interleaved
-(trainer, then the peers, then again) so that the machine's drift hits all of them.
+out alike (warm-up), the rates are over the rest (start-up is reported on its own), by the wall
+clock and by rank 0's CPU time. Rounds are interleaved (trainer, then the peers, then again) so
+that the machine's drift hits all of them, and each round's rates are divided by that round's
+GPT-2 loop: the ratios' median and spread are printed beside the rates'. On a busy machine
+only the CPU-time rates mean anything, and only with ``--threads 1`` (threads of one rank would
+spin waiting for each other, CPU time that is the machine's business, not the trainer's).
 
 1. One process: mtrain's trainer (ZeRO-0) vs mtrain's model in a plain PyTorch loop vs
    transformers' ``GPT2LMHeadModel`` in the same loop (goals: trainer >= 1.0x GPT-2 at
@@ -14,8 +18,8 @@ out of every median alike (warm-up), start-up is reported on its own. Rounds are
 3. The loader alone: tokens/s of one DataLoader worker process over whole epochs, first batch
    included, against what the trainer consumes.
 
-    python bench/bench_train.py data/bach [--rounds 2] [--steps 20] [--shapes tiny,small_20m]
-        [--ranks 1,2]
+    python bench/bench_train.py data/bach [--rounds 3] [--steps 30] [--shapes tiny,small_20m]
+        [--ranks 1,2] [--stages 0,1,3] [--threads 1]
 """
 
 import argparse
@@ -27,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -41,12 +46,29 @@ SHAPES = {
 SEQ, MICRO = 512, 8
 
 
+# OMP threads per rank: the cores shared out, unless --threads says (1: CPU-time rates that a
+# busy machine leaves alone; more threads would spin on each other's cores).
+THREADS: int | None = None
+
+
 def threads(ranks: int) -> str:
-    return str(max(1, (os.cpu_count() or 2) // ranks))
+    return str(THREADS or max(1, (os.cpu_count() or 2) // ranks))
 
 
-def trainer_run(dataset: str, run_dir: Path, shape: str, ranks: int, stage: int, steps: int):
-    """(median tokens/s over all ranks from the trainer's own per-step metrics, start-up s)."""
+class Rate(NamedTuple):
+    """Tokens/s over all ranks after the warm-up: by the wall clock, and by rank 0's CPU time
+    (times the ranks): the one that a busy machine leaves alone, with one thread per rank."""
+
+    wall: float
+    cpu: float
+
+
+def trainer_run(
+    dataset: str, run_dir: Path, shape: str, ranks: int, stage: int, steps: int
+) -> tuple[Rate, float]:
+    """(rate, start-up s). The rate is over the clocks from the end of the warm-up to the last
+    step, as metrics.jsonl stamps them: whatever the trainer does between steps (reporting,
+    its own step timer's pauses) counts, as in the peers."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={ranks}", "-m", "mtrain.train", f"data.path={dataset}",
            f"run_dir={run_dir}", f"model={shape}", f"model.max_seq_len={SEQ}",
@@ -56,19 +78,20 @@ def trainer_run(dataset: str, run_dir: Path, shape: str, ranks: int, stage: int,
            "trainer.save_every=100000", "trainer.sample_every=0", "optim.warmup_steps=5",
            "data.num_workers=1", "logger.mode=disabled"]  # fmt: skip
     env = {**os.environ, **CPU_ENV, "OMP_NUM_THREADS": threads(ranks)}
-    started = time.perf_counter()
+    started = time.time()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - started
     if proc.returncode:
         raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-3000:])
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    step_s = [r["perf/step_time_s"] for r in rows]
-    return statistics.median(r["perf/tokens_per_s"] for r in rows[WARMUP:]), wall - sum(step_s)
+    tokens = MICRO * SEQ * ranks * (len(rows) - WARMUP)
+    wall, cpu = (rows[-1][clock] - rows[WARMUP - 1][clock] for clock in ("time", "cpu_time"))
+    startup = rows[0]["time"] - rows[0]["perf/step_time_s"] - started
+    return Rate(tokens / wall, tokens / cpu), startup
 
 
-def plain_loop_run(dataset: str, shape: str, kind: str, ranks: int, steps: int) -> float:
+def plain_loop_run(dataset: str, shape: str, kind: str, ranks: int, steps: int) -> Rate:
     """The peer in its own process(es), like the trainer: ``kind`` is ``gpt2`` or ``mtrain``;
-    with 2 ranks DDP over gloo. Returns the median tokens/s over all ranks."""
+    with 2 ranks DDP over gloo."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={ranks}", __file__, "--peer", kind, "--shapes", shape,
            "--steps", str(steps), dataset]  # fmt: skip
@@ -76,11 +99,11 @@ def plain_loop_run(dataset: str, shape: str, kind: str, ranks: int, steps: int) 
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-3000:])
-    return float(proc.stdout.strip().splitlines()[-1])
+    return Rate(*map(float, proc.stdout.strip().splitlines()[-1].split()))
 
 
 def peer(dataset: str, shape: str, kind: str, steps: int) -> None:
-    """Runs inside torchrun: one plain training loop per rank, prints tokens/s (rank 0)."""
+    """Runs inside torchrun: one plain training loop per rank; rank 0 prints its rates."""
     import torch.distributed as dist
 
     from mtrain.data import DataConfig, StreamingData
@@ -106,9 +129,9 @@ def peer(dataset: str, shape: str, kind: str, steps: int) -> None:
         model = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
     batches = data.train_batches()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
+    for step in range(steps):
+        if step == WARMUP:
+            wall, cpu = time.perf_counter(), time.process_time()
         inputs, targets = next(batches)
         logits = model(inputs).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
@@ -120,9 +143,10 @@ def peer(dataset: str, shape: str, kind: str, steps: int) -> None:
         if world > 1:  # the mean loss a trainer would report
             dist.all_reduce(reported)
         reported.item()
-        times.append(time.perf_counter() - start)
-    if rank == 0:
-        print(MICRO * SEQ * world / statistics.median(times[WARMUP:]))
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    if rank == 0:  # over the steps after the warm-up, as the trainer's
+        tokens = MICRO * SEQ * world * (steps - WARMUP)
+        print(tokens / wall, tokens / cpu)
     if world > 1:
         dist.destroy_process_group()
 
@@ -148,28 +172,42 @@ def loader_rate(dataset: str, epochs: int = 1) -> tuple[float, float]:
     return tokens / (time.perf_counter() - started), first
 
 
-def spread(values: list[float]) -> str:
-    return f"{min(values):,.0f}-{max(values):,.0f}" if len(values) > 1 else ""
+def spread(values: list[float], form: str = ",.0f") -> str:
+    return f"{min(values):{form}}-{max(values):{form}}" if len(values) > 1 else ""
+
+
+def summary(rates: list[float], reference: list[float]) -> str:
+    """Median rate and its ratio to the reference, with their spreads over rounds. Each
+    round's rate is divided by that round's reference: drift between rounds cancels out."""
+    ratios = [rate / ref for rate, ref in zip(rates, reference, strict=True)]
+    return (f"  {statistics.median(rates):>9,.0f} ({spread(rates)}) "
+            f"{statistics.median(ratios):.2f}x ({spread(ratios, '.2f')})")  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("dataset", nargs="?", default="data/bach")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--shapes", default="tiny,small_20m")
     parser.add_argument("--ranks", default="1,2")
+    parser.add_argument("--stages", default="0,1,3", help="ZeRO stages with 2+ ranks")
+    parser.add_argument("--threads", type=int, help="OMP threads per rank")
     parser.add_argument("--peer", choices=["gpt2", "mtrain"])
     args = parser.parse_args()
+    global THREADS
+    THREADS = args.threads
     if args.peer:
         return peer(args.dataset, args.shapes, args.peer, args.steps)
     shapes, ranks = args.shapes.split(","), [int(r) for r in args.ranks.split(",")]
     print(f"{time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} CPUs, fp32, seq {SEQ}, "
           f"micro batch {MICRO}, {args.steps} steps ({WARMUP} warm-up), {args.rounds} rounds, "
-          f"median tokens/s (spread over rounds)")  # fmt: skip
+          f"{args.threads or 'cores / ranks'} thread(s) per rank; tokens/s by the wall "
+          f"clock, then by rank 0's CPU time, each as median (spread) over rounds and x GPT-2 "
+          f"in the same round")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         for world in ranks:
-            stages = [0] if world == 1 else [0, 1, 3]
+            stages = [0] if world == 1 else [int(s) for s in args.stages.split(",")]
             peers = ["mtrain", "gpt2"] if world == 1 else ["gpt2"]
             for shape in shapes:
                 got: dict[str, list[float]] = {}
@@ -186,17 +224,18 @@ def main() -> None:
                         name = f"{kind} loop" + (" DDP" if world > 1 else "")
                         rate = plain_loop_run(args.dataset, shape, kind, world, args.steps)
                         got.setdefault(name, []).append(rate)
-                reference = statistics.median(got[f"gpt2 loop{' DDP' if world > 1 else ''}"])
+                reference = got[f"gpt2 loop{' DDP' if world > 1 else ''}"]
                 print(f"\n{shape}, {world} process(es); trainer start-up "
                       f"{statistics.median(startup):.1f} s (not in the rates)")  # fmt: skip
                 for name, rates in got.items():
-                    rate = statistics.median(rates)
-                    print(f"  {name:<18} {rate:>10,.0f} tok/s ({spread(rates)})  "
-                          f"{rate / reference:.2f}x GPT-2")  # fmt: skip
+                    print(f"  {name:<18}" + "".join(
+                        summary([getattr(r, clock) for r in rates],
+                                [getattr(r, clock) for r in reference])
+                        for clock in Rate._fields))  # fmt: skip
         consumed = None
         if "tiny" in shapes:
             rate, _ = trainer_run(args.dataset, Path(tmp) / "consumed", "tiny", 1, 0, args.steps)
-            consumed = rate
+            consumed = rate.wall
         per_worker, first = loader_rate(args.dataset)
         line = (f"\nloader: {per_worker:,.0f} tokens/s per DataLoader worker over a whole epoch "
                 f"(first batch after {first:.1f} s, included)")  # fmt: skip

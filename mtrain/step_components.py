@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -111,7 +112,10 @@ class Reporter:
     def run(self, step: int, metrics: dict) -> dict:
         try:
             with open(self.run_dir.metrics, "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
+                # The clocks too, wall and this process's CPU: rates over many steps with
+                # everything between steps included (bench/bench_train.py).
+                stamps = {"time": time.time(), "cpu_time": time.process_time()}
+                f.write(json.dumps({"step": step, **stamps, **metrics}) + "\n")
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 raise

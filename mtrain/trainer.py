@@ -18,6 +18,7 @@ from mtrain.checkpoint import SUSPECT_STEPS, Checkpointer, check_resumable
 from mtrain.config import TrainConfig, plan_batch
 from mtrain.data import StreamingData
 from mtrain.engine import as_float, batch_loss, build_engine
+from mtrain.grad_sync import OverlappedAllReduce, take_gradient_reduction
 from mtrain.monitor import StepTimer, ThroughputMonitor
 from mtrain.run_dir import RunDir
 from mtrain.step_components import (
@@ -71,10 +72,14 @@ class OptimizerStep:
         max_nonfinite_in_row: int,
         clips_own: bool,
         grad_clip: float = 0.0,
+        reduction: OverlappedAllReduce | None = None,
     ):
         self.engine, self.device, self.grad_accum = engine, device, grad_accum
         self.max_nonfinite_in_row, self.clips_own = max_nonfinite_in_row, clips_own
         self.grad_clip = grad_clip
+        # The trainer's own gradient reduction, overlapped with the last backward pass of a
+        # step (ZeRO-0 on several ranks); None where DeepSpeed reduces, or nothing needs to.
+        self.reduction = reduction
         self.nonfinite_skipped = 0
         self.nonfinite_in_row = 0
         self.grad_norm: float | None = None
@@ -95,8 +100,13 @@ class OptimizerStep:
             finite = torch.isfinite(loss.detach())
             loss_sum += torch.where(finite, loss.detach(), 0.0)
             nonfinite += ~finite
+            last = micro == self.grad_accum - 1
+            if last and self.reduction is not None:
+                self.reduction.arm()
             self.engine.backward(loss)
-            if micro == self.grad_accum - 1 and self.clips_own:
+            if last and self.reduction is not None:
+                self.reduction.wait()
+            if last and self.clips_own:
                 own_norm = self._clip()  # gradients are reduced over ranks by now
             self.engine.step()
         total_loss, total_nonfinite, stops = distributed.sum_over_ranks(
@@ -232,6 +242,7 @@ class Trainer:
             t.max_nonfinite_in_row,
             clips_own=cfg.deepspeed.clips_in_trainer,
             grad_clip=cfg.optim.grad_clip,
+            reduction=take_gradient_reduction(engine, cfg.deepspeed),
         )
         probe_shape = (cfg.model.vocab_size, self.plan.seq_len)
         checkpointer = Checkpointer(engine, self.run_dir, t, probe_shape, self._state)

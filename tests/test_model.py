@@ -140,8 +140,10 @@ def test_rotary_tables_are_made_once_per_device_in_fp32_as_the_per_call_formula(
     # The angles as they were computed at every call before the tables, for positions 5..11.
     freqs = cfg.rope_theta ** -(torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim)
     angles = torch.outer(torch.arange(5, 12).float(), freqs)
-    torch.testing.assert_close(cos[5:12], angles.cos(), rtol=0, atol=0)
-    torch.testing.assert_close(sin[5:12], angles.sin(), rtol=0, atol=0)
+    torch.testing.assert_close(cos[5:12], angles.cos().repeat(1, 2), rtol=0, atol=0)
+    torch.testing.assert_close(
+        sin[5:12], torch.cat((-angles.sin(), angles.sin()), 1), rtol=0, atol=0
+    )
 
 
 def test_kv_cache_and_context_limits_are_errors():

@@ -138,8 +138,12 @@ def test_plan_app_says_what_fits():
 
 
 # The scaled-down twin of bench/bench_memory.py: a ~7M-parameter model under ZeRO-3 on 2 ranks.
-# Measured peak RSS per rank must lie within this share of the estimate.
-MARGIN = 0.35
+# The measured peak RSS per rank must not pass the estimate by more than OVER (the dangerous
+# side: a layout planned to fit is killed for memory), nor fall below it by more than UNDER.
+# The estimate errs high at this size: its CPU runtime term (0.65 GiB) is most of it, and the
+# fused AdamW's step makes no temporaries (measured 0.533 GiB with the per-tensor AdamW, 0.520
+# fused, against an estimate of 0.80).
+OVER, UNDER = 0.10, 0.40
 
 
 @pytest.mark.slow
@@ -156,4 +160,4 @@ def test_estimate_matches_measured_peak_memory_of_zero3_ranks(bach_dataset, tmp_
     ranks = peaks.ranks()
     assert sorted(ranks) == [0, 1]
     for rank, peak in ranks.items():
-        assert abs(peak / planned - 1) <= MARGIN, (rank, peak / GiB, planned / GiB)
+        assert 1 - UNDER <= peak / planned <= 1 + OVER, (rank, peak / GiB, planned / GiB)

@@ -2,9 +2,11 @@
 decode back exactly, and a saved artifact that reloads under the same hash."""
 
 import json
+import pickle
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 from midi_factory import piece
 
 from data_pipeline.config import (
@@ -13,8 +15,9 @@ from data_pipeline.config import (
     TokenizerConfig,
     TokenizerKind,
 )
-from data_pipeline.learned_vocab import LearnedVocab, train
+from data_pipeline.learned_vocab import CHAR_OFFSET, LearnedVocab, ids_to_text, train
 from data_pipeline.tokenizer import MusicTokenizer, build_base_tokenizer
+from mtrain.augment import Augmenter
 
 
 def notes(score, with_velocity=False):
@@ -74,6 +77,74 @@ def test_bar_by_bar_encoding_gives_the_whole_piece_encoding(training_pieces, kin
         whole = vocab.encode(body)  # no bar id: the piece in one go
         np.testing.assert_array_equal(vocab.encode(body, base.vocab["Bar_None"]), whole)
     assert len(vocab._bars) == 50
+
+
+def learn(training_pieces, kind: LearnedVocabKind, bars: bool = True) -> LearnedVocab:
+    base, pieces = training_pieces
+    bar_id = base.vocab["Bar_None"] if bars else None
+    cfg = LearnedVocabConfig(kind=kind, size=700)
+    return LearnedVocab(train(pieces, range(4, len(base)), bar_id, cfg, seed=0))
+
+
+def sentencepiece_bars(vocab: LearnedVocab, ids: np.ndarray, bar_id: int) -> np.ndarray:
+    """What the loader's ids must be: sentencepiece on each bar alone."""
+    sp = spm.SentencePieceProcessor(model_proto=vocab.model)
+    starts = np.flatnonzero(ids == bar_id)
+    bars = np.split(ids, starts[starts > 0])
+    return np.array([i for bar in bars for i in sp.encode(ids_to_text(bar))], dtype=np.int64)
+
+
+@pytest.mark.parametrize("kind", [LearnedVocabKind.bpe, LearnedVocabKind.unigram])
+def test_loader_ids_are_sentencepieces_bar_by_bar(training_pieces, kind):
+    """Transposed as the loader does, through a cache that evicts, with a head before the first
+    bar, empty bars and empty pieces: every id is sentencepiece's."""
+    base, pieces = training_pieces
+    bar_id = base.vocab["Bar_None"]
+    vocab = learn(training_pieces, kind)
+    vocab.CACHED_BARS = 100  # fewer than the bars below: eviction happens too
+    augment, rng = Augmenter(base.vocab, 5, 0), np.random.default_rng(0)
+    unseen = [np.asarray(base.encode(piece(seed)).ids) for seed in range(1000, 1005)]
+    bodies = [augment(ids, rng)[ids >= 4] for ids in [*pieces[:20], *unseen] * 3]
+    bodies[1] = bodies[1][5:]  # a head: tokens before the first bar
+    bodies += [np.array([bar_id, bar_id, 40, bar_id], dtype=np.int64), np.zeros(0, np.int64)]
+    sp = spm.SentencePieceProcessor(model_proto=vocab.model)
+    for ids in bodies:
+        np.testing.assert_array_equal(
+            vocab.encode(ids, bar_id), sentencepiece_bars(vocab, ids, bar_id)
+        )
+        # Without a bar id: the ids of the whole piece at once.
+        np.testing.assert_array_equal(vocab.encode(ids), sp.encode(ids_to_text(ids)))
+    assert len(vocab._bars) == len(vocab._order) == 100
+    # BPE encodes the missing bars joined, Unigram each alone.
+    assert (vocab._bar_openers(bar_id) is not None) == (kind == LearnedVocabKind.bpe)
+
+
+def test_vocabulary_with_pieces_across_bars_encodes_bar_by_bar(training_pieces):
+    """Learned without bars, BPE pieces cross into bars: joined, bars would merge together, so
+    each bar goes to sentencepiece alone (the ids the loader always had)."""
+    base, pieces = training_pieces
+    bar_id = base.vocab["Bar_None"]
+    vocab = learn(training_pieces, LearnedVocabKind.bpe, bars=False)
+    bar = chr(CHAR_OFFSET + bar_id)
+    assert any(bar in vocab._sp.id_to_piece(i)[1:] for i in range(len(vocab)))
+    sp = spm.SentencePieceProcessor(model_proto=vocab.model)
+    for ids in pieces[:10]:
+        body = ids[ids >= 4]
+        np.testing.assert_array_equal(
+            vocab.encode(body, bar_id), sentencepiece_bars(vocab, body, bar_id)
+        )
+        np.testing.assert_array_equal(vocab.encode(body), sp.encode(ids_to_text(body)))
+
+
+def test_learned_vocabulary_pickles_with_its_cache(training_pieces):
+    """Loader workers get the tokenizer pickled."""
+    base, pieces = training_pieces
+    vocab = learn(training_pieces, LearnedVocabKind.bpe)
+    body = pieces[0][pieces[0] >= 4]
+    ids = vocab.encode(body, base.vocab["Bar_None"])
+    again = pickle.loads(pickle.dumps(vocab))
+    assert again._bars == vocab._bars
+    np.testing.assert_array_equal(again.encode(body, base.vocab["Bar_None"]), ids)
 
 
 def test_learned_size_must_exceed_the_base_vocabulary(training_pieces):

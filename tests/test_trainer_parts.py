@@ -88,6 +88,7 @@ def test_deepspeed_config_zero3_bf16():
     params = out["optimizer"]["params"]
     assert out["optimizer"]["type"] == "AdamW"
     assert params["lr"] == 1e-3 and params["torch_adam"] is True and params["adam_w_mode"]
+    assert params["fused"] is True  # torch's one-kernel AdamW
 
 
 def test_deepspeed_config_other_stages_precisions_and_offload():
