@@ -15,11 +15,15 @@ spin waiting for each other, CPU time that is the machine's business, not the tr
    small_20m, >= 0.95x at tiny).
 2. Two processes (``--ranks 2``): the trainer under ZeRO-0, 1 and 3 vs DDP + GPT-2 in the plain
    loop (goals: ZeRO-0/1 >= 0.95x, ZeRO-3 >= 0.90x at small_20m).
+``--kept-peers`` adds the GPT-2 loop with the trainer's own host-memory setting
+(``mtrain.host_memory``: freed activations kept for the next step) as one more contender: what
+that setting alone is worth to a plain loop.
+
 3. The loader alone: tokens/s of one DataLoader worker process over whole epochs, first batch
    included, against what the trainer consumes.
 
     python bench/bench_train.py data/bach [--rounds 3] [--steps 30] [--shapes tiny,small_20m]
-        [--ranks 1,2] [--stages 0,1,3] [--threads 1]
+        [--ranks 1,2] [--stages 0,1,3] [--threads 1] [--kept-peers]
 """
 
 import argparse
@@ -103,8 +107,15 @@ def plain_loop_run(dataset: str, shape: str, kind: str, ranks: int, steps: int) 
 
 
 def peer(dataset: str, shape: str, kind: str, steps: int) -> None:
-    """Runs inside torchrun: one plain training loop per rank; rank 0 prints its rates."""
+    """Runs inside torchrun: one plain training loop per rank; rank 0 prints its rates.
+    ``kind``: gpt2 or mtrain, with ``-kept`` the trainer's host-memory setting too."""
     import torch.distributed as dist
+
+    from mtrain.host_memory import keep_freed_memory
+
+    kind, _, kept = kind.partition("-")
+    if kept:
+        keep_freed_memory()
 
     from mtrain.data import DataConfig, StreamingData
     from mtrain.model import GPT, GPTConfig
@@ -193,7 +204,8 @@ def main() -> None:
     parser.add_argument("--ranks", default="1,2")
     parser.add_argument("--stages", default="0,1,3", help="ZeRO stages with 2+ ranks")
     parser.add_argument("--threads", type=int, help="OMP threads per rank")
-    parser.add_argument("--peer", choices=["gpt2", "mtrain"])
+    parser.add_argument("--kept-peers", action="store_true", help="+ GPT-2 loop, kept memory")
+    parser.add_argument("--peer", choices=["gpt2", "mtrain", "gpt2-kept"])
     args = parser.parse_args()
     global THREADS
     THREADS = args.threads
@@ -209,6 +221,7 @@ def main() -> None:
         for world in ranks:
             stages = [0] if world == 1 else [int(s) for s in args.stages.split(",")]
             peers = ["mtrain", "gpt2"] if world == 1 else ["gpt2"]
+            peers += ["gpt2-kept"] if args.kept_peers else []
             for shape in shapes:
                 got: dict[str, list[float]] = {}
                 startup = []
@@ -221,14 +234,15 @@ def main() -> None:
                         got.setdefault(f"trainer ZeRO-{stage}", []).append(rate)
                         startup.append(start_s)
                     for kind in peers:
-                        name = f"{kind} loop" + (" DDP" if world > 1 else "")
+                        name = f"{kind} loop".replace("-kept loop", " loop, kept memory")
+                        name += " DDP" if world > 1 else ""
                         rate = plain_loop_run(args.dataset, shape, kind, world, args.steps)
                         got.setdefault(name, []).append(rate)
                 reference = got[f"gpt2 loop{' DDP' if world > 1 else ''}"]
                 print(f"\n{shape}, {world} process(es); trainer start-up "
                       f"{statistics.median(startup):.1f} s (not in the rates)")  # fmt: skip
                 for name, rates in got.items():
-                    print(f"  {name:<18}" + "".join(
+                    print(f"  {name:<28}" + "".join(
                         summary([getattr(r, clock) for r in rates],
                                 [getattr(r, clock) for r in reference])
                         for clock in Rate._fields))  # fmt: skip

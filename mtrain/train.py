@@ -6,7 +6,7 @@ before any process group starts. The loop is ``mtrain.trainer.Trainer``.
 
 from data_pipeline.app import entry_point
 from data_pipeline.errors import InputError
-from mtrain import distributed
+from mtrain import distributed, host_memory
 from mtrain.config import TrainConfig
 from mtrain.data import StreamingData
 from mtrain.memory import check_fits, training_layout
@@ -34,6 +34,8 @@ def run(cfg: TrainConfig, overrides: list[str]) -> int:
             raise InputError(refusal)
         trainer.check_resumable()
         device = distributed.init(place, cfg.deepspeed.timeout_s)
+        if device.type == "cpu":  # activations live in host memory: reuse them step to step
+            host_memory.keep_freed_memory()
         agree_on_refusal(refusal)
         return trainer.fit(device)
     finally:

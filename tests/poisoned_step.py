@@ -1,8 +1,10 @@
-"""Run as a script by test_trainer_parts: one rank, a real DeepSpeed engine at a given ZeRO stage
-and precision; a step whose loss is poisoned with NaN must leave the weights as they were, and
-training goes on. Prints one JSON line of what it saw.
+"""Run as a script by test_train: a real DeepSpeed engine at a given ZeRO stage and precision,
+on one rank or on the ranks torchrun starts; a step whose loss is poisoned with NaN (on the last
+rank only: the others' losses stay finite) must leave the weights as they were on every rank,
+and training goes on. Rank 0 prints one JSON line of what it saw.
 
     python tests/poisoned_step.py <zero stage> <precision> <port>
+    torchrun --nproc-per-node=2 tests/poisoned_step.py <zero stage> <precision> <port>
 """
 
 import json
@@ -17,13 +19,16 @@ from omegaconf import OmegaConf
 from mtrain import distributed
 from mtrain.config import TrainConfig, plan_batch
 from mtrain.engine import build_engine
+from mtrain.grad_sync import take_gradient_reduction
 from mtrain.monitor import StepTimer
 from mtrain.trainer import OptimizerStep
 
 
 def main(stage: int, precision: str, port: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1")
-    distributed.init(distributed.placement_from_env(), 120)
+    if "RANK" not in os.environ:  # not under torchrun: one rank
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1")
+    place = distributed.placement_from_env()
+    distributed.init(place, 120)
     shape = {"vocab_size": 50, "n_layer": 1, "n_head": 2, "d_model": 16, "max_seq_len": 8}
     cfg = OmegaConf.to_object(
         OmegaConf.merge(
@@ -33,25 +38,32 @@ def main(stage: int, precision: str, port: str) -> None:
                 "run_dir": tempfile.mkdtemp(prefix="poisoned-"),
                 "model": shape,
                 "deepspeed": {"zero_stage": stage, "precision": precision},
-                "trainer": {"micro_batch_size": 2, "global_batch_tokens": 32},
+                # two micro batches a step on every rank
+                "trainer": {"micro_batch_size": 2, "global_batch_tokens": 32 * place.world_size},
             },
         )
     )
     cfg.deepspeed.param_persistence_threshold = 0
-    plan = plan_batch(cfg, 1)
-    engine, _ = build_engine(cfg, plan, 0)
+    plan = plan_batch(cfg, place.world_size)
+    engine, _ = build_engine(cfg, plan, place.rank)
     poisoned = [False]
     forward = engine.module.forward
 
     def maybe_poisoned(*args, **kwargs):
         out = forward(*args, **kwargs)
-        return out._replace(loss=out.loss * math.nan) if poisoned[0] else out
+        return out._replace(loss=out.loss * math.nan) if poisoned[0] and last_rank else out
+
+    last_rank = place.rank == place.world_size - 1
 
     engine.module.forward = maybe_poisoned
-    step = OptimizerStep(engine, "cpu", plan.grad_accum, 5, cfg.deepspeed.clips_in_trainer, 1.0)
+    # The trainer's own gradient reduction where it takes it (ZeRO-0 fp32 on several ranks).
+    reduction = take_gradient_reduction(engine, cfg.deepspeed)
+    step = OptimizerStep(
+        engine, "cpu", plan.grad_accum, 5, cfg.deepspeed.clips_in_trainer, 1.0, reduction
+    )
 
     def batches():
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator().manual_seed(place.rank)
         while True:
             x = torch.randint(0, 50, (2, 9), generator=g)
             yield x[:, :-1], x[:, 1:]
@@ -71,6 +83,12 @@ def main(stage: int, precision: str, port: str) -> None:
     poisoned[0] = False
     unchanged = torch.equal(before, weights())
     after = step(stream, 3, StepTimer())
+    # Every rank must hold the same weights after all: the skip was agreed, not one rank's.
+    mine = weights()
+    theirs = [torch.empty_like(mine) for _ in range(place.world_size)]
+    torch.distributed.all_gather(theirs, mine)
+    if place.rank:
+        return
     print(
         json.dumps(
             {
@@ -80,7 +98,9 @@ def main(stage: int, precision: str, port: str) -> None:
                 "unchanged": unchanged,
                 "after_applied": after.applied,
                 "after_loss": after.loss,
-                "finite": bool(torch.isfinite(weights()).all()),
+                "finite": bool(torch.isfinite(mine).all()),
+                "ranks_agree": all(torch.equal(mine, t) for t in theirs),
+                "overlapped": reduction is not None,
             }
         )
     )

@@ -269,13 +269,23 @@ def test_evaluate_reports_bits_per_note_and_second(uninterrupted, bach_dataset, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("stage", "precision"), [(0, "fp32"), (3, "bf16")])
-def test_a_step_with_a_nan_loss_leaves_the_weights_alone_under_a_real_engine(stage, precision):
+@pytest.mark.parametrize(
+    ("stage", "precision", "ranks"), [(0, "fp32", 1), (3, "bf16", 1), (0, "fp32", 2)]
+)
+def test_a_step_with_a_nan_loss_leaves_the_weights_alone_under_a_real_engine(
+    stage, precision, ranks
+):
     """ZeRO-3 in bf16 (the default) relies on DeepSpeed's own check of the gradient norm,
-    ZeRO-0 in fp32 on the trainer's."""
+    ZeRO-0 in fp32 on the trainer's; on 2 ranks ZeRO-0's gradients are reduced by the trainer
+    during the backward pass, and only the last rank's loss is NaN: both ranks must skip."""
     script = Path(__file__).with_name("poisoned_step.py")
+    port = str(free_port())
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher += ["-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
+                     f"--master-port={port}"]  # fmt: skip
     proc = subprocess.run(
-        [sys.executable, str(script), str(stage), precision, str(free_port())],
+        [*launcher, str(script), str(stage), precision, port],
         env={**os.environ, **CPU_ENV},
         capture_output=True,
         text=True,
@@ -284,5 +294,6 @@ def test_a_step_with_a_nan_loss_leaves_the_weights_alone_under_a_real_engine(sta
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert seen["first_applied"] and not seen["bad_applied"] and seen["bad_nonfinite"] == 2
-    assert seen["unchanged"] and seen["finite"]
+    assert seen["unchanged"] and seen["finite"] and seen["ranks_agree"]
     assert seen["after_applied"] and math.isfinite(seen["after_loss"])
+    assert seen["overlapped"] == (ranks > 1 and stage == 0)
