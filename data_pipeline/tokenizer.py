@@ -14,6 +14,7 @@ change its infilling rate without changing the vocabulary; artifacts written bef
 none and load as they were (same ids, same hash).
 """
 
+import functools
 import hashlib
 import json
 import tempfile
@@ -126,11 +127,16 @@ class MusicTokenizer:
         """The base id of the token that opens a bar; None for tokenizers without bars."""
         return self.base.vocab.get("Bar_None")
 
+    @functools.cached_property
+    def _label_index(self) -> dict[str, int]:
+        # Built once, not per piece: a corpus may have thousands of labels (composers).
+        return {name: self.label_offset + i for i, name in enumerate(self.labels)}
+
     def label_ids(self, labels: dict[str, str]) -> list[int]:
         """Conditioning ids for a piece's labels; labels without a token are left out."""
-        index = {name: i for i, name in enumerate(self.labels)}
+        index = self._label_index
         names = (label_token(k, v) for k, v in sorted(labels.items()))
-        return [self.label_offset + index[n] for n in names if n in index]
+        return [index[n] for n in names if n in index]
 
     # ---- a piece as the model reads it ----------------------------------------------------
     def head(self, labels: dict[str, str]) -> list[int]:

@@ -31,10 +31,26 @@ class Augmenter:
         self.pitch_id = np.full((len(MELODIC_PITCH_FAMILIES), MIDI_PITCHES), -1)
         self.pitch_id[self.family[melodic], self.pitch[melodic]] = np.flatnonzero(melodic)
         self.low, self.high = int(self.pitch[melodic].min()), int(self.pitch[melodic].max())
+        # Each token's pitch for a piece's lowest and highest note (others out of the way),
+        # and one lookup table per shift: every id to itself but melodic notes, moved.
+        self.pitch_for_low = np.where(melodic, self.pitch, MIDI_PITCHES)
+        self.pitch_for_high = np.where(melodic, self.pitch, -1)
+        notes = np.flatnonzero(melodic)
+        self.transposed = np.tile(np.arange(size), (2 * transpose_range + 1, 1))
+        for row, shift in enumerate(range(-transpose_range, transpose_range + 1)):
+            moved = self.pitch[notes] + shift
+            inside = (moved >= 0) & (moved < MIDI_PITCHES)
+            targets = self.pitch_id[self.family[notes[inside]], moved[inside]]
+            self.transposed[row, notes[inside]] = targets
         self.drum_program = vocab.get("Program_-1", -1)
         self.velocity_ids = np.array([i for _, i in sorted(velocities)], dtype=np.int64)
-        self.velocity_rank = np.full(size, -1)
-        self.velocity_rank[self.velocity_ids] = np.arange(len(self.velocity_ids))
+        # One lookup table per velocity shift: every id to itself but velocities, moved by
+        # the shift and clipped to the tokenizer's range (one gather a piece, no masks).
+        top = len(self.velocity_ids) - 1
+        self.shifted_velocities = np.tile(np.arange(size), (2 * velocity_shift + 1, 1))
+        for row, shift in enumerate(range(-velocity_shift, velocity_shift + 1)):
+            moved = np.clip(np.arange(len(self.velocity_ids)) + shift, 0, top)
+            self.shifted_velocities[row, self.velocity_ids] = self.velocity_ids[moved]
 
     def __call__(self, ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         ids = np.array(ids, dtype=np.int64)
@@ -43,24 +59,31 @@ class Augmenter:
         return ids
 
     def _transpose(self, ids: np.ndarray, rng: np.random.Generator) -> None:
-        notes = (self.family[ids] >= 0) & ~self._in_drum_track(ids)
-        if not notes.any():
+        drums = self._in_drum_track(ids)
+        kept = ids if drums is None else ids[~drums]
+        lowest = int(self.pitch_for_low[kept].min(initial=MIDI_PITCHES))
+        if lowest == MIDI_PITCHES:  # no melodic note
             return
-        pitches = self.pitch[ids[notes]]
-        low = max(-self.transpose_range, self.low - int(pitches.min()))
-        high = min(self.transpose_range, self.high - int(pitches.max()))
-        ids[notes] = self.pitch_id[self.family[ids[notes]], pitches + rng.integers(low, high + 1)]
+        highest = int(self.pitch_for_high[kept].max())
+        low = max(-self.transpose_range, self.low - lowest)
+        high = min(self.transpose_range, self.high - highest)
+        table = self.transposed[rng.integers(low, high + 1) + self.transpose_range]
+        if drums is None:
+            ids[:] = table[ids]
+        else:
+            ids[~drums] = table[kept]
 
-    def _in_drum_track(self, ids: np.ndarray) -> np.ndarray:
+    def _in_drum_track(self, ids: np.ndarray) -> np.ndarray | None:
         """Tokens after a Program_-1 (drums) and before the next Program token: drum notes,
-        when the tokenizer writes them with ordinary Pitch tokens (use_pitchdrum_tokens off)."""
+        when the tokenizer writes them with ordinary Pitch tokens (use_pitchdrum_tokens off).
+        None for a piece without drums (most: one comparison instead of a scan)."""
+        if self.drum_program < 0 or not (ids == self.drum_program).any():
+            return None
         last_program = np.maximum.accumulate(
             np.where(self.is_program[ids], np.arange(len(ids)), -1)
         )
         return (last_program >= 0) & (ids[last_program] == self.drum_program)
 
     def _shift_velocities(self, ids: np.ndarray, rng: np.random.Generator) -> None:
-        ranks = self.velocity_rank[ids]
-        on = ranks >= 0
         shift = rng.integers(-self.velocity_shift, self.velocity_shift + 1)
-        ids[on] = self.velocity_ids[np.clip(ranks[on] + shift, 0, len(self.velocity_ids) - 1)]
+        ids[:] = self.shifted_velocities[shift + self.velocity_shift, ids]

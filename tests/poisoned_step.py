@@ -24,7 +24,7 @@ from mtrain.monitor import StepTimer
 from mtrain.trainer import OptimizerStep
 
 
-def main(stage: int, precision: str, port: str) -> None:
+def main(stage: int, precision: str, port: str, run_dir: str) -> None:
     if "RANK" not in os.environ:  # not under torchrun: one rank
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1")
     place = distributed.placement_from_env()
@@ -35,7 +35,7 @@ def main(stage: int, precision: str, port: str) -> None:
             OmegaConf.structured(TrainConfig),
             {
                 "data": {"path": "unused"},
-                "run_dir": tempfile.mkdtemp(prefix="poisoned-"),
+                "run_dir": run_dir,
                 "model": shape,
                 "deepspeed": {"zero_stage": stage, "precision": precision},
                 # two micro batches a step on every rank
@@ -107,4 +107,6 @@ def main(stage: int, precision: str, port: str) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2], sys.argv[3])
+    # The heartbeat thread may still write there while it goes.
+    with tempfile.TemporaryDirectory(prefix="poisoned-", ignore_cleanup_errors=True) as run_dir:
+        main(int(sys.argv[1]), sys.argv[2], sys.argv[3], run_dir)

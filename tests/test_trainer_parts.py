@@ -6,11 +6,14 @@ import itertools
 import math
 import os
 import signal
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 from scripted_engine import ScriptedEngine, micro_batches
+from wandb_records import history
 
 from data_pipeline.errors import ConfigError
 from mtrain.checkpoint import _prune, latest_complete
@@ -374,3 +377,34 @@ def test_preemption_is_due_after_a_signal_and_stops_after_saving(own_signal_hand
     with pytest.raises(Preempted) as stop:
         preemption.run(4, {})
     assert stop.value.exit_code == 75 and saved == [4]
+
+
+# A run that logs 40 steps from its loop, changing its dict after each log as the trainer does,
+# and exits without finish() (as a preempted or failed run does).
+QUEUED_ROWS = """
+import sys
+from pathlib import Path
+from mtrain.run_dir import RunDir
+from mtrain.tracking import LoggerConfig, Tracker, WandbMode
+tracker = Tracker(LoggerConfig(mode=WandbMode.offline), "rows", RunDir(Path(sys.argv[1])), {},
+                  None, [])
+for step in range(1, 41):
+    metrics = {"train/loss": 1.0 / step, "perf/mfu": None}
+    tracker.log(metrics, step)
+    metrics["train/loss"] = -1.0  # too late: the tracker logged a copy
+"""
+
+
+def test_tracker_rows_reach_wandb_in_order_off_the_step_even_without_finish(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", QUEUED_ROWS, str(tmp_path)],
+        env={**os.environ, "WANDB_SILENT": "true"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = history(tmp_path)
+    assert [r["_step"] for r in rows] == list(range(1, 41))
+    assert [r["train/loss"] for r in rows] == pytest.approx([1.0 / s for s in range(1, 41)])
+    assert all("perf/mfu" not in r for r in rows)
