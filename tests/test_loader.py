@@ -1,6 +1,7 @@
 """mtrain.data over real prepared shards: packing, splits, shuffling, augmentation, damage,
 validation and exact resume."""
 
+import io
 import logging
 import shutil
 import signal
@@ -19,6 +20,7 @@ from data_pipeline.reader import (
     CorruptShardError,
     ShardReader,
     load_card,
+    npy_tokens,
     split_shares,
 )
 from data_pipeline.tokenizer import MusicTokenizer
@@ -413,3 +415,25 @@ def test_loader_workers_outlive_the_preemption_signal(dataset):
         process.send_signal(signal.SIGUSR1)
     take(batches, 20)  # more than the workers had prefetched
     assert all(process.is_running() for process in [*server, *workers])
+
+
+@pytest.mark.parametrize("dtype", ["<u2", "<i4", "<i8", "|u1", ">i2"])
+@pytest.mark.parametrize("size", [0, 1, 3000])
+def test_npy_tokens_reads_what_np_save_wrote(dtype, size):
+    tokens = (np.arange(size) % 250).astype(dtype)
+    buf = io.BytesIO()
+    np.save(buf, tokens, allow_pickle=False)
+    got = npy_tokens(buf.getvalue())
+    assert got.dtype == tokens.dtype and np.array_equal(got, tokens)
+
+
+def test_npy_tokens_leaves_other_files_to_np_load_and_refuses_a_short_one():
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((2, 3), dtype=np.int16), allow_pickle=False)
+    assert npy_tokens(buf.getvalue()).shape == (2, 3)  # the piece reader refuses it then
+    buf = io.BytesIO()
+    np.save(buf, np.arange(100, dtype=np.uint16), allow_pickle=False)
+    with pytest.raises(ValueError):
+        npy_tokens(buf.getvalue()[:-2])
+    with pytest.raises(ValueError):
+        npy_tokens(b"not a numpy file at all")
