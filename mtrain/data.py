@@ -288,8 +288,9 @@ def _stream_states(loader: dict, workers: int) -> list[dict | None]:
 
 
 def inputs_and_targets(windows: list[np.ndarray] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Collates windows of seq_len + 1 tokens into (inputs, targets), each [batch, seq_len]."""
-    tokens = torch.from_numpy(np.stack(windows))
+    """Collates windows of seq_len + 1 tokens into (inputs, targets), each [batch, seq_len];
+    windows a loader worker stacked already are used as they came."""
+    tokens = torch.from_numpy(windows if isinstance(windows, np.ndarray) else np.stack(windows))
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
