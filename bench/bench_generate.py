@@ -30,11 +30,11 @@ from safetensors.torch import save_model
 
 from data_pipeline.config import TokenizerConfig
 from data_pipeline.tokenizer import SPECIAL_TOKENS, build_base_tokenizer
-from mtrain.artifacts import CONFIG, WEIGHTS, load_exported
 from mtrain.evaluation.music_metrics import METRICS, compute_all
+from mtrain.exported.artifacts import CONFIG, WEIGHTS, load_exported
+from mtrain.exported.transformers_format import to_hf
 from mtrain.generation.decoding import decode
 from mtrain.generation.sampling import SamplingConfig
-from mtrain.hf_export import to_hf
 from mtrain.model import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -222,7 +222,7 @@ def generation_report(args, model: GPT, hf) -> dict:
 def dataset_scores(path: str, limit: int) -> list:
     """Up to ``limit`` training pieces of a prepared dataset, decoded to scores."""
     from data_pipeline.reader import SKIP, ShardReader, split_shares
-    from mtrain.data import DataConfig, open_dataset
+    from mtrain.data.loader import DataConfig, open_dataset
 
     card, tokenizer = open_dataset(DataConfig(path=path))
     reader = ShardReader(len(tokenizer.base), SKIP)

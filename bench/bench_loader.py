@@ -29,7 +29,7 @@ SEQ, MICRO = 512, 8
 
 def child(path: str, epochs: int) -> None:
     """Runs in the measured process: prints model tokens/s and seconds to the first batch."""
-    from mtrain.data import DataConfig, StreamingData
+    from mtrain.data.loader import DataConfig, StreamingData
 
     started = time.perf_counter()
     data = StreamingData(DataConfig(path=path, num_workers=1), SEQ, MICRO)

@@ -1,6 +1,6 @@
 """The largest model this machine holds under ZeRO-3: per-rank peak memory measured against
-mtrain.memory's estimate, and step times, for a train -> checkpoint -> resume -> export ->
-generate cycle on 2 CPU ranks.
+the memory plan's estimate (mtrain.training.memory_plan), and step times, for a
+train -> checkpoint -> resume -> export -> generate cycle on 2 CPU ranks.
 
     python bench/bench_memory.py [data/bach] [override ...] [--models small_20m gpt_760m]
         [--steps 3] [--phases train resume export generate] [--guard-gb 9]
@@ -26,9 +26,9 @@ from pathlib import Path
 import psutil
 from omegaconf import OmegaConf
 
-from mtrain.config import DeepSpeedConfig, Precision
-from mtrain.memory import GiB, Layout, estimate
 from mtrain.model import GPTConfig
+from mtrain.training.config import DeepSpeedConfig, Precision
+from mtrain.training.memory_plan import GiB, Layout, estimate
 
 REPO = Path(__file__).resolve().parents[1]
 # glibc raises its mmap threshold up to 32 MB as big blocks are freed; tensors of a few MB then
@@ -110,7 +110,7 @@ def train_command(dataset: str, run_dir: Path, model: str, steps: int, extra: li
 
 
 def planned(dataset: str, model: str, extra: list[str]) -> float:
-    """mtrain.memory's estimate (bytes per rank) for the layout ``train_command`` runs."""
+    """The memory plan's estimate (bytes per rank) for the layout ``train_command`` runs."""
     vocab = json.loads((Path(dataset) / "tokenizer" / "artifact.json").read_text())["vocab_size"]
     shape = OmegaConf.merge(
         OmegaConf.load(REPO / "conf" / "model" / f"{model}.yaml"),

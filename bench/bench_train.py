@@ -16,7 +16,8 @@ spin waiting for each other, CPU time that is the machine's business, not the tr
 2. Two processes (``--ranks 2``): the trainer under ZeRO-0, 1 and 3 vs DDP + GPT-2 in the plain
    loop (goals: ZeRO-0/1 >= 0.95x, ZeRO-3 >= 0.90x at small_20m).
 ``--kept-peers`` adds the GPT-2 loop with the trainer's own host-memory setting
-(``mtrain.host_memory``: freed activations kept for the next step) as one more contender: what
+(``mtrain.distributed.host_memory``: freed activations kept for the next step) as one more
+contender: what
 that setting alone is worth to a plain loop.
 
 3. The loader alone: tokens/s of one DataLoader worker process over whole epochs, first batch
@@ -111,13 +112,13 @@ def peer(dataset: str, shape: str, kind: str, steps: int) -> None:
     ``kind``: gpt2 or mtrain, with ``-kept`` the trainer's host-memory setting too."""
     import torch.distributed as dist
 
-    from mtrain.host_memory import keep_freed_memory
+    from mtrain.distributed.host_memory import keep_freed_memory
 
     kind, _, kept = kind.partition("-")
     if kept:
         keep_freed_memory()
 
-    from mtrain.data import DataConfig, StreamingData
+    from mtrain.data.loader import DataConfig, StreamingData
     from mtrain.model import GPT, GPTConfig
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -166,7 +167,7 @@ def loader_rate(dataset: str, epochs: int = 1) -> tuple[float, float]:
     """(tokens/s of one DataLoader worker process over whole epochs, first batch included;
     seconds to the first batch). The loader is infinite: an epoch is the train split's
     tokens, counted from the dataset card."""
-    from mtrain.data import DataConfig, StreamingData
+    from mtrain.data.loader import DataConfig, StreamingData
 
     data = StreamingData(DataConfig(path=dataset, num_workers=1), SEQ, MICRO)
     # Base-vocabulary tokens per epoch: a learned vocabulary packs them into fewer, and

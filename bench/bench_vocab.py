@@ -34,7 +34,7 @@ from data_pipeline.config import LearnedVocabConfig, LearnedVocabKind
 from data_pipeline.learned_vocab import CHAR_OFFSET, LearnedVocab, ids_to_text, text_to_ids
 from data_pipeline.reader import split_shares
 from data_pipeline.tokenizer import MusicTokenizer
-from mtrain.data import DataConfig, StreamingData
+from mtrain.data.loader import DataConfig, StreamingData
 
 SEQ_LEN, BATCH = 512, 8
 

@@ -31,7 +31,7 @@ from data_pipeline.config import TokenizerConfig
 from data_pipeline.learned_vocab import LearnedVocab
 
 SPECIAL_TOKENS = ("PAD", "BOS", "EOS", "MASK")
-# Fill-in-the-middle (mtrain.infilling): model ids only, never base ids, so the base vocabulary
+# Fill-in-the-middle (mtrain.data.infilling): model ids only, never base ids, so the base vocabulary
 # and the shards stay as they were.
 INFILL_TOKENS = ("FIM_PREFIX", "FIM_SUFFIX", "FIM_MIDDLE", "FIM_END")
 ARTIFACT_FORMAT = 1

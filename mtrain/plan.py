@@ -1,13 +1,15 @@
 """Whether a training fits the devices' memory, before launching it: ``python -m mtrain.plan
 model=gpt_760m deepspeed=zero3 world_size=2 micro_batch_size=1 seq_len=128 [device_memory_gb=8]``
-prints the estimate per rank by part, the verdict, and what to change (``mtrain.memory``)."""
+prints the estimate per rank by part, the verdict, and what to change
+(``mtrain.training.memory_plan``)."""
 
 from dataclasses import dataclass, field, replace
 
 from data_pipeline.app import entry_point
 from data_pipeline.errors import require
-from mtrain.config import DeepSpeedConfig
-from mtrain.memory import (
+from mtrain.model import GPTConfig
+from mtrain.training.config import DeepSpeedConfig
+from mtrain.training.memory_plan import (
     DEEPSPEED_DEFAULTS,
     GiB,
     Layout,
@@ -17,7 +19,6 @@ from mtrain.memory import (
     estimate,
     judge,
 )
-from mtrain.model import GPTConfig
 
 
 @dataclass

@@ -1,21 +1,21 @@
 """Pretrain a GPT on prepared shards: ``python -m mtrain.train data.path=... model=tiny``.
 
 Launch it with ``torchrun``, the ``deepspeed`` launcher or ``srun``; the config is validated
-before any process group starts. The loop is ``mtrain.trainer.Trainer``.
+before any process group starts. The loop is ``mtrain.training.trainer.Trainer``.
 """
 
 from data_pipeline.app import entry_point
 from data_pipeline.errors import InputError
-from mtrain import distributed, host_memory
-from mtrain.config import TrainConfig
-from mtrain.data import StreamingData
-from mtrain.memory import check_fits, training_layout
-from mtrain.run_lock import RunLock, agree_on_refusal
-from mtrain.trainer import Trainer
+from mtrain.data.loader import StreamingData
+from mtrain.distributed import collectives, host_memory
+from mtrain.runs.lock import RunLock, agree_on_refusal
+from mtrain.training.config import TrainConfig
+from mtrain.training.memory_plan import check_fits, training_layout
+from mtrain.training.trainer import Trainer
 
 
 def run(cfg: TrainConfig, overrides: list[str]) -> int:
-    place = distributed.placement_from_env()
+    place = collectives.placement_from_env()
     # Before any process group exists: every rank fails fast on the same input error.
     data = StreamingData(
         cfg.data, cfg.model.max_seq_len, cfg.trainer.micro_batch_size, place.rank, place.world_size
@@ -33,7 +33,7 @@ def run(cfg: TrainConfig, overrides: list[str]) -> int:
         if refusal is not None and place.world_size == 1:
             raise InputError(refusal)
         trainer.check_resumable()
-        device = distributed.init(place, cfg.deepspeed.timeout_s)
+        device = collectives.init(place, cfg.deepspeed.timeout_s)
         if device.type == "cpu":  # activations live in host memory: reuse them step to step
             host_memory.keep_freed_memory()
         agree_on_refusal(refusal)

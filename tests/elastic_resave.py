@@ -5,8 +5,8 @@ with what the old ranks saved."""
 
 import sys
 
-from mtrain.run_dir import RunDir
-from mtrain.trainer import Trainer
+from mtrain.runs.run_dir import RunDir
+from mtrain.training.trainer import Trainer
 
 OUT = RunDir(sys.argv.pop(1))
 _resume = Trainer._resume

@@ -16,19 +16,19 @@ import tempfile
 import torch
 from omegaconf import OmegaConf
 
-from mtrain import distributed
-from mtrain.config import TrainConfig, plan_batch
-from mtrain.engine import build_engine
-from mtrain.grad_sync import take_gradient_reduction
-from mtrain.monitor import StepTimer
-from mtrain.trainer import OptimizerStep
+from mtrain.distributed import collectives
+from mtrain.training.config import TrainConfig, plan_batch
+from mtrain.training.engine import build_engine
+from mtrain.training.grad_sync import take_gradient_reduction
+from mtrain.training.monitor import StepTimer
+from mtrain.training.trainer import OptimizerStep
 
 
 def main(stage: int, precision: str, port: str, run_dir: str) -> None:
     if "RANK" not in os.environ:  # not under torchrun: one rank
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1")
-    place = distributed.placement_from_env()
-    distributed.init(place, 120)
+    place = collectives.placement_from_env()
+    collectives.init(place, 120)
     shape = {"vocab_size": 50, "n_layer": 1, "n_head": 2, "d_model": 16, "max_seq_len": 8}
     cfg = OmegaConf.to_object(
         OmegaConf.merge(

@@ -18,8 +18,10 @@ import torch
 from scripted_engine import ScriptedEngine, micro_batches
 
 from data_pipeline.errors import InputError
-from mtrain.artifacts import resolve_checkpoint
-from mtrain.checkpoint import (
+from mtrain.exported.artifacts import resolve_checkpoint
+from mtrain.runs.lock import RunLock
+from mtrain.runs.run_dir import CheckpointDir, RunDir
+from mtrain.training.checkpointer import (
     check_resumable,
     checksums,
     damage,
@@ -28,11 +30,9 @@ from mtrain.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from mtrain.monitor import StepTimer
-from mtrain.run_dir import CheckpointDir, RunDir
-from mtrain.run_lock import RunLock
-from mtrain.step_components import drop_metrics_after
-from mtrain.trainer import NonFiniteLoss, OptimizerStep, say_log_file_failures_once
+from mtrain.training.monitor import StepTimer
+from mtrain.training.step_components import drop_metrics_after
+from mtrain.training.trainer import NonFiniteLoss, OptimizerStep, say_log_file_failures_once
 
 MODEL = {"n_layer": 2, "d_model": 64, "vocab_size": 300}
 

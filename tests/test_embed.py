@@ -12,7 +12,6 @@ import torch
 from conftest import iter_pieces, run_module, shard_urls
 
 from data_pipeline.tokenizer import MusicTokenizer
-from mtrain.artifacts import load_exported
 from mtrain.evaluation.embeddings import (
     MeanPooler,
     centred_unit_rows,
@@ -22,6 +21,7 @@ from mtrain.evaluation.embeddings import (
     unit_rows,
     unscorable,
 )
+from mtrain.exported.artifacts import load_exported
 
 K = 4
 

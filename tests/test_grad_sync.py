@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mtrain.grad_sync import OverlappedAllReduce
 from mtrain.model import GPT, GPTConfig
+from mtrain.training.grad_sync import OverlappedAllReduce
 
 WORLD, MICRO_BATCHES = 2, 3
 CFG = GPTConfig(vocab_size=50, n_layer=2, n_head=2, d_model=16, max_seq_len=12)

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from data_pipeline.tokenizer import MusicTokenizer
-from mtrain import hf_export
+from mtrain.exported import transformers_format
+from mtrain.exported.transformers_format import hf_architecture, save_hf
 from mtrain.generation.decoding import decode
 from mtrain.generation.sampling import SamplingConfig
-from mtrain.hf_export import hf_architecture, save_hf
 from mtrain.model import GPT, GPTConfig
 
 VOCAB = 97
@@ -85,7 +85,7 @@ def test_a_mapping_that_misplaces_a_weight_is_refused(tmp_path, monkeypatch):
     """The NeoX layout with mtrain's qkv order instead of NeoX's head-by-head one: loadable,
     but other logits; the export says so instead of writing a wrong model silently."""
     model = trained_like()
-    layout = hf_export.LAYOUTS["GPTNeoXForCausalLM"]
+    layout = transformers_format.LAYOUTS["GPTNeoXForCausalLM"]
 
     def unpermuted(m: GPT):
         config, state = layout(m)
@@ -94,6 +94,6 @@ def test_a_mapping_that_misplaces_a_weight_is_refused(tmp_path, monkeypatch):
             state[key] = m.state_dict()[f"blocks.{i}.attn.qkv.weight"]
         return config, state
 
-    monkeypatch.setitem(hf_export.LAYOUTS, "GPTNeoXForCausalLM", unpermuted)
+    monkeypatch.setitem(transformers_format.LAYOUTS, "GPTNeoXForCausalLM", unpermuted)
     with pytest.raises(RuntimeError, match=r"GPTNeoXForCausalLM.*away from the model's own"):
         save_hf(model, tmp_path, probe(), tolerance=1e-4)

@@ -11,7 +11,7 @@ import pytest
 # repeats after the first three (the heap settles on its layout in those; so does a trainer's).
 STEPS = """
 import json, resource, sys, torch
-from mtrain.host_memory import keep_freed_memory
+from mtrain.distributed.host_memory import keep_freed_memory
 kept = keep_freed_memory() if sys.argv[1] == "keep" else False
 def step():
     acts = [torch.ones(n) for n in (12 << 20, 3 << 20, 12 << 20, 1 << 20)]  # 48, 12, 48, 4 MiB

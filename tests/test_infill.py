@@ -17,6 +17,7 @@ from data_pipeline.config import LearnedVocabConfig, LearnedVocabKind, Tokenizer
 from data_pipeline.errors import ConfigError, InputError
 from data_pipeline.learned_vocab import LearnedVocab, train
 from data_pipeline.tokenizer import MusicTokenizer, base_fingerprint, build_base_tokenizer
+from mtrain.data.infilling import InfillTraining, joined
 from mtrain.generation.infill import (
     BarRange,
     check_trained_for_infilling,
@@ -27,7 +28,6 @@ from mtrain.generation.infill import (
 )
 from mtrain.generation.job import GenerateConfig
 from mtrain.generation.sampling import SamplingConfig
-from mtrain.infilling import InfillTraining, joined
 from mtrain.model import GPT, GPTConfig
 
 LABELS = {"collection": "jazz"}

@@ -1,4 +1,4 @@
-"""mtrain.data over real prepared shards: packing, splits, shuffling, augmentation, damage,
+"""mtrain.data.loader over real prepared shards: packing, splits, shuffling, augmentation, damage,
 validation and exact resume."""
 
 import io
@@ -24,8 +24,8 @@ from data_pipeline.reader import (
     split_shares,
 )
 from data_pipeline.tokenizer import MusicTokenizer
-from mtrain.augment import Augmenter
-from mtrain.data import DataConfig, StreamingData, stream_plan
+from mtrain.data.augmentation import Augmenter
+from mtrain.data.loader import DataConfig, StreamingData, stream_plan
 
 BOS, EOS, PAD = 1, 2, 0
 

@@ -13,10 +13,10 @@ from conftest import launch, losses, train_args
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
-from mtrain import flops
 from mtrain import model as model_module
-from mtrain.artifacts import WEIGHTS, export
+from mtrain.exported.artifacts import WEIGHTS, export
 from mtrain.model import GPT, GPTConfig, Linear
+from mtrain.training import flops
 
 VOCAB = 97
 MODEL_CONFS = Path(__file__).resolve().parents[1] / "conf" / "model"

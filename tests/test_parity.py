@@ -9,12 +9,12 @@ import torch.nn.functional as F
 from conftest import losses, run, train_args
 from omegaconf import OmegaConf
 
-from mtrain.config import TrainConfig, plan_batch
-from mtrain.data import StreamingData
-from mtrain.engine import seed_everything
-from mtrain.hf_export import to_hf
+from mtrain.data.loader import StreamingData
+from mtrain.exported.transformers_format import to_hf
 from mtrain.model import GPT
-from mtrain.schedule import lr_multiplier
+from mtrain.training.config import TrainConfig, plan_batch
+from mtrain.training.engine import seed_everything
+from mtrain.training.schedule import lr_multiplier
 
 pytestmark = pytest.mark.slow
 STEPS = 12
@@ -73,7 +73,7 @@ def plain_gpt2_losses(cfg: TrainConfig, world: int) -> list[float]:
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_trainer_losses_are_those_of_a_plain_gpt2_loop(bach_dataset, tmp_path, ranks):
     """On 2 ranks the gradients are the trainer's own all-reduce's, overlapped with the
-    backward pass (mtrain.grad_sync)."""
+    backward pass (mtrain.training.grad_sync)."""
     run_dir = tmp_path / "run"
     # GPT-2's architecture (learned positions, biases); a high learning rate, so that a
     # difference in the update shows in the next losses; accumulation over 2 micro batches

@@ -1,5 +1,6 @@
-"""The memory estimate (mtrain.memory): its arithmetic, the advice, the fit check before launch,
-a rank killed for memory named as such, and (slow) the estimate against a real ZeRO-3 run."""
+"""The memory estimate (mtrain.training.memory_plan): its arithmetic, the advice, the fit check
+before launch, a rank killed for memory named as such, and (slow) the estimate against a real
+ZeRO-3 run."""
 
 import importlib.util
 import json
@@ -12,10 +13,11 @@ import pytest
 from conftest import REPO, run_module
 
 from data_pipeline.errors import ConfigError
-from mtrain import liveness
-from mtrain.config import BatchPlan, DeepSpeedConfig, OptimConfig, Precision
-from mtrain.ds_config import deepspeed_config
-from mtrain.memory import (
+from mtrain.distributed import liveness
+from mtrain.model import GPTConfig
+from mtrain.training.config import BatchPlan, DeepSpeedConfig, OptimConfig, Precision
+from mtrain.training.deepspeed_config import deepspeed_config
+from mtrain.training.memory_plan import (
     GiB,
     Layout,
     ModelShape,
@@ -25,7 +27,6 @@ from mtrain.memory import (
     judge,
     zero_buckets,
 )
-from mtrain.model import GPTConfig
 
 # gpt_760m's shape, as conf/model/gpt_760m.yaml has it, at the length the issue trains.
 GPT_760M = GPTConfig(vocab_size=521, n_layer=24, n_head=16, d_model=1536, max_seq_len=128,
@@ -91,12 +92,12 @@ def test_advice_names_the_fastest_stage_or_the_changes_that_fit():
 
 
 def test_training_is_refused_before_launch_when_it_cannot_fit(monkeypatch):
-    from mtrain import memory
+    from mtrain.training import memory_plan
 
-    monkeypatch.setattr(memory, "memory_available", lambda: 4 * GiB)
+    monkeypatch.setattr(memory_plan, "memory_available", lambda: 4 * GiB)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     with pytest.raises(ConfigError) as refused:
-        memory.check_fits(layout())
+        memory_plan.check_fits(layout())
     message = str(refused.value)
     assert "\n" not in message and "2.0 GiB (available memory / 2 ranks" in message, message
     assert "deepspeed.check_memory=false" in message

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import CPU_ENV, run, run_module
 
-from mtrain.artifacts import (
+from mtrain.exported.artifacts import (
     FP32_TOLERANCE,
     load_exported,
     probe_check,
@@ -23,7 +23,7 @@ from mtrain.artifacts import (
     verify_against_probe,
 )
 from mtrain.model import GPT, GPTConfig
-from mtrain.run_dir import CheckpointDir
+from mtrain.runs.run_dir import CheckpointDir
 
 NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 

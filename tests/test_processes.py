@@ -19,7 +19,7 @@ import psutil
 import pytest
 from conftest import REPO, kill_tree, launch, losses, train_args
 
-from mtrain import liveness
+from mtrain.distributed import liveness
 
 LONG = ("trainer.max_steps=100000", "trainer.save_every=100000", "data.num_workers=2")
 

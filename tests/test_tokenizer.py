@@ -17,7 +17,7 @@ from data_pipeline.config import (
 )
 from data_pipeline.learned_vocab import CHAR_OFFSET, LearnedVocab, ids_to_text, train
 from data_pipeline.tokenizer import MusicTokenizer, build_base_tokenizer
-from mtrain.augment import Augmenter
+from mtrain.data.augmentation import Augmenter
 
 
 def notes(score, with_velocity=False):

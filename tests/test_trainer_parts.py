@@ -16,8 +16,11 @@ from scripted_engine import ScriptedEngine, micro_batches
 from wandb_records import history
 
 from data_pipeline.errors import ConfigError
-from mtrain.checkpoint import _prune, latest_complete
-from mtrain.config import (
+from mtrain.model import GPT, GPTConfig
+from mtrain.runs.run_dir import CheckpointDir, RunDir
+from mtrain.runs.tracking import scrub
+from mtrain.training.checkpointer import _prune, latest_complete
+from mtrain.training.config import (
     DeepSpeedConfig,
     OptimConfig,
     Precision,
@@ -26,14 +29,11 @@ from mtrain.config import (
     TrainerConfig,
     plan_batch,
 )
-from mtrain.ds_config import deepspeed_config
-from mtrain.model import GPT, GPTConfig
-from mtrain.monitor import StepTimer
-from mtrain.run_dir import CheckpointDir, RunDir
-from mtrain.schedule import lr_multiplier
-from mtrain.step_components import Preempted, Preemption
-from mtrain.tracking import scrub
-from mtrain.trainer import NonFiniteLoss, OptimizerStep
+from mtrain.training.deepspeed_config import deepspeed_config
+from mtrain.training.monitor import StepTimer
+from mtrain.training.schedule import lr_multiplier
+from mtrain.training.step_components import Preempted, Preemption
+from mtrain.training.trainer import NonFiniteLoss, OptimizerStep
 
 
 # ---- learning-rate schedules -------------------------------------------------------------------
@@ -384,8 +384,8 @@ def test_preemption_is_due_after_a_signal_and_stops_after_saving(own_signal_hand
 QUEUED_ROWS = """
 import sys
 from pathlib import Path
-from mtrain.run_dir import RunDir
-from mtrain.tracking import LoggerConfig, Tracker, WandbMode
+from mtrain.runs.run_dir import RunDir
+from mtrain.runs.tracking import LoggerConfig, Tracker, WandbMode
 tracker = Tracker(LoggerConfig(mode=WandbMode.offline), "rows", RunDir(Path(sys.argv[1])), {},
                   None, [])
 for step in range(1, 41):

@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from data_pipeline.errors import InputError, require
 from data_pipeline.reader import StoredPiece
 from data_pipeline.tokenizer import MusicTokenizer
+from mtrain.data.infilling import infill_document, joined, split_bars
 from mtrain.evaluation.music_metrics import compute_all
 from mtrain.evaluation.set_comparison import compare_sets
 from mtrain.generation.compose import DEFAULT_MIN_P
 from mtrain.generation.infill import BarRange, InfillRequest, gap_ticks, infill, plan_infill
 from mtrain.generation.sampling import SamplingConfig
-from mtrain.infilling import infill_document, joined, split_bars
 from mtrain.model import GPT
 
 

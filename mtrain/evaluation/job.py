@@ -26,15 +26,15 @@ from omegaconf import OmegaConf
 
 from data_pipeline.errors import ConfigError, require
 from data_pipeline.reader import ShardReader, split_shares
-from mtrain.artifacts import load_for_data
 from mtrain.evaluation import reports
 from mtrain.evaluation.infill import InfillEvalConfig, evaluate_infilling, infill_markdown
 from mtrain.evaluation.likelihood import evaluate_pieces
+from mtrain.exported.artifacts import load_for_data
 from mtrain.generation.compose import DEFAULT_MIN_P, compose
 from mtrain.generation.infill import check_trained_for_infilling
 from mtrain.generation.prompts import build_prompt, parse_labels
 from mtrain.generation.sampling import SamplingConfig
-from mtrain.tracking import LoggerConfig, WandbMode, log_report, table
+from mtrain.runs.tracking import LoggerConfig, WandbMode, log_report, table
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 starts outside those bars kept note-for-note.
 
 The model reads the nearest bars on either side that fit its context (as it was trained, see
-``mtrain.infilling``) and writes the middle bars; the new notes are then spliced into a copy of
+``mtrain.data.infilling``) and writes the middle bars; the new notes are then spliced into a copy of
 the input score, so nothing outside the gap passes through the tokenizer's quantization.
 """
 
@@ -20,19 +20,19 @@ from omegaconf import OmegaConf
 from data_pipeline.errors import InputError
 from data_pipeline.midi_file import barline_ticks
 from data_pipeline.tokenizer import MusicTokenizer
-from mtrain.generation.compose import GeneratedPiece
-from mtrain.generation.decoding import decode
-from mtrain.generation.repair import to_midi
-from mtrain.generation.sampling import SamplingConfig
-from mtrain.infilling import (
+from mtrain.data.infilling import (
     FRAME_TOKENS,
     infill_document,
     joined,
     nearest_context,
     split_bars,
 )
+from mtrain.generation.compose import GeneratedPiece
+from mtrain.generation.decoding import decode
+from mtrain.generation.repair import to_midi
+from mtrain.generation.sampling import SamplingConfig
 from mtrain.model import GPT
-from mtrain.run_dir import RunDir
+from mtrain.runs.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 BAR_RANGE = re.compile(r"bars:(\d+)(?:-(\d+))?")

@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from data_pipeline.errors import require
-from mtrain.artifacts import load_for_inference
+from mtrain.exported.artifacts import load_for_inference
 from mtrain.generation.compose import DEFAULT_MIN_P, compose
 from mtrain.generation.infill import (
     BAR_RANGE_FORMAT,
@@ -37,7 +37,7 @@ from mtrain.generation.prompts import (
 )
 from mtrain.generation.render import RenderConfig, Renderer, wandb_media
 from mtrain.generation.sampling import SamplingConfig
-from mtrain.tracking import LoggerConfig, WandbMode, log_report, table
+from mtrain.runs.tracking import LoggerConfig, WandbMode, log_report, table
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ behind the others in steps. A rank that is gone while the kernel's OOM-kill coun
 last beat saw the machine nearly out of memory, is named as killed for memory.
 
 Processes: ``die_with_parent`` (Linux ``PR_SET_PDEATHSIG``) lets a rank die with its launcher,
-and ``watch_rank`` lets a loader worker die with its rank (see ``mtrain.data``).
+and ``watch_rank`` lets a loader worker die with its rank (see ``mtrain.data.loader``).
 """
 
 import contextlib
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import psutil
 
-from mtrain.run_dir import RunDir
+from mtrain.runs.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ reduction (ZeRO 1-3 partition the gradients; the bf16/fp16 optimizers keep their
 import torch
 import torch.distributed as dist
 
-from mtrain.config import DeepSpeedConfig
+from mtrain.training.config import DeepSpeedConfig
 
 
 class OverlappedAllReduce:

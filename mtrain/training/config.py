@@ -10,9 +10,9 @@ from enum import Enum
 from pathlib import Path
 
 from data_pipeline.errors import ConfigError, require
-from mtrain.data import DataConfig
+from mtrain.data.loader import DataConfig
 from mtrain.model import GPTConfig
-from mtrain.tracking import LoggerConfig
+from mtrain.runs.tracking import LoggerConfig
 
 AT_LEAST_1 = "must be at least 1"
 
@@ -65,11 +65,12 @@ class DeepSpeedConfig:
     # fit on one device; slower start-up for small ones.
     zero_init: bool = False
     # Seconds before a collective gives up; then the surviving ranks name the rank that stopped
-    # answering (mtrain.liveness). A hung rank otherwise blocks the others (and their GPUs) for
-    # torch's 30 minutes. Minutes, not seconds: a checkpoint save of a large model, or a slow
-    # first step, happens between collectives and must not trip it.
+    # answering (mtrain.distributed.liveness). A hung rank otherwise blocks the others (and their
+    # GPUs) for torch's 30 minutes. Minutes, not seconds: a checkpoint save of a large model, or a
+    # slow first step, happens between collectives and must not trip it.
     timeout_s: int = 600
-    # Refuse to launch when the memory estimate (mtrain.memory) exceeds a rank's device memory.
+    # Refuse to launch when the memory estimate (mtrain.training.memory_plan) exceeds a rank's
+    # device memory.
     check_memory: bool = True
 
     def __post_init__(self):

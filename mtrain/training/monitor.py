@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mtrain import flops
+from mtrain.training import flops
 
 
 @dataclass

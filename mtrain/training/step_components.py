@@ -15,14 +15,14 @@ from typing import Protocol
 
 import torch
 
-from mtrain import distributed
-from mtrain.checkpoint import Checkpointer, DiskFull, disk_full_message
-from mtrain.config import TrainerConfig
-from mtrain.data import StreamingData
-from mtrain.engine import batch_loss, state_megabytes
-from mtrain.monitor import ThroughputMonitor, format_eta
-from mtrain.run_dir import RunDir
-from mtrain.tracking import Tracker
+from mtrain.data.loader import StreamingData
+from mtrain.distributed import collectives
+from mtrain.runs.run_dir import RunDir
+from mtrain.runs.tracking import Tracker
+from mtrain.training.checkpointer import Checkpointer, DiskFull, disk_full_message
+from mtrain.training.config import TrainerConfig
+from mtrain.training.engine import batch_loss, state_megabytes
+from mtrain.training.monitor import ThroughputMonitor, format_eta
 
 # The name the trainer's lines have always had in logs, whichever module says them.
 log = logging.getLogger("mtrain.train")
@@ -87,7 +87,7 @@ class Validator:
         if not losses:  # the same on every rank: the val split is dealt out in equal rounds
             log.warning("the val split is too small for one sequence per rank: no val loss")
             return {}
-        loss = distributed.mean_over_ranks(sum(losses) / len(losses))
+        loss = collectives.mean_over_ranks(sum(losses) / len(losses))
         return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
 
 

@@ -12,7 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from mtrain import liveness
+from mtrain.distributed import liveness
 
 
 @dataclass(frozen=True)

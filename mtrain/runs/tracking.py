@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from mtrain.run_dir import RunDir
+from mtrain.runs.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 # Keys whose values must never reach wandb, whatever a user puts in the environment.

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtrain import liveness
-from mtrain.config import BatchPlan, TrainConfig
-from mtrain.ds_config import deepspeed_config
-from mtrain.memory import ModelShape
+from mtrain.distributed import liveness
 from mtrain.model import GPT
-from mtrain.schedule import lr_multiplier
+from mtrain.training.config import BatchPlan, TrainConfig
+from mtrain.training.deepspeed_config import deepspeed_config
+from mtrain.training.memory_plan import ModelShape
+from mtrain.training.schedule import lr_multiplier
 
 # The name the trainer's lines have always had in logs, whichever module says them.
 log = logging.getLogger("mtrain.train")
@@ -41,7 +41,7 @@ def build_engine(cfg: TrainConfig, plan: BatchPlan, rank: int):
     else:
         model = GPT(cfg.model)
     if cfg.init_from:
-        from mtrain.artifacts import load_weights
+        from mtrain.exported.artifacts import load_weights
 
         load_weights(model, cfg.init_from)
     max_steps = cfg.trainer.max_steps

@@ -1,7 +1,7 @@
 """The DeepSpeed JSON config, generated from the typed configs (one source of truth)."""
 
-from mtrain.config import BatchPlan, DeepSpeedConfig, OptimConfig, Precision
-from mtrain.memory import ModelShape, zero_buckets
+from mtrain.training.config import BatchPlan, DeepSpeedConfig, OptimConfig, Precision
+from mtrain.training.memory_plan import ModelShape, zero_buckets
 
 
 def deepspeed_config(

@@ -16,14 +16,14 @@ import numpy as np
 import torch
 
 from data_pipeline.tokenizer import MusicTokenizer
-from mtrain.config import TrainerConfig
 from mtrain.evaluation.music_metrics import METRICS
 from mtrain.generation.compose import DEFAULT_MIN_P, compose
 from mtrain.generation.render import RenderConfig, Renderer, wandb_media
 from mtrain.generation.sampling import SamplingConfig
 from mtrain.model import GPT, GPTConfig
-from mtrain.run_dir import RunDir
-from mtrain.tracking import Tracker
+from mtrain.runs.run_dir import RunDir
+from mtrain.runs.tracking import Tracker
+from mtrain.training.config import TrainerConfig
 
 log = logging.getLogger(__name__)
 

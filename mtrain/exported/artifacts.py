@@ -5,10 +5,11 @@ An export (``python -m mtrain.export``) writes
 ``model.safetensors`` (fp32, tied embeddings stored once), ``config.json`` (the model shape and
 provenance), ``tokenizer/`` (the artifact the model was trained with) and ``hf/`` for
 ``transformers.AutoModelForCausalLM.from_pretrained`` (GPT-2, GPT-NeoX or Llama: see
-``mtrain.hf_export``). The merged weights are checked against logits the training engine saved
-with the checkpoint, and ``hf/``, loaded back, against the merged weights. ZeRO partitions are
-merged from the fp32 master weights with memory-mapped reads and the optimizer moments dropped,
-so a model needs about twice its fp32 size in RAM, never its optimizer state.
+``mtrain.exported.transformers_format``). The merged weights are checked against logits the
+training engine saved with the checkpoint, and ``hf/``, loaded back, against the merged
+weights. ZeRO partitions are merged from the fp32 master weights with memory-mapped reads and the
+optimizer moments dropped, so a model needs about twice its fp32 size in RAM, never its
+optimizer state.
 
 A checkpoint's files are checked against the sizes and CRC-32s of its marker first. A checkpoint
 directory is trusted input: DeepSpeed's files are pickles, unpickled by DeepSpeed's own loaders
@@ -30,10 +31,10 @@ from data_pipeline.errors import InputError
 from data_pipeline.reader import load_card
 from data_pipeline.storage import make_readable
 from data_pipeline.tokenizer import MusicTokenizer
-from mtrain.checkpoint import damage, latest_intact
-from mtrain.hf_export import hf_architecture, save_hf
+from mtrain.exported.transformers_format import hf_architecture, save_hf
 from mtrain.model import GPT, GPTConfig
-from mtrain.run_dir import COMPLETE_CHECKPOINTS, CheckpointDir, RunDir
+from mtrain.runs.run_dir import COMPLETE_CHECKPOINTS, CheckpointDir, RunDir
+from mtrain.training.checkpointer import damage, latest_intact
 
 log = logging.getLogger(__name__)
 # An exported model directory's contents.

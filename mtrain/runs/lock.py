@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 
 from data_pipeline.errors import InputError
-from mtrain import distributed
+from mtrain.distributed import collectives
 
 log = logging.getLogger("mtrain.train")
 
@@ -157,6 +157,6 @@ def describe(held: dict) -> str:
 def agree_on_refusal(refusal: str | None) -> None:
     """After the process group starts: every rank raises rank 0's refusal (only rank 0 takes
     the lock), so a refused job exits 2 on every rank instead of leaving some waiting."""
-    refusal = distributed.from_rank_0(refusal)
+    refusal = collectives.from_rank_0(refusal)
     if refusal is not None:
         raise InputError(refusal)

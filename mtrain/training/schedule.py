@@ -2,7 +2,7 @@
 
 import math
 
-from mtrain.config import OptimConfig, Schedule
+from mtrain.training.config import OptimConfig, Schedule
 
 
 def lr_multiplier(step: int, max_steps: int, cfg: OptimConfig) -> float:

@@ -34,12 +34,12 @@ import numpy as np
 import torch
 
 from data_pipeline.errors import InputError
-from mtrain import distributed
-from mtrain.engine import seed_everything
-from mtrain.run_dir import CheckpointDir, RunDir
+from mtrain.distributed import collectives
+from mtrain.runs.run_dir import CheckpointDir, RunDir
+from mtrain.training.engine import seed_everything
 
 if TYPE_CHECKING:
-    from mtrain.config import TrainerConfig
+    from mtrain.training.config import TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def crc32(path: Path) -> str:
 def _my_share(names: list[str], sizes: list[int]) -> list[int]:
     """The indices of the files this rank checksums: the largest first, each to the rank with
     the fewest bytes so far (the same split on every rank)."""
-    me, assigned = distributed.group_rank(), [0] * distributed.group_size()
+    me, assigned = collectives.group_rank(), [0] * collectives.group_size()
     mine = []
     for i in sorted(range(len(names)), key=lambda i: (-sizes[i], names[i])):
         rank = assigned.index(min(assigned))
@@ -102,7 +102,7 @@ def checksums(ckpt: CheckpointDir) -> dict[str, dict]:
     names = [p.relative_to(ckpt.path).as_posix() for p in files]
     sizes = [p.stat().st_size for p in files]
     part = {names[i]: {"size": sizes[i], "crc32": crc32(files[i])} for i in _my_share(names, sizes)}
-    merged = {name: entry for p in distributed.gather_objects(part) for name, entry in p.items()}
+    merged = {name: entry for p in collectives.gather_objects(part) for name, entry in p.items()}
     return dict(sorted(merged.items()))
 
 
@@ -128,7 +128,7 @@ def damage(ckpt: CheckpointDir) -> list[str] | None:
             problems.append(f"{name} has {size} bytes, the marker says {want['size']}")
         elif (got := crc32(path)) != want["crc32"]:
             problems.append(f"{name} has CRC-32 {got}, the marker says {want['crc32']}")
-    return sorted(p for part in distributed.gather_objects(problems) for p in part)
+    return sorted(p for part in collectives.gather_objects(problems) for p in part)
 
 
 def latest_intact(run: RunDir, move_aside: bool) -> tuple[CheckpointDir | None, list[str]]:
@@ -145,11 +145,11 @@ def latest_intact(run: RunDir, move_aside: bool) -> tuple[CheckpointDir | None, 
             return ckpt, skipped
         why = "; ".join(problems)
         if move_aside:
-            if distributed.group_rank() == 0:
+            if collectives.group_rank() == 0:
                 aside = ckpt.damaged
                 ckpt.path.rename(aside)
                 log.error("checkpoint %s is damaged (%s): moved aside to %s", ckpt.path, why, aside)
-            distributed.barrier()
+            collectives.barrier()
         else:
             log.warning("skipping damaged checkpoint %s: %s", ckpt.path, why)
         skipped.append(f"{ckpt.path.name}: {why}")
@@ -294,7 +294,7 @@ class Checkpointer:
             failure = str(exc)
         if failure is not None:
             gc.collect()  # the file objects of the failed write's frames, now unreferenced
-        if not distributed.any_rank(failure is not None):
+        if not collectives.any_rank(failure is not None):
             return
         message = f"no space left to save {ckpt.path} (rank 0 says where and how much)"
         if self.engine.global_rank == 0:
@@ -310,14 +310,14 @@ class Checkpointer:
         if ckpt is None:
             return Resumed(None, {}, [], skipped)
         saved_by = world_size_of(ckpt)
-        if saved_by == distributed.group_size():
+        if saved_by == collectives.group_size():
             client, rank_state = load(self.engine, ckpt)
             return Resumed(ckpt, client, [rank_state], skipped, saved_by)
         client, conversion = load_elsewhere(self.engine, ckpt)
         states = [load_trainer_state(ckpt.trainer_state(r)) for r in range(saved_by)]
         # The old ranks' RNG streams do not map onto the new ranks: each draws a fresh one,
         # from the seed, the step and its rank (the same on a second resume from here).
-        fresh = np.random.SeedSequence([self.cfg.seed, client["step"], distributed.group_rank()])
+        fresh = np.random.SeedSequence([self.cfg.seed, client["step"], collectives.group_rank()])
         seed_everything(int(fresh.generate_state(1)[0]))
         states = [{k: v for k, v in s.items() if k != "rng"} for s in states]
         return Resumed(ckpt, client, states, skipped, saved_by, conversion)
@@ -405,11 +405,11 @@ def load_elsewhere(engine, ckpt: CheckpointDir) -> tuple[dict, str]:
         return client_state or {}, f"whole ZeRO-0 state of {saved_by} rank(s), nothing to convert"
     universal, start = ckpt.universal, time.monotonic()
     failure = None
-    if distributed.group_rank() == 0:
+    if collectives.group_rank() == 0:
         failure = convert_to_universal(ckpt, universal)
     # Also the barrier: every rank waits here for rank 0's conversion.
-    if (failure := distributed.from_rank_0(failure)) is not None:
-        ranks = distributed.group_size()
+    if (failure := collectives.from_rank_0(failure)) is not None:
+        ranks = collectives.group_size()
         raise RuntimeError(f"cannot convert {ckpt.path} for {ranks} ranks: {failure}")
     converted_s = time.monotonic() - start
     # DeepSpeed reads this switch of its config at load time only; it is set for this one load.
@@ -423,8 +423,8 @@ def load_elsewhere(engine, ckpt: CheckpointDir) -> tuple[dict, str]:
         )
     finally:
         engine._config.load_universal_checkpoint = False
-    distributed.barrier()
-    if distributed.group_rank() == 0:
+    collectives.barrier()
+    if collectives.group_rank() == 0:
         shutil.rmtree(universal.parent, ignore_errors=True)
     stage = engine.zero_optimization_stage()
     return client_state or {}, (

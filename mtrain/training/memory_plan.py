@@ -12,9 +12,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from data_pipeline.errors import ConfigError
-from mtrain.config import DeepSpeedConfig, Precision, TrainConfig
-from mtrain.liveness import memory_available
+from mtrain.distributed.liveness import memory_available
 from mtrain.model import GPT, GPTConfig
+from mtrain.training.config import DeepSpeedConfig, Precision, TrainConfig
 
 GiB = 2**30
 # DeepSpeed's own bucket sizes (elements).

@@ -13,15 +13,17 @@ from dataclasses import dataclass
 import torch
 from omegaconf import OmegaConf
 
-from mtrain import distributed, liveness
-from mtrain.checkpoint import SUSPECT_STEPS, Checkpointer, check_resumable
-from mtrain.config import TrainConfig, plan_batch
-from mtrain.data import StreamingData
-from mtrain.engine import as_float, batch_loss, build_engine
-from mtrain.grad_sync import OverlappedAllReduce, take_gradient_reduction
-from mtrain.monitor import StepTimer, ThroughputMonitor
-from mtrain.run_dir import RunDir
-from mtrain.step_components import (
+from mtrain.data.loader import StreamingData
+from mtrain.distributed import collectives, liveness
+from mtrain.runs.run_dir import RunDir
+from mtrain.runs.tracking import Tracker
+from mtrain.training.checkpointer import SUSPECT_STEPS, Checkpointer, check_resumable
+from mtrain.training.config import TrainConfig, plan_batch
+from mtrain.training.engine import as_float, batch_loss, build_engine
+from mtrain.training.grad_sync import OverlappedAllReduce, take_gradient_reduction
+from mtrain.training.monitor import StepTimer, ThroughputMonitor
+from mtrain.training.samples import TrainingSamples
+from mtrain.training.step_components import (
     Preempted,
     Preemption,
     Reporter,
@@ -30,8 +32,6 @@ from mtrain.step_components import (
     Validator,
     drop_metrics_after,
 )
-from mtrain.tracking import Tracker
-from mtrain.training_samples import TrainingSamples
 
 # The name the trainer's lines have always had in logs, whichever module says them.
 log = logging.getLogger("mtrain.train")
@@ -109,10 +109,10 @@ class OptimizerStep:
             if last and self.clips_own:
                 own_norm = self._clip()  # gradients are reduced over ranks by now
             self.engine.step()
-        total_loss, total_nonfinite, stops = distributed.sum_over_ranks(
+        total_loss, total_nonfinite, stops = collectives.sum_over_ranks(
             [loss_sum, nonfinite, float(stop_asked)]
         )
-        ranks = distributed.world_size()
+        ranks = collectives.world_size()
         finite_batches = self.grad_accum * ranks - total_nonfinite
         if own_norm is not None:
             self.grad_norm = own_norm
@@ -176,7 +176,7 @@ class Trainer:
     def __init__(
         self,
         cfg: TrainConfig,
-        place: distributed.Placement,
+        place: collectives.Placement,
         data: StreamingData,
         overrides: list[str],
     ):

@@ -54,10 +54,10 @@ from data_pipeline.reader import (
     split_shares,
 )
 from data_pipeline.tokenizer import MusicTokenizer
-from mtrain import liveness
-from mtrain.augment import Augmenter
-from mtrain.infilling import InfillTraining
-from mtrain.packing import SequencePacker
+from mtrain.data.augmentation import Augmenter
+from mtrain.data.infilling import InfillTraining
+from mtrain.data.packing import SequencePacker
+from mtrain.distributed import liveness
 
 # Loader workers start after the process group, whose gloo/NCCL threads may hold a lock at
 # the moment of a fork: a forked worker could then hang before its first line (seen in a 2-rank
@@ -85,7 +85,7 @@ class DataConfig:
     # a read gives up; reads are retried with backoff until then. $MTRAIN_STORAGE_RETRY_S or
     # 600 s when None.
     storage_retry_s: float | None = None
-    # Share of training pieces rearranged for fill-in-the-middle over bars (mtrain.infilling);
+    # Share of training pieces rearranged for fill-in-the-middle over bars (mtrain.data.infilling);
     # 0 trains on plain pieces only. Validation and evaluation always read plain pieces.
     infill_rate: float = 0.0
 

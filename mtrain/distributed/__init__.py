@@ -1,0 +1,1 @@
+"""Ranks and their process group: collectives, heartbeats, process hygiene and host memory."""
