@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO, run_module
 
 from data_pipeline.errors import ConfigError
-from mtrain.distributed import liveness
+from mtrain.distributed import heartbeats
 from mtrain.model import GPTConfig
 from mtrain.training.config import BatchPlan, DeepSpeedConfig, OptimConfig, Precision
 from mtrain.training.deepspeed_config import deepspeed_config
@@ -107,25 +107,25 @@ def test_a_rank_gone_with_memory_exhausted_is_named_killed_for_memory(tmp_path, 
     gone_pid = 2**22 + 12345  # above the default pid_max: no such process
     now = time.time()
     for rank, rss, available in ((0, 2 * GiB, 2 * GiB), (1, 7.9 * GiB, 0.1 * GiB)):
-        path = liveness.heartbeat_path(tmp_path, rank)
+        path = heartbeats.heartbeat_path(tmp_path, rank)
         path.parent.mkdir(parents=True, exist_ok=True)
         record = {"rank": rank, "pid": os.getpid() if rank == 0 else gone_pid,
                   "host": os.uname().nodename, "step": 3, "time": now, "rss": rss,
                   "available": available}  # fmt: skip
         path.write_text(json.dumps(record))
-    monkeypatch.setattr(liveness, "_oom_kills_at_start", None)
-    named, lines = liveness.suspects(tmp_path, 2, me=0, now=now)
+    monkeypatch.setattr(heartbeats, "_oom_kills_at_start", None)
+    named, lines = heartbeats.suspects(tmp_path, 2, me=0, now=now)
     assert named == [1]
     assert "killed for memory (its last RSS 7.90 GiB with 0.10 GiB left)" in lines[1], lines
     # The kernel's count rising is evidence enough, however much memory was left.
     record["available"] = 16 * GiB
-    liveness.heartbeat_path(tmp_path, 1).write_text(json.dumps(record))
-    monkeypatch.setattr(liveness, "_oom_kills_at_start", -1)
-    monkeypatch.setattr(liveness, "oom_kills", lambda: 0)
-    _, lines = liveness.suspects(tmp_path, 2, me=0, now=now)
+    heartbeats.heartbeat_path(tmp_path, 1).write_text(json.dumps(record))
+    monkeypatch.setattr(heartbeats, "_oom_kills_at_start", -1)
+    monkeypatch.setattr(heartbeats, "oom_kills", lambda: 0)
+    _, lines = heartbeats.suspects(tmp_path, 2, me=0, now=now)
     assert "OOM-kill count rose -1 -> 0" in lines[1], lines
-    monkeypatch.setattr(liveness, "_oom_kills_at_start", 0)
-    _, lines = liveness.suspects(tmp_path, 2, me=0, now=now)
+    monkeypatch.setattr(heartbeats, "_oom_kills_at_start", 0)
+    _, lines = heartbeats.suspects(tmp_path, 2, me=0, now=now)
     assert "killed for memory" not in lines[1]
 
 

@@ -19,7 +19,7 @@ import psutil
 import pytest
 from conftest import REPO, kill_tree, launch, losses, train_args
 
-from mtrain.distributed import liveness
+from mtrain.distributed import heartbeats
 
 LONG = ("trainer.max_steps=100000", "trainer.save_every=100000", "data.num_workers=2")
 
@@ -169,32 +169,32 @@ def _read_until(proc, text: str, timeout: float) -> str:
 
 def test_heartbeat_names_stale_or_gone_ranks(tmp_path):
     host = socket.gethostname()
-    me = liveness.Heartbeat(tmp_path, 0, interval_s=0.05)
+    me = heartbeats.Heartbeat(tmp_path, 0, interval_s=0.05)
     me.step(7)
     time.sleep(0.2)
     now = time.time()
     stale = {"rank": 1, "pid": os.getpid(), "host": "elsewhere", "step": 7, "time": now - 30}
-    liveness.heartbeat_path(tmp_path, 1).write_text(json.dumps(stale))
+    heartbeats.heartbeat_path(tmp_path, 1).write_text(json.dumps(stale))
     gone = {"rank": 2, "pid": 2**22 + 12345, "host": host, "step": 7, "time": now - 1}
-    liveness.heartbeat_path(tmp_path, 2).write_text(json.dumps(gone))
-    named, lines = liveness.suspects(tmp_path, 3, me=0)
+    heartbeats.heartbeat_path(tmp_path, 2).write_text(json.dumps(gone))
+    named, lines = heartbeats.suspects(tmp_path, 3, me=0)
     assert named == [2], lines  # a process known gone first
-    liveness.heartbeat_path(tmp_path, 2).unlink()
-    named, lines = liveness.suspects(tmp_path, 3, me=0)
+    heartbeats.heartbeat_path(tmp_path, 2).unlink()
+    named, lines = heartbeats.suspects(tmp_path, 3, me=0)
     assert named == [1, 2] and "no heartbeat file" in lines[2], lines
     behind = {**stale, "host": host, "time": time.time(), "step": 5}
-    liveness.heartbeat_path(tmp_path, 1).write_text(json.dumps(behind))
-    named, _ = liveness.suspects(tmp_path, 2, me=0)
+    heartbeats.heartbeat_path(tmp_path, 1).write_text(json.dumps(behind))
+    named, _ = heartbeats.suspects(tmp_path, 2, me=0)
     assert named == [1]  # all fresh and alive: the rank behind in steps
-    assert json.loads(liveness.heartbeat_path(tmp_path, 0).read_text())["step"] == 7
+    assert json.loads(heartbeats.heartbeat_path(tmp_path, 0).read_text())["step"] == 7
     me.stop()
 
 
 def test_a_stalled_rank_logs_its_suspects_once(tmp_path, caplog):
     stale = {"rank": 1, "pid": 2**22 + 12345, "host": "elsewhere", "step": 3, "time": 0.0}
-    liveness.heartbeat_path(tmp_path, 1).parent.mkdir(parents=True)
-    liveness.heartbeat_path(tmp_path, 1).write_text(json.dumps(stale))
-    beat = liveness.Heartbeat(tmp_path, 0, interval_s=0.05, world_size=2, stall_after_s=0.3)
+    heartbeats.heartbeat_path(tmp_path, 1).parent.mkdir(parents=True)
+    heartbeats.heartbeat_path(tmp_path, 1).write_text(json.dumps(stale))
+    beat = heartbeats.Heartbeat(tmp_path, 0, interval_s=0.05, world_size=2, stall_after_s=0.3)
     beat.step(4)
     time.sleep(0.8)
     beat.stop()
@@ -208,11 +208,12 @@ def test_only_collective_errors_are_renamed(tmp_path, monkeypatch):
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_rank", lambda: 0)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
-    liveness.Heartbeat(tmp_path, 0).stop()
-    liveness.raise_naming_suspects(RuntimeError("1 micro batches gave a non-finite loss"), tmp_path)
+    heartbeats.Heartbeat(tmp_path, 0).stop()
+    not_collective = RuntimeError("1 micro batches gave a non-finite loss")
+    heartbeats.raise_naming_suspects(not_collective, tmp_path)
     gloo = RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [::1]:1")
-    with pytest.raises(liveness.RankStoppedAnswering, match="rank 1 stopped answering") as info:
-        liveness.raise_naming_suspects(gloo, tmp_path)
+    with pytest.raises(heartbeats.RankStoppedAnswering, match="rank 1 stopped answering") as info:
+        heartbeats.raise_naming_suspects(gloo, tmp_path)
     assert info.value.__cause__ is gloo and "no heartbeat file" in str(info.value)
 
 
@@ -221,8 +222,9 @@ def test_die_with_parent_is_available_here():
         pytest.skip("PR_SET_PDEATHSIG is Linux only")
     code = (
         "import os, time, subprocess, sys\n"
-        "child = subprocess.Popen([sys.executable, '-c', 'from mtrain import liveness; "
-        "liveness.die_with_parent(); import time; time.sleep(60)'])\n"
+        "child = subprocess.Popen([sys.executable, '-c', "
+        "'from mtrain.distributed import processes; "
+        "processes.die_with_parent(); import time; time.sleep(60)'])\n"
         "print(child.pid, flush=True)\n"
         "time.sleep(60)\n"
     )

@@ -57,7 +57,7 @@ from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.data.augmentation import Augmenter
 from mtrain.data.infilling import InfillTraining
 from mtrain.data.packing import SequencePacker
-from mtrain.distributed import liveness
+from mtrain.distributed import processes
 
 # Loader workers start after the process group, whose gloo/NCCL threads may hold a lock at
 # the moment of a fork: a forked worker could then hang before its first line (seen in a 2-rank
@@ -130,8 +130,8 @@ def worker_init_fn(rank_pid: int, worker_id: int) -> None:
     Its parent is the fork server, so torch's watchdog (comparing os.getppid()) and a parent-
     death signal would watch the server, which itself waits on a pipe every worker keeps open:
     without this, a killed rank leaves the server and its workers running for good. With the
-    workers gone, the server sees its pipe close and exits too (``liveness.watch_rank``)."""
-    liveness.watch_rank(rank_pid)
+    workers gone, the server sees its pipe close and exits too (``processes.watch_rank``)."""
+    processes.watch_rank(rank_pid)
 
 
 def open_dataset(cfg: DataConfig) -> tuple[dict, MusicTokenizer]:

@@ -12,7 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from mtrain.distributed import liveness
+from mtrain.distributed import processes
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def init(place: Placement, timeout_s: int) -> torch.device:
         # (torchrun's agent, the deepspeed launcher, slurmstepd). SIGKILL, not SIGTERM: SIGTERM
         # starts a preemption checkpoint, a collective that cannot finish once peers are dying.
         # Not for a plain `python` run, whose parent (a shell, a notebook) is no launcher.
-        liveness.die_with_parent()
+        processes.die_with_parent()
     if not on_gpu():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("MASTER_ADDR", _first_node() or "127.0.0.1")

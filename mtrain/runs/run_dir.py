@@ -126,7 +126,7 @@ class RunDir:
         return self.root / "LOCK"
 
     def heartbeat(self, rank: int) -> Path:
-        """Rank ``rank``'s liveness file (``liveness.Heartbeat``): who stopped answering."""
+        """Rank ``rank``'s heartbeat file (``heartbeats.Heartbeat``): who stopped answering."""
         return self.root / "heartbeat" / f"rank{rank}"
 
     @property

@@ -65,9 +65,9 @@ class DeepSpeedConfig:
     # fit on one device; slower start-up for small ones.
     zero_init: bool = False
     # Seconds before a collective gives up; then the surviving ranks name the rank that stopped
-    # answering (mtrain.distributed.liveness). A hung rank otherwise blocks the others (and their
-    # GPUs) for torch's 30 minutes. Minutes, not seconds: a checkpoint save of a large model, or a
-    # slow first step, happens between collectives and must not trip it.
+    # answering (mtrain.distributed.heartbeats). A hung rank otherwise blocks the others (and
+    # their GPUs) for torch's 30 minutes. Minutes, not seconds: a checkpoint save of a large
+    # model, or a slow first step, happens between collectives and must not trip it.
     timeout_s: int = 600
     # Refuse to launch when the memory estimate (mtrain.training.memory_plan) exceeds a rank's
     # device memory.

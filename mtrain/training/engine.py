@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtrain.distributed import liveness
+from mtrain.distributed import heartbeats
 from mtrain.model import GPT
 from mtrain.training.config import BatchPlan, TrainConfig
 from mtrain.training.deepspeed_config import deepspeed_config
@@ -74,13 +74,13 @@ def build_engine(cfg: TrainConfig, plan: BatchPlan, rank: int):
     # whose collective fails reads them to name the peer that stopped answering.
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     # Logs the suspects at 90% of the collective timeout, before NCCL's watchdog aborts.
-    liveness.start(Path(cfg.run_dir), rank, world, stall_after_s=0.9 * cfg.deepspeed.timeout_s)
+    heartbeats.start(Path(cfg.run_dir), rank, world, stall_after_s=0.9 * cfg.deepspeed.timeout_s)
     return engine, scheduler
 
 
 def batch_loss(engine, batch: tuple[torch.Tensor, torch.Tensor], device) -> torch.Tensor:
     """The mean next-token loss of one (inputs, targets) batch."""
-    liveness.record_step(getattr(engine, "global_steps", 0))
+    heartbeats.record_step(getattr(engine, "global_steps", 0))
     inputs, targets = (x.to(device, non_blocking=True) for x in batch)
     return engine(inputs, targets=targets).loss
 

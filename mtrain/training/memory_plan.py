@@ -12,7 +12,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from data_pipeline.errors import ConfigError
-from mtrain.distributed.liveness import memory_available
+from mtrain.distributed.host_memory import memory_available
 from mtrain.model import GPT, GPTConfig
 from mtrain.training.config import DeepSpeedConfig, Precision, TrainConfig
 

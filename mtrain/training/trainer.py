@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mtrain.data.loader import StreamingData
-from mtrain.distributed import collectives, liveness
+from mtrain.distributed import collectives, heartbeats
 from mtrain.runs.run_dir import RunDir
 from mtrain.runs.tracking import Tracker
 from mtrain.training.checkpointer import SUSPECT_STEPS, Checkpointer, check_resumable
@@ -215,7 +215,7 @@ class Trainer:
         except Preempted as stop:
             return stop.exit_code
         except RuntimeError as error:  # a failed collective: name the rank that stopped answering
-            liveness.raise_naming_suspects(error, self.run_dir.root)
+            heartbeats.raise_naming_suspects(error, self.run_dir.root)
             raise
         if tracker is not None:
             tracker.finish()

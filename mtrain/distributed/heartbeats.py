@@ -1,35 +1,19 @@
-"""Which rank stopped answering: per-rank heartbeats, and processes that die with their parent.
-
-When a collective times out or a peer's socket closes, every surviving rank only learns that
-*something* failed (gloo: "Timed out waiting ... for recv", "Connection reset by peer"; NCCL: a
-watchdog timeout). To name the culprit, each rank keeps ``<run>/heartbeat/rank<r>`` fresh from a
-daemon thread: its pid, host, last step and the time of the beat. A thread, not the training
-loop, beats, because a rank blocked in a collective waiting for a peer is healthy and must keep
-beating, while a frozen (SIGSTOP, swapped out, stuck holding the GIL), killed or OOM-killed
-rank stops. On a collective error, ``raise_naming_suspects`` reads the files and names the
-ranks whose process is gone or stopped (same host) or whose heartbeat is stale, else those
-behind the others in steps. A rank that is gone while the kernel's OOM-kill count rose, or whose
-last beat saw the machine nearly out of memory, is named as killed for memory.
-
-Processes: ``die_with_parent`` (Linux ``PR_SET_PDEATHSIG``) lets a rank die with its launcher,
-and ``watch_rank`` lets a loader worker die with its rank (see ``mtrain.data.loader``).
-"""
+"""Per-rank heartbeats, and the rank they name when a collective fails: stopped, gone or
+killed for memory."""
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
-import select
-import signal
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
 
 import psutil
 
+from mtrain.distributed.host_memory import memory_available, oom_kills
+from mtrain.distributed.processes import process_state
 from mtrain.runs.run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -38,7 +22,11 @@ BEAT_EVERY_S = 1.0
 # A heartbeat older than this is a rank that stopped answering (a healthy one beats every
 # BEAT_EVERY_S even while it waits inside a collective).
 STALE_AFTER_S = 5.0
-_PR_SET_PDEATHSIG = 1
+
+# A dead rank whose last beat saw less memory left on the machine than this share of its own
+# size: a kill for memory where the kernel's counters cannot be read (a rank grows by a
+# gradient bucket or a gathered block within one beat).
+LOW_MEMORY_SHARE = 0.25
 
 
 def heartbeat_path(run_root: Path, rank: int) -> Path:
@@ -48,6 +36,14 @@ def heartbeat_path(run_root: Path, rank: int) -> Path:
 class Heartbeat:
     """This rank's heartbeat file, rewritten every ``BEAT_EVERY_S`` by a daemon thread;
     ``step(n)`` records the step reached at each forward (cheap: two attribute stores).
+
+    When a collective times out or a peer's socket closes, every surviving rank only learns that
+    *something* failed (gloo: "Timed out waiting ... for recv", "Connection reset by peer";
+    NCCL: a watchdog timeout). To name the culprit, each rank keeps ``<run>/heartbeat/rank<r>``
+    fresh: its pid, host, last step and the time of the beat. A thread, not the training loop,
+    beats, because a rank blocked in a collective waiting for a peer is healthy and must keep
+    beating, while a frozen (SIGSTOP, swapped out, stuck holding the GIL), killed or OOM-killed
+    rank stops.
 
     ``stall_after_s``: when no forward has run for that long (a collective stuck longer than
     most of its timeout), the thread logs the suspects once. NCCL's watchdog ends a process
@@ -152,17 +148,6 @@ def read_heartbeats(run_root: Path, world_size: int) -> dict[int, dict | None]:
     return beats
 
 
-def _process_state(pid: int) -> str:
-    """'gone', 'stopped' (SIGSTOP/traced), 'zombie' or 'running' for a pid on this host."""
-    try:
-        status = psutil.Process(pid).status()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return "gone"
-    return {"stopped": "stopped", "tracing-stop": "stopped", "zombie": "zombie"}.get(
-        status, "running"
-    )
-
-
 def suspects(
     run_root: Path, world_size: int, me: int, now: float | None = None
 ) -> tuple[list[int], list[str]]:
@@ -180,7 +165,7 @@ def suspects(
             continue
         age = now - beat["time"]
         where = f"pid {beat['pid']} on {beat['host']}"
-        state = _process_state(beat["pid"]) if beat["host"] == host else "unknown"
+        state = process_state(beat["pid"]) if beat["host"] == host else "unknown"
         if rank != me and state in ("gone", "stopped", "zombie"):
             dead.append(rank)
         elif rank != me and age > STALE_AFTER_S:
@@ -248,61 +233,6 @@ def raise_naming_suspects(error: BaseException, run_root: Path) -> None:
     raise new from error
 
 
-# ---- memory: the kernel's OOM killer and the cgroup's limit --------------------------------
-
-# A dead rank whose last beat saw less memory left on the machine than this share of its own
-# size: a kill for memory where the kernel's counters cannot be read (a rank grows by a
-# gradient bucket or a gathered block within one beat).
-LOW_MEMORY_SHARE = 0.25
-
-
-def _read_counter(path: Path, name: str) -> int | None:
-    try:
-        for line in path.read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if key == name:
-                return int(value)
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def oom_kills() -> int | None:
-    """Processes the kernel's OOM killer has ended: this cgroup's count (v2 memory.events, v1
-    memory.oom_control) plus the machine's (/proc/vmstat); None when neither is readable."""
-    counts = [
-        _read_counter(Path("/sys/fs/cgroup/memory.events"), "oom_kill"),
-        _read_counter(Path("/sys/fs/cgroup/memory/memory.oom_control"), "oom_kill"),
-        _read_counter(Path("/proc/vmstat"), "oom_kill"),
-    ]
-    known = [c for c in counts if c is not None]
-    return sum(known) if known else None
-
-
-def cgroup_memory_left() -> int | None:
-    """Bytes this cgroup may still allocate (v2 or v1), or None without a limit."""
-    for limit_file, used_file in (
-        ("memory.max", "memory.current"),
-        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
-    ):
-        root = Path("/sys/fs/cgroup")
-        try:
-            limit = (root / limit_file).read_text().strip()
-            used = int((root / used_file).read_text())
-        except (OSError, ValueError):
-            continue
-        if limit != "max" and int(limit) < 2**60:  # v1 writes "no limit" as a huge number
-            return int(limit) - used
-    return None
-
-
-def memory_available() -> int:
-    """Bytes the machine can still give (the cgroup's limit where lower)."""
-    available = psutil.virtual_memory().available
-    left = cgroup_memory_left()
-    return available if left is None else min(available, left)
-
-
 def killed_for_memory(beat: dict) -> str | None:
     """Why a rank that is gone was (likely) killed for memory, from the kernel's OOM-kill count
     since this rank started and the rank's last heartbeat; None without such evidence."""
@@ -319,54 +249,3 @@ def killed_for_memory(beat: dict) -> str | None:
     if known:
         evidence.append(f"its last RSS {rss / 2**30:.2f} GiB with {available / 2**30:.2f} GiB left")
     return "killed for memory (" + "; ".join(evidence) + ")"
-
-
-# ---- processes that die with their parent -------------------------------------------------
-
-
-def die_with_parent(sig: int = signal.SIGKILL) -> bool:
-    """Asks Linux to send ``sig`` to this process when the thread that started it exits
-    (``prctl(PR_SET_PDEATHSIG)``); exits at once when that parent is already gone. False where
-    unsupported (not Linux)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    parent = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-        return False
-    # The parent died between our start and the prctl: no signal will come. (A launcher may
-    # itself be pid 1 in a container, so pid 1 alone proves nothing.)
-    if os.getppid() != parent:
-        os.kill(os.getpid(), sig)
-    return True
-
-
-def watch_rank(rank_pid: int) -> None:
-    """Kills this process (a loader worker) when process ``rank_pid`` exits.
-
-    The worker's parent is the fork server, not the rank, so neither ``PR_SET_PDEATHSIG`` nor
-    torch's own watchdog (which compares ``os.getppid()``) sees the rank die; and the fork
-    server never exits by itself while a worker lives, since every forkserver child inherits
-    the write end of the server's "alive" pipe. A daemon thread waits on a pidfd of the rank
-    (the kernel wakes it at the rank's exit; no pid-reuse race) or, without pidfd, polls it.
-    Once the workers are gone the fork server sees EOF on its pipe and exits too."""
-    try:
-        fd = os.pidfd_open(rank_pid)
-    except ProcessLookupError:
-        os._exit(1)
-    except (AttributeError, OSError):
-        fd = None
-
-    def wait() -> None:
-        if fd is not None:
-            select.select([fd], [], [])
-        else:
-            while True:
-                try:
-                    os.kill(rank_pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.5)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    threading.Thread(target=wait, name=f"watch-rank-{rank_pid}", daemon=True).start()
