@@ -19,18 +19,12 @@ from scripted_engine import ScriptedEngine, micro_batches
 
 from data_pipeline.errors import InputError
 from mtrain.exported.artifacts import resolve_checkpoint
+from mtrain.runs.checkpoint_files import checksums, damage, latest_intact
 from mtrain.runs.lock import RunLock
 from mtrain.runs.run_dir import CheckpointDir, RunDir
-from mtrain.training.checkpointer import (
-    check_resumable,
-    checksums,
-    damage,
-    latest_intact,
-    load_trainer_state,
-    rng_state,
-    set_rng_state,
-)
 from mtrain.training.monitor import StepTimer
+from mtrain.training.resume import check_resumable, load_trainer_state
+from mtrain.training.rng_state import rng_state, set_rng_state
 from mtrain.training.step_components import drop_metrics_after
 from mtrain.training.trainer import NonFiniteLoss, OptimizerStep, say_log_file_failures_once
 

@@ -15,7 +15,7 @@ from conftest import REPO, losses, run, train_args
 from data_pipeline.reader import ShardReader, ShardShare
 from mtrain.data.loader import DataConfig, Dealing, StreamingData, TrainStream, as_ranges, in_ranges
 from mtrain.runs.run_dir import CheckpointDir, RunDir
-from mtrain.training.checkpointer import convert_to_universal
+from mtrain.training.resume import convert_to_universal
 
 SHARDS = [ShardShare(f"s{i}.tar", pieces) for i, pieces in enumerate([5, 7, 3, 6, 4, 9, 2])]
 ALL = sum(s.pieces for s in SHARDS)

@@ -17,9 +17,10 @@ from wandb_records import history
 
 from data_pipeline.errors import ConfigError
 from mtrain.model import GPT, GPTConfig
+from mtrain.runs.checkpoint_files import latest_complete
 from mtrain.runs.run_dir import CheckpointDir, RunDir
 from mtrain.runs.tracking import scrub
-from mtrain.training.checkpointer import _prune, latest_complete
+from mtrain.training.checkpointer import _prune
 from mtrain.training.config import (
     DeepSpeedConfig,
     OptimConfig,

@@ -33,8 +33,8 @@ from data_pipeline.storage import make_readable
 from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.exported.transformers_format import hf_architecture, save_hf
 from mtrain.model import GPT, GPTConfig
+from mtrain.runs.checkpoint_files import damage, latest_intact
 from mtrain.runs.run_dir import COMPLETE_CHECKPOINTS, CheckpointDir, RunDir
-from mtrain.training.checkpointer import damage, latest_intact
 
 log = logging.getLogger(__name__)
 # An exported model directory's contents.

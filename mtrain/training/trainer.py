@@ -17,11 +17,12 @@ from mtrain.data.loader import StreamingData
 from mtrain.distributed import collectives, heartbeats
 from mtrain.runs.run_dir import RunDir
 from mtrain.runs.tracking import Tracker
-from mtrain.training.checkpointer import SUSPECT_STEPS, Checkpointer, check_resumable
+from mtrain.training.checkpointer import Checkpointer
 from mtrain.training.config import TrainConfig, plan_batch
 from mtrain.training.engine import as_float, batch_loss, build_engine
 from mtrain.training.grad_sync import OverlappedAllReduce, take_gradient_reduction
 from mtrain.training.monitor import StepTimer, ThroughputMonitor
+from mtrain.training.resume import check_resumable
 from mtrain.training.samples import TrainingSamples
 from mtrain.training.step_components import (
     Preempted,
@@ -35,6 +36,9 @@ from mtrain.training.step_components import (
 
 # The name the trainer's lines have always had in logs, whichever module says them.
 log = logging.getLogger("mtrain.train")
+
+# Steps after a resume during which a non-finite loss names the resumed checkpoint a suspect.
+SUSPECT_STEPS = 10
 
 
 class NonFiniteLoss(RuntimeError):
@@ -286,7 +290,7 @@ class Trainer:
             self.optimizer_step.resumed_from = (str(ckpt.path), self.step)
             self.run_id = client.get("wandb_run_id")
             change = ""
-            if resumed.conversion is None:
+            if not resumed.resharded:
                 self.data.load_state_dict(resumed.rank_states[0]["data"])
             else:
                 position = self.data.resume_elsewhere([s["data"] for s in resumed.rank_states])
