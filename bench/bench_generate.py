@@ -31,8 +31,9 @@ from safetensors.torch import save_model
 from data_pipeline.config import TokenizerConfig
 from data_pipeline.tokenizer import SPECIAL_TOKENS, build_base_tokenizer
 from mtrain.evaluation.music_metrics import METRICS, compute_all
-from mtrain.exported.artifacts import CONFIG, WEIGHTS, load_exported
+from mtrain.exported.loading import load_exported
 from mtrain.exported.transformers_format import to_hf
+from mtrain.exported.writing import CONFIG, WEIGHTS
 from mtrain.generation.decoding import decode
 from mtrain.generation.sampling import SamplingConfig
 from mtrain.model import GPT, GPTConfig

@@ -1,12 +1,12 @@
 """Export a checkpoint: ``python -m mtrain.export checkpoint=<run_dir or checkpoint dir>
 output=<dir>`` writes a model directory loadable without DeepSpeed
-(``mtrain.exported.artifacts``)."""
+(``mtrain.exported.writing``)."""
 
 from dataclasses import dataclass
 from pathlib import Path
 
 from data_pipeline.app import entry_point
-from mtrain.exported.artifacts import export
+from mtrain.exported.writing import export
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 from scripted_engine import ScriptedEngine, micro_batches
 
 from data_pipeline.errors import InputError
-from mtrain.exported.artifacts import resolve_checkpoint
+from mtrain.exported.writing import resolve_checkpoint
 from mtrain.runs.checkpoint_files import checksums, damage, latest_intact
 from mtrain.runs.lock import RunLock
 from mtrain.runs.run_dir import CheckpointDir, RunDir

@@ -21,7 +21,7 @@ from mtrain.evaluation.embeddings import (
     unit_rows,
     unscorable,
 )
-from mtrain.exported.artifacts import load_exported
+from mtrain.exported.loading import load_exported
 
 K = 4
 

@@ -17,7 +17,7 @@ from conftest import run_module
 from data_pipeline.midi_file import read_score
 from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.evaluation.music_metrics import compute_all
-from mtrain.exported.artifacts import load_for_inference
+from mtrain.exported.loading import load_for_inference
 from mtrain.generation.compose import DEFAULT_MIN_P
 from mtrain.generation.decoding import Stop, decode
 from mtrain.generation.prompts import banned_for

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 
 from mtrain import model as model_module
-from mtrain.exported.artifacts import WEIGHTS, export
+from mtrain.exported.writing import WEIGHTS, export
 from mtrain.model import GPT, GPTConfig, Linear
 from mtrain.training import flops
 

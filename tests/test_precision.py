@@ -15,9 +15,9 @@ import pytest
 import torch
 from conftest import CPU_ENV, run, run_module
 
-from mtrain.exported.artifacts import (
+from mtrain.exported.loading import load_exported
+from mtrain.exported.verification import (
     FP32_TOLERANCE,
-    load_exported,
     probe_check,
     probe_tolerance,
     verify_against_probe,

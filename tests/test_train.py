@@ -18,7 +18,8 @@ from conftest import CPU_ENV, REPO, free_port, kill_tree, launch, losses, run, t
 from wandb_records import history
 
 from data_pipeline.tokenizer import MusicTokenizer
-from mtrain.exported.artifacts import export, load_exported
+from mtrain.exported.loading import load_exported
+from mtrain.exported.writing import export
 from mtrain.generation.compose import DEFAULT_MIN_P, compose
 from mtrain.generation.sampling import SamplingConfig
 

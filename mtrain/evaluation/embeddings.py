@@ -29,7 +29,7 @@ from tqdm import tqdm
 from data_pipeline.errors import require
 from data_pipeline.reader import ShardReader, split_shares
 from data_pipeline.tokenizer import MusicTokenizer
-from mtrain.exported.artifacts import load_for_data
+from mtrain.exported.loading import load_for_data
 from mtrain.model import GPT
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from data_pipeline.reader import ShardReader, split_shares
 from mtrain.evaluation import reports
 from mtrain.evaluation.infill import InfillEvalConfig, evaluate_infilling, infill_markdown
 from mtrain.evaluation.likelihood import evaluate_pieces
-from mtrain.exported.artifacts import load_for_data
+from mtrain.exported.loading import load_for_data
 from mtrain.generation.compose import DEFAULT_MIN_P, compose
 from mtrain.generation.infill import check_trained_for_infilling
 from mtrain.generation.prompts import build_prompt, parse_labels

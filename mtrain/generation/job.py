@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from data_pipeline.errors import require
-from mtrain.exported.artifacts import load_for_inference
+from mtrain.exported.loading import load_for_inference
 from mtrain.generation.compose import DEFAULT_MIN_P, compose
 from mtrain.generation.infill import (
     BAR_RANGE_FORMAT,

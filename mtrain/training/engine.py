@@ -41,7 +41,7 @@ def build_engine(cfg: TrainConfig, plan: BatchPlan, rank: int):
     else:
         model = GPT(cfg.model)
     if cfg.init_from:
-        from mtrain.exported.artifacts import load_weights
+        from mtrain.exported.loading import load_weights
 
         load_weights(model, cfg.init_from)
     max_steps = cfg.trainer.max_steps

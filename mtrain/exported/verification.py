@@ -1,0 +1,73 @@
+"""Verifying an export: the merged weights must reproduce the logits the training engine
+computed at save time, within a tolerance for the dtype it computed them in."""
+
+from typing import NamedTuple
+
+import torch
+
+from mtrain.model import GPT
+from mtrain.runs.run_dir import CheckpointDir
+
+# The dtypes a probe's logits may have been computed in (probe.pt's "dtype"; absent: fp32).
+PROBE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# fp32 engines and the fp32 merge run the same math: differences are summation-order noise.
+FP32_TOLERANCE = 1e-4
+# bf16/fp16: a few units in the last place of the logits' scale. The same weights cast to bf16
+# reproduce a CPU engine's logits exactly, but a GPU engine's kernels (fused attention, other
+# reduction orders) round intermediates differently; ~1 ulp is what fp32-vs-bf16 differs by.
+HALF_ULPS = 4
+
+
+class ProbeCheck(NamedTuple):
+    max_abs_diff: float
+    dtype: str
+    tolerance: float
+
+
+def probe_tolerance(dtype: torch.dtype, reference: torch.Tensor) -> float:
+    """The largest logit difference a correct merge may show against ``reference`` logits
+    computed in ``dtype``."""
+    if dtype == torch.float32:
+        return FP32_TOLERANCE
+    scale = reference.abs().max().item()
+    return max(FP32_TOLERANCE, HALF_ULPS * torch.finfo(dtype).eps * scale)
+
+
+@torch.no_grad()
+def probe_check(model: GPT, probe: dict) -> ProbeCheck:
+    """Recomputes the probe batch's logits with ``model`` in the dtype the engine used (a
+    cast copy; ``model`` itself stays fp32) and compares them with the saved ones."""
+    name = probe.get("dtype", "float32")  # probes saved before the dtype was recorded: fp32
+    if name not in PROBE_DTYPES:
+        raise RuntimeError(f"probe logits computed in {name}, expected one of {list(PROBE_DTYPES)}")
+    dtype = PROBE_DTYPES[name]
+    model.eval()
+    if dtype == torch.float32:
+        logits = model(probe["inputs"]).logits
+    else:
+        # Tied parameters appear once in named_parameters(); functional_call ties them again.
+        cast = {
+            key: t.to(dtype) if t.is_floating_point() else t
+            for key, t in [*model.named_parameters(), *model.named_buffers()]
+        }
+        logits = torch.func.functional_call(model, cast, (probe["inputs"],)).logits.float()
+    reference = probe["logits"].float()
+    if logits.shape != reference.shape:
+        return ProbeCheck(float("inf"), name, probe_tolerance(dtype, reference))
+    diff = (logits - reference).abs().max().item()
+    return ProbeCheck(diff, name, probe_tolerance(dtype, reference))
+
+
+def verify_against_probe(model: GPT, ckpt: CheckpointDir) -> ProbeCheck:
+    """The consolidated model must reproduce the logits the training engine computed at save
+    time on a fixed batch, computed in the engine's dtype: within ``FP32_TOLERANCE`` for fp32,
+    within a few ulps of the logits' scale for bf16/fp16."""
+    check = probe_check(model, torch.load(ckpt.probe, weights_only=True))
+    if not check.max_abs_diff <= check.tolerance:  # NaN fails too
+        raise RuntimeError(
+            f"the weights merged from {ckpt.path} give logits {check.max_abs_diff:.2e} away "
+            f"from the training engine's on the probe batch (computed in {check.dtype}, "
+            f"tolerance {check.tolerance:.2e}): the checkpoint is damaged or was saved by "
+            "another model shape"
+        )
+    return check
