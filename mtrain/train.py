@@ -8,7 +8,7 @@ from data_pipeline.app import entry_point
 from data_pipeline.errors import InputError
 from mtrain.data.loader import StreamingData
 from mtrain.distributed import collectives, host_memory
-from mtrain.runs.lock import RunLock, agree_on_refusal
+from mtrain.runs.lock import RunLock, refuse_on_every_rank
 from mtrain.training.config import TrainConfig
 from mtrain.training.memory_plan import check_fits, training_layout
 from mtrain.training.trainer import Trainer
@@ -36,7 +36,7 @@ def run(cfg: TrainConfig, overrides: list[str]) -> int:
         device = collectives.init(place, cfg.deepspeed.timeout_s)
         if device.type == "cpu":  # activations live in host memory: reuse them step to step
             host_memory.keep_freed_memory()
-        agree_on_refusal(refusal)
+        refuse_on_every_rank(refusal)
         return trainer.fit(device)
     finally:
         lock.release()

@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mtrain.distributed import collectives
-from mtrain.training.config import TrainConfig, plan_batch
+from mtrain.training.config import TrainConfig, batch_sizes
 from mtrain.training.engine import build_engine
 from mtrain.training.grad_sync import take_gradient_reduction
 from mtrain.training.monitor import StepTimer
@@ -44,8 +44,8 @@ def main(stage: int, precision: str, port: str, run_dir: str) -> None:
         )
     )
     cfg.deepspeed.param_persistence_threshold = 0
-    plan = plan_batch(cfg, place.world_size)
-    engine, _ = build_engine(cfg, plan, place.rank)
+    sizes = batch_sizes(cfg, place.world_size)
+    engine, _ = build_engine(cfg, sizes, place.rank)
     poisoned = [False]
     forward = engine.module.forward
 
@@ -59,7 +59,7 @@ def main(stage: int, precision: str, port: str, run_dir: str) -> None:
     # The trainer's own gradient reduction where it takes it (ZeRO-0 fp32 on several ranks).
     reduction = take_gradient_reduction(engine, cfg.deepspeed)
     step = OptimizerStep(
-        engine, "cpu", plan.grad_accum, 5, cfg.deepspeed.clips_in_trainer, 1.0, reduction
+        engine, "cpu", sizes.grad_accum, 5, cfg.deepspeed.clips_in_trainer, 1.0, reduction
     )
 
     def batches():

@@ -203,13 +203,13 @@ def test_a_trainer_state_of_older_mtrain_still_loads(tmp_path):
 
 @pytest.mark.parametrize(("step", "suspect"), [(43, True), (60, False)])
 def test_non_finite_loss_soon_after_a_resume_names_the_checkpoint(step, suspect):
-    optimizer_step = OptimizerStep(
+    stepper = OptimizerStep(
         ScriptedEngine([float("nan")] * 2, grad_accum=1), "cpu", 1, 2, clips_own=False
     )
-    optimizer_step.resumed_from = ("runs/x/checkpoints/step_00000040", 40)
-    optimizer_step(micro_batches(), step - 1, StepTimer())
+    stepper.resumed_from = ("runs/x/checkpoints/step_00000040", 40)
+    stepper(micro_batches(), step - 1, StepTimer())
     with pytest.raises(NonFiniteLoss) as stop:
-        optimizer_step(micro_batches(), step, StepTimer())
+        stepper(micro_batches(), step, StepTimer())
     named = "3 step(s) after resuming from runs/x/checkpoints/step_00000040" in str(stop.value)
     assert named is suspect
     assert "fp16" in str(stop.value)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data_pipeline.reader import shard_shares, split_shares
-from mtrain.data.loader import check_enough_pieces, stream_plan
+from mtrain.data.loader import check_enough_pieces, stream_shares
 
 RANKS, WORKERS = 64, 4
 
@@ -20,8 +20,8 @@ def dealt(shards, epoch: int, streams: int) -> tuple[list[int], set]:
     """Pieces per stream, and every (shard, piece) dealt, checking none is dealt twice."""
     seen, sizes = set(), []
     for stream in range(streams):
-        plan = stream_plan(shards, epoch, 0, stream, streams)
-        pieces = [(s.url, i) for s in plan for i in range(s.offset, s.pieces, s.stride)]
+        shares = stream_shares(shards, epoch, 0, stream, streams)
+        pieces = [(s.url, i) for s in shares for i in range(s.offset, s.pieces, s.stride)]
         assert seen.isdisjoint(pieces), f"stream {stream} is dealt pieces another one has"
         seen.update(pieces)
         sizes.append(len(pieces))

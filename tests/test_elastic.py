@@ -88,7 +88,7 @@ def read_pieces(data: StreamingData, monkeypatch, batches: int | None = None) ->
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("old", "new"), [(2, 1), (2, 3)])
-def test_the_loader_resumed_elsewhere_repeats_and_skips_no_piece(
+def test_the_loader_resumed_resharded_repeats_and_skips_no_piece(
     bach_dataset, monkeypatch, old, new
 ):
     cfg = DataConfig(path=str(bach_dataset), num_workers=0, shuffle_buffer=4, transpose_range=0)
@@ -102,7 +102,7 @@ def test_the_loader_resumed_elsewhere_repeats_and_skips_no_piece(
     after = []
     for rank in range(new):
         data = StreamingData(cfg, 64, 2, rank, new)
-        assert str(data.resume_elsewhere(states)) == f"{len(before)} pieces of epoch 0"
+        assert str(data.resume_resharded(states)) == f"{len(before)} pieces of epoch 0"
         after += [key for epoch, key in read_pieces(data, monkeypatch) if epoch == 0]
     everything = [p.key for p in ShardReader().pieces(data.train.shards)]
     assert sorted(before + after) == sorted(everything)  # none read twice, none skipped

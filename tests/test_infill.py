@@ -23,7 +23,7 @@ from mtrain.generation.infill import (
     check_trained_for_infilling,
     gap_ticks,
     infill,
-    plan_infill,
+    infill_request,
     splice,
 )
 from mtrain.generation.job import GenerateConfig
@@ -112,9 +112,9 @@ def test_bad_infill_requests_are_refused_in_one_line(tok, tmp_path):
     with pytest.raises(ConfigError, match=r"^infill='bars:2-3' needs prompt=<file.mid>"):
         GenerateConfig(checkpoint="c", output="o", infill="bars:2-3")
     with pytest.raises(InputError, match=r"^infill=bars:7-9: the prompt has 8 bars; give a"):
-        plan_infill(tok, piece(1, bars=8), BarRange(7, 9), {}, 512)
+        infill_request(tok, piece(1, bars=8), BarRange(7, 9), {}, 512)
     with pytest.raises(InputError, match=r"^infill=bars:1-8: the bars to fill need about"):
-        plan_infill(tok, piece(1, bars=8), BarRange(1, 8), {}, 512)
+        infill_request(tok, piece(1, bars=8), BarRange(1, 8), {}, 512)
     old = MusicTokenizer(tok.base, tok.labels, infill=False)
     with pytest.raises(InputError, match=r"^checkpoint=old cannot fill bars: its tokenizer"):
         check_trained_for_infilling(old, {"checkpoint": str(tmp_path)}, "old")
@@ -135,7 +135,7 @@ def test_filling_keeps_every_note_outside_the_gap_exactly(tok):
             note.time += 7
     gap = BarRange(4, 5)
     ticks = gap_ticks(score, tok, gap)
-    request = plan_infill(tok, score, gap, LABELS, 512)
+    request = infill_request(tok, score, gap, LABELS, 512)
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=16, max_seq_len=512)
     (filled,) = infill(GPT(cfg).eval(), tok, request, 1, SamplingConfig(max_new_tokens=24))

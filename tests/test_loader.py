@@ -25,7 +25,7 @@ from data_pipeline.reader import (
 )
 from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.data.augmentation import Augmenter
-from mtrain.data.loader import DataConfig, StreamingData, stream_plan
+from mtrain.data.loader import DataConfig, StreamingData, stream_shares
 
 BOS, EOS, PAD = 1, 2, 0
 
@@ -126,7 +126,7 @@ def batches_per_epoch(ds: Path, tokens_per_batch: int) -> int:
 
 def epoch_size(cfg: DataConfig, epoch: int, stream: int, num_streams: int) -> int:
     shards = split_shares(cfg.path, "train", load_card(cfg.path))
-    return sum(s.size for s in stream_plan(shards, epoch, cfg.seed, stream, num_streams))
+    return sum(s.size for s in stream_shares(shards, epoch, cfg.seed, stream, num_streams))
 
 
 def test_batches_are_packed_documents_without_padding(dataset):

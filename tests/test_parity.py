@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from mtrain.data.loader import StreamingData
 from mtrain.exported.transformers_format import to_hf
 from mtrain.model import GPT
-from mtrain.training.config import TrainConfig, plan_batch
+from mtrain.training.config import TrainConfig, batch_sizes
 from mtrain.training.engine import seed_everything
 from mtrain.training.schedule import lr_multiplier
 
@@ -51,7 +51,7 @@ def plain_gpt2_losses(cfg: TrainConfig, world: int) -> list[float]:
         optimizer, lambda s: lr_multiplier(s, cfg.trainer.max_steps, cfg.optim)
     )
     batches = [data.train_batches() for data in ranks]
-    micro_batches = plan_batch(cfg, world).grad_accum * world
+    micro_batches = batch_sizes(cfg, world).grad_accum * world
     step_losses = []
     for _ in range(cfg.trainer.max_steps):
         total = 0.0

@@ -15,7 +15,7 @@ from conftest import REPO, run_module
 from data_pipeline.errors import ConfigError
 from mtrain.distributed import heartbeats
 from mtrain.model import GPTConfig
-from mtrain.training.config import BatchPlan, DeepSpeedConfig, OptimConfig, Precision
+from mtrain.training.config import BatchSizes, DeepSpeedConfig, OptimConfig, Precision
 from mtrain.training.deepspeed_config import deepspeed_config
 from mtrain.training.memory_plan import (
     GiB,
@@ -74,7 +74,7 @@ def test_buckets_follow_the_model_and_keep_deepspeeds_defaults_for_large_ones():
     assert small.reduce == small.max_live == 2 * shape.block and small.prefetch == shape.block
     huge = zero_buckets(ModelShape.of(replace(GPT_760M, n_layer=2, n_head=64, d_model=8192)))
     assert (huge.reduce, huge.prefetch, huge.max_live) == (500_000_000, 50_000_000, 1_000_000_000)
-    ds = deepspeed_config(FP32_ZERO3, OptimConfig(), BatchPlan(1, 128, 1, 2), shape)
+    ds = deepspeed_config(FP32_ZERO3, OptimConfig(), BatchSizes(1, 128, 1, 2), shape)
     zero = ds["zero_optimization"]
     assert zero["reduce_bucket_size"] == small.reduce
     assert zero["stage3_max_live_parameters"] == small.max_live

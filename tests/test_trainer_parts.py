@@ -28,7 +28,7 @@ from mtrain.training.config import (
     Schedule,
     TrainConfig,
     TrainerConfig,
-    plan_batch,
+    batch_sizes,
 )
 from mtrain.training.deepspeed_config import deepspeed_config
 from mtrain.training.monitor import StepTimer
@@ -63,8 +63,8 @@ def test_wsd_warms_up_holds_then_decays_linearly_over_the_last_fraction():
 
 
 # ---- DeepSpeed config ----------------------------------------------------------------------------
-def plan(grad_accum: int = 2, world_size: int = 4):
-    return plan_batch(
+def sizes(grad_accum: int = 2, world_size: int = 4):
+    return batch_sizes(
         TrainConfig(
             model=GPTConfig(max_seq_len=64),
             trainer=TrainerConfig(
@@ -77,7 +77,7 @@ def plan(grad_accum: int = 2, world_size: int = 4):
 
 def test_deepspeed_config_zero3_bf16():
     ds = DeepSpeedConfig(zero_stage=3, precision=Precision.bf16, param_persistence_threshold=7)
-    out = deepspeed_config(ds, OptimConfig(lr=1e-3, grad_clip=0.5), plan())
+    out = deepspeed_config(ds, OptimConfig(lr=1e-3, grad_clip=0.5), sizes())
     assert out["zero_optimization"] == {
         "stage": 3,
         "stage3_param_persistence_threshold": 7,
@@ -99,7 +99,7 @@ def test_deepspeed_config_other_stages_precisions_and_offload():
     fp16 = deepspeed_config(
         DeepSpeedConfig(zero_stage=2, precision=Precision.fp16, offload_optimizer=True),
         OptimConfig(),
-        plan(),
+        sizes(),
     )
     assert fp16["zero_optimization"] == {
         "stage": 2,
@@ -110,7 +110,7 @@ def test_deepspeed_config_other_stages_precisions_and_offload():
     fp32 = deepspeed_config(
         DeepSpeedConfig(zero_stage=3, precision=Precision.fp32, offload_params=True),
         OptimConfig(),
-        plan(),
+        sizes(),
     )
     assert fp32["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
     assert "offload_optimizer" not in fp32["zero_optimization"]
@@ -127,26 +127,26 @@ def batch_config(global_batch_tokens: int, micro_batch_size: int = 4) -> TrainCo
     )
 
 
-def test_plan_batch_derives_the_gradient_accumulation():
-    p = plan_batch(batch_config(4 * 128 * 2 * 3), world_size=2)
+def test_batch_sizes_derive_the_gradient_accumulation():
+    p = batch_sizes(batch_config(4 * 128 * 2 * 3), world_size=2)
     assert (p.micro_batch_size, p.seq_len, p.grad_accum, p.world_size) == (4, 128, 3, 2)
     assert p.tokens_per_step == 3072
 
 
-def test_plan_batch_refuses_a_batch_that_is_not_a_multiple():
+def test_batch_sizes_refuse_a_batch_that_is_not_a_multiple():
     with pytest.raises(ConfigError, match=r"trainer\.global_batch_tokens=1000 is not a multiple"):
-        plan_batch(batch_config(1000, micro_batch_size=2), world_size=1)
+        batch_sizes(batch_config(1000, micro_batch_size=2), world_size=1)
     with pytest.raises(ConfigError, match="use 768 or 1024"):
-        plan_batch(batch_config(1000, micro_batch_size=2), world_size=1)
+        batch_sizes(batch_config(1000, micro_batch_size=2), world_size=1)
 
 
-def test_plan_batch_refuses_a_batch_smaller_than_one_micro_batch_per_rank():
+def test_batch_sizes_refuse_a_batch_smaller_than_one_micro_batch_per_rank():
     with pytest.raises(
         ConfigError,
         match=r"global_batch_tokens=512 is smaller than one micro batch.*"
         r"set trainer.global_batch_tokens=1024",
     ):
-        plan_batch(batch_config(512), world_size=2)
+        batch_sizes(batch_config(512), world_size=2)
 
 
 # ---- config checks -----------------------------------------------------------------------------
@@ -370,10 +370,12 @@ def test_preemption_is_due_after_a_signal_and_stops_after_saving(own_signal_hand
     preemption = Preemption(SimpleNamespace(save=saved.append), exit_code=75)
     assert not preemption.due(3)
     os.kill(os.getpid(), signal.SIGUSR1)
-    assert preemption.raised and not preemption.due(4)  # due once the ranks agree on it
+    assert preemption.signalled_here and not preemption.due(4)  # due once the ranks agree on it
     engine = ScriptedEngine([1.0], grad_accum=1)
     step = OptimizerStep(engine, "cpu", grad_accum=1, max_nonfinite_in_row=1, clips_own=False)
-    preemption.agreed = step(micro_batches(), 4, StepTimer(), preemption.raised).stop_asked
+    preemption.signalled_anywhere = step(
+        micro_batches(), 4, StepTimer(), preemption.signalled_here
+    ).stop_asked
     assert preemption.due(4)
     with pytest.raises(Preempted) as stop:
         preemption.run(4, {})

@@ -151,7 +151,7 @@ def open_dataset(cfg: DataConfig) -> tuple[dict, MusicTokenizer]:
     return card, tokenizer
 
 
-def stream_plan(
+def stream_shares(
     shards: list[ShardShare], epoch: int, seed: int, stream: int, num_streams: int
 ) -> list[ShardShare]:
     """What ``stream`` reads in ``epoch``: its whole shards in this epoch's order or, with
@@ -253,8 +253,8 @@ class Dealing:
 
     def slots(self, epoch: int, stream: int, num_streams: int) -> np.ndarray:
         """The numbers of the pieces ``stream`` reads in ``epoch``, in slot order."""
-        plan = stream_plan(self.shards, epoch, self.seed, stream, num_streams)
-        parts = [self.numbers(s)[self.kept(s, epoch)] for s in plan]
+        shares = stream_shares(self.shards, epoch, self.seed, stream, num_streams)
+        parts = [self.numbers(s)[self.kept(s, epoch)] for s in shares]
         return np.concatenate(parts or [np.zeros(0, dtype=np.int64)])
 
     def block_order(self, epoch: int, stream: int, block: int, length: int) -> np.ndarray:
@@ -342,8 +342,8 @@ class TrainStream(IterableDataset):
             carry = handed_over(self.handover, stream, num_streams)
             self.packer = SequencePacker(self.seq_len, carry)
         while True:
-            plan = stream_plan(self.shards, self.epoch, self.cfg.seed, stream, num_streams)
-            slots = self._slots(plan, self.block * size)
+            shares = stream_shares(self.shards, self.epoch, self.cfg.seed, stream, num_streams)
+            slots = self._slots(shares, self.block * size)
             while pieces := list(islice(slots, size)):
                 order = self.dealing.block_order(self.epoch, stream, self.block, len(pieces))
                 for i in order[self.done :]:
@@ -355,10 +355,10 @@ class TrainStream(IterableDataset):
             if self.reader.damaged >= {s.url for s in self.shards}:
                 raise CorruptShardError(f"every shard of {self.cfg.path} is damaged")
 
-    def _slots(self, plan: list[ShardShare], start: int) -> Iterator[StoredPiece | None]:
+    def _slots(self, shares: list[ShardShare], start: int) -> Iterator[StoredPiece | None]:
         """The epoch's pieces (but those the dealing skips) from position ``start`` on; shards
         before it stay unopened."""
-        for shard in plan:
+        for shard in shares:
             kept = self.dealing.kept(shard, self.epoch)
             if start < (left := int(kept.sum())):
                 first = int(np.flatnonzero(kept)[start])
@@ -459,13 +459,13 @@ class StreamingData:
         if saved != self.layout:
             raise ValueError(
                 f"the data loader state was saved by {saved}, this loader is {self.layout}: "
-                "an exact resume needs the same ranks and data.num_workers (resume_elsewhere "
+                "an exact resume needs the same ranks and data.num_workers (resume_resharded "
                 "takes the states of every old rank)"
             )
         self._deal(state.get("dealt", {}))
         self._loader.load_state_dict(state["loader"])
 
-    def resume_elsewhere(self, states: list[dict]) -> DataPosition:
+    def resume_resharded(self, states: list[dict]) -> DataPosition:
         """Goes on from the states every rank of a run with another number of ranks or
         workers saved (``state_dict()``, in rank order): each epoch they had begun is dealt
         anew to this run's streams, less the pieces they had consumed."""

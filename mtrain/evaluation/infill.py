@@ -18,7 +18,7 @@ from mtrain.data.infilling import infill_document, joined, split_bars
 from mtrain.evaluation.music_metrics import compute_all
 from mtrain.evaluation.set_comparison import compare_sets
 from mtrain.generation.compose import DEFAULT_MIN_P
-from mtrain.generation.infill import BarRange, InfillRequest, gap_ticks, infill, plan_infill
+from mtrain.generation.infill import BarRange, InfillRequest, gap_ticks, infill, infill_request
 from mtrain.generation.sampling import SamplingConfig
 from mtrain.model import GPT
 
@@ -104,7 +104,7 @@ def evaluate_infilling(
         try:
             if gap is None:
                 raise InputError("too short")
-            request = plan_infill(tokenizer, score, gap, piece.labels, model.config.max_seq_len)
+            request = infill_request(tokenizer, score, gap, piece.labels, model.config.max_seq_len)
         except InputError:
             skipped += 1
             continue

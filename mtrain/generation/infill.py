@@ -115,7 +115,7 @@ class InfillRequest:
     room: int  # tokens left for the middle: half as many again as the bars it replaces
 
 
-def plan_infill(
+def infill_request(
     tokenizer: MusicTokenizer,
     score: symusic.Score,
     gap: BarRange,

@@ -26,7 +26,7 @@ from mtrain.generation.infill import (
     BarRange,
     check_trained_for_infilling,
     infill,
-    plan_infill,
+    infill_request,
 )
 from mtrain.generation.prompts import (
     build_prompt,
@@ -144,7 +144,7 @@ def generate_samples(cfg: GenerateConfig, overrides: list[str] = ()) -> dict:
         check_trained_for_infilling(tokenizer, meta, cfg.checkpoint)
         validate_labels(tokenizer, labels)
         gap = BarRange.parse(cfg.infill)
-        request = plan_infill(
+        request = infill_request(
             tokenizer, read_prompt(cfg.prompt), gap, labels, model.config.max_seq_len
         )
         prompt = request.prompt

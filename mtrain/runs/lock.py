@@ -154,7 +154,7 @@ def describe(held: dict) -> str:
     )
 
 
-def agree_on_refusal(refusal: str | None) -> None:
+def refuse_on_every_rank(refusal: str | None) -> None:
     """After the process group starts: every rank raises rank 0's refusal (only rank 0 takes
     the lock), so a refused job exits 2 on every rank instead of leaving some waiting."""
     refusal = collectives.from_rank_0(refusal)

@@ -2,7 +2,7 @@
 
 ``conf/train.yaml`` merges onto ``TrainConfig``: a misspelt key or a wrong type fails in Hydra
 before any process group starts, each dataclass rejects impossible values in ``__post_init__``
-naming ``section.key``, and ``plan_batch`` rejects impossible batch arithmetic with a fix.
+naming ``section.key``, and ``batch_sizes`` rejects impossible batch arithmetic with a fix.
 """
 
 from dataclasses import dataclass, field
@@ -169,7 +169,7 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class BatchPlan:
+class BatchSizes:
     micro_batch_size: int
     seq_len: int
     grad_accum: int
@@ -180,7 +180,7 @@ class BatchPlan:
         return self.micro_batch_size * self.seq_len * self.grad_accum * self.world_size
 
 
-def plan_batch(cfg: TrainConfig, world_size: int) -> BatchPlan:
+def batch_sizes(cfg: TrainConfig, world_size: int) -> BatchSizes:
     t, micro, seq_len = cfg.trainer, cfg.trainer.micro_batch_size, cfg.model.max_seq_len
     per_micro = micro * seq_len * world_size
     shape = (
@@ -199,4 +199,4 @@ def plan_batch(cfg: TrainConfig, world_size: int) -> BatchPlan:
             f"trainer.global_batch_tokens={t.global_batch_tokens} is not a multiple of {shape}; "
             f"use {lower or per_micro} or {lower + per_micro}"
         )
-    return BatchPlan(micro, seq_len, t.global_batch_tokens // per_micro, world_size)
+    return BatchSizes(micro, seq_len, t.global_batch_tokens // per_micro, world_size)

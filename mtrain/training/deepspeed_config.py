@@ -1,11 +1,11 @@
 """The DeepSpeed JSON config, generated from the typed configs (one source of truth)."""
 
-from mtrain.training.config import BatchPlan, DeepSpeedConfig, OptimConfig, Precision
+from mtrain.training.config import BatchSizes, DeepSpeedConfig, OptimConfig, Precision
 from mtrain.training.memory_plan import ModelShape, zero_buckets
 
 
 def deepspeed_config(
-    ds: DeepSpeedConfig, optim: OptimConfig, plan: BatchPlan, shape: ModelShape | None = None
+    ds: DeepSpeedConfig, optim: OptimConfig, sizes: BatchSizes, shape: ModelShape | None = None
 ) -> dict:
     """``shape``: the model's, to size ZeRO's buckets from it (DeepSpeed's GPU-sized defaults
     without it)."""
@@ -22,9 +22,9 @@ def deepspeed_config(
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     return {
-        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
-        "gradient_accumulation_steps": plan.grad_accum,
-        "train_batch_size": plan.micro_batch_size * plan.grad_accum * plan.world_size,
+        "train_micro_batch_size_per_gpu": sizes.micro_batch_size,
+        "gradient_accumulation_steps": sizes.grad_accum,
+        "train_batch_size": sizes.micro_batch_size * sizes.grad_accum * sizes.world_size,
         "gradient_clipping": 0.0 if ds.clips_in_trainer else optim.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": ds.precision == Precision.bf16},

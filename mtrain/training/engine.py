@@ -13,7 +13,7 @@ import torch
 
 from mtrain.distributed import heartbeats
 from mtrain.model import GPT
-from mtrain.training.config import BatchPlan, TrainConfig
+from mtrain.training.config import BatchSizes, TrainConfig
 from mtrain.training.deepspeed_config import deepspeed_config
 from mtrain.training.memory_plan import ModelShape
 from mtrain.training.schedule import lr_multiplier
@@ -28,13 +28,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_engine(cfg: TrainConfig, plan: BatchPlan, rank: int):
+def build_engine(cfg: TrainConfig, sizes: BatchSizes, rank: int):
     """(engine, lr scheduler) of a fresh model, or of the exported one ``cfg.init_from`` names;
     the process group must exist."""
     import deepspeed
 
     seed_everything(cfg.trainer.seed)  # same initial weights on every rank
-    ds_config = deepspeed_config(cfg.deepspeed, cfg.optim, plan, ModelShape.of(cfg.model))
+    ds_config = deepspeed_config(cfg.deepspeed, cfg.optim, sizes, ModelShape.of(cfg.model))
     if cfg.deepspeed.zero_init and cfg.deepspeed.zero_stage == 3:
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = GPT(cfg.model)

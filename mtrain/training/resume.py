@@ -160,7 +160,7 @@ def check_resumable(run: RunDir, model: dict, tokenizer_hash: str) -> bool:
     """Whether ``run`` has a checkpoint to resume (False: a fresh run); refuses with an
     InputError, naming both values, a run saved with another model shape or tokenizer. Another
     number of ranks is no reason: ``Checkpointer.resume`` converts the state for them (and
-    ``plan_batch`` has checked already that they keep the global batch). Reads only: nothing in
+    ``batch_sizes`` has checked already that they keep the global batch). Reads only: nothing in
     the run directory changes."""
     ckpt = latest_complete(run, quiet=True)
     if ckpt is None:

@@ -1,6 +1,6 @@
 """What happens at a step boundary besides the optimizer step, one component each: the first
-step's memory line, validation, reporting and preemption (checkpoints: ``checkpoint``,
-samples: ``training_samples``). Each says itself when it is due; the loop runs it then.
+step's memory line, validation, reporting and preemption (checkpoints: ``checkpointer``,
+samples: ``samples``). Each says itself when it is due; the loop runs it then.
 """
 
 import errno
@@ -47,7 +47,7 @@ class Preempted(Exception):
         self.exit_code = exit_code
 
 
-class StateMemory:
+class StateSizeReport:
     """Logs, once optimizer state exists (after the first step), what this rank holds."""
 
     def __init__(self, engine, rank: int):
@@ -150,9 +150,9 @@ class Preemption:
 
     def __init__(self, checkpointer: Checkpointer, exit_code: int):
         self.checkpointer, self.exit_code = checkpointer, exit_code
-        self.raised = False
-        # Whether a signal reached any rank: the optimizer step's one collective carries it.
-        self.agreed = False
+        self.signalled_here = False
+        # The optimizer step's one collective carries it to every rank.
+        self.signalled_anywhere = False
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._set)
 
@@ -161,10 +161,10 @@ class Preemption:
             "received %s: will checkpoint and exit at the next step boundary",
             signal.Signals(signum).name,
         )
-        self.raised = True
+        self.signalled_here = True
 
     def due(self, step: int) -> bool:
-        return self.agreed  # a signal may reach only some ranks
+        return self.signalled_anywhere  # a signal may reach only some ranks
 
     def run(self, step: int, metrics: dict) -> dict:
         self.checkpointer.save(step)

@@ -18,7 +18,7 @@ from mtrain.distributed import collectives, heartbeats
 from mtrain.runs.run_dir import RunDir
 from mtrain.runs.tracking import Tracker
 from mtrain.training.checkpointer import Checkpointer
-from mtrain.training.config import TrainConfig, plan_batch
+from mtrain.training.config import TrainConfig, batch_sizes
 from mtrain.training.engine import as_float, batch_loss, build_engine
 from mtrain.training.grad_sync import OverlappedAllReduce, take_gradient_reduction
 from mtrain.training.monitor import StepTimer, ThroughputMonitor
@@ -28,7 +28,7 @@ from mtrain.training.step_components import (
     Preempted,
     Preemption,
     Reporter,
-    StateMemory,
+    StateSizeReport,
     StepComponent,
     Validator,
     drop_metrics_after,
@@ -185,7 +185,7 @@ class Trainer:
         overrides: list[str],
     ):
         self.cfg, self.place, self.data, self.overrides = cfg, place, data, overrides
-        self.plan = plan_batch(cfg, place.world_size)
+        self.batch_sizes = batch_sizes(cfg, place.world_size)
         self.run_dir = RunDir(cfg.run_dir)
         self.step = 0
         self.run_id: str | None = None
@@ -205,11 +205,11 @@ class Trainer:
         components, tracker = self._start(device)
         preemption = next(c for c in components if isinstance(c, Preemption))
         batches, timer = self.data.train_batches(), StepTimer()
-        self._log_plan()
+        self._log_batch_sizes()
         try:
             while self.step < self.cfg.trainer.max_steps:
-                outcome = self.optimizer_step(batches, self.step + 1, timer, preemption.raised)
-                preemption.agreed = outcome.stop_asked
+                outcome = self.stepper(batches, self.step + 1, timer, preemption.signalled_here)
+                preemption.signalled_anywhere = outcome.stop_asked
                 self.step += 1
                 metrics = self._metrics(outcome, *timer.finish())
                 for component in components:
@@ -238,25 +238,29 @@ class Trainer:
             # resumed run's are this run's already: check_resumable compared them).
             self.run_dir.model_config.write_text(json.dumps(dataclasses.asdict(cfg.model)))
             self.data.tokenizer.save(str(self.run_dir.tokenizer))
-        engine, self.scheduler = build_engine(cfg, self.plan, self.place.rank)
-        self.optimizer_step = OptimizerStep(
+        engine, self.scheduler = build_engine(cfg, self.batch_sizes, self.place.rank)
+        self.stepper = OptimizerStep(
             engine,
             device,
-            self.plan.grad_accum,
+            self.batch_sizes.grad_accum,
             t.max_nonfinite_in_row,
             clips_own=cfg.deepspeed.clips_in_trainer,
             grad_clip=cfg.optim.grad_clip,
             reduction=take_gradient_reduction(engine, cfg.deepspeed),
         )
-        probe_shape = (cfg.model.vocab_size, self.plan.seq_len)
+        probe_shape = (cfg.model.vocab_size, self.batch_sizes.seq_len)
         checkpointer = Checkpointer(engine, self.run_dir, t, probe_shape, self._state)
         self._resume(checkpointer)
         tracker = self._tracker() if main else None
         self.monitor = ThroughputMonitor(
-            cfg.model, self.plan.seq_len, self.plan.tokens_per_step, self.place.world_size, device
+            cfg.model,
+            self.batch_sizes.seq_len,
+            self.batch_sizes.tokens_per_step,
+            self.place.world_size,
+            device,
         )
         return [
-            StateMemory(engine, self.place.rank),
+            StateSizeReport(engine, self.place.rank),
             Validator(t, engine, self.data, device),
             TrainingSamples(t, engine.module, self.data.tokenizer, self.run_dir, tracker, main),
             Reporter(t, self.run_dir, self.monitor, tracker, main),
@@ -264,17 +268,17 @@ class Trainer:
             checkpointer,
         ], tracker
 
-    def _log_plan(self) -> None:
-        plan = self.plan
+    def _log_batch_sizes(self) -> None:
+        sizes = self.batch_sizes
         log.info(
             "training %s for %d steps: %d tokens/step = %d micro x %d seq x %d accum x %d ranks",
             self.cfg.run_name,
             self.cfg.trainer.max_steps,
-            plan.tokens_per_step,
-            plan.micro_batch_size,
-            plan.seq_len,
-            plan.grad_accum,
-            plan.world_size,
+            sizes.tokens_per_step,
+            sizes.micro_batch_size,
+            sizes.seq_len,
+            sizes.grad_accum,
+            sizes.world_size,
         )
 
     def _resume(self, checkpointer: Checkpointer) -> None:
@@ -286,14 +290,14 @@ class Trainer:
         skipped_note = f" (skipped {'; '.join(skipped)})" if skipped else ""
         if ckpt is not None:
             self.step = client["step"]
-            self.optimizer_step.nonfinite_skipped = client.get("nonfinite_skipped", 0)
-            self.optimizer_step.resumed_from = (str(ckpt.path), self.step)
+            self.stepper.nonfinite_skipped = client.get("nonfinite_skipped", 0)
+            self.stepper.resumed_from = (str(ckpt.path), self.step)
             self.run_id = client.get("wandb_run_id")
             change = ""
             if not resumed.resharded:
                 self.data.load_state_dict(resumed.rank_states[0]["data"])
             else:
-                position = self.data.resume_elsewhere([s["data"] for s in resumed.rank_states])
+                position = self.data.resume_resharded([s["data"] for s in resumed.rank_states])
                 change = (
                     f", written by {resumed.saved_by} rank(s), now {self.place.world_size}: "
                     f"{resumed.conversion}; data position: {position}"
@@ -310,7 +314,7 @@ class Trainer:
         client = {
             "step": self.step,
             "wandb_run_id": self.run_id,
-            "nonfinite_skipped": self.optimizer_step.nonfinite_skipped,
+            "nonfinite_skipped": self.stepper.nonfinite_skipped,
         }
         return client, {"data": self.data.state_dict()}
 
@@ -329,9 +333,9 @@ class Trainer:
             "train/loss": outcome.loss,
             "train/step_applied": outcome.applied,
             "train/lr": self.scheduler.get_last_lr()[0],
-            "train/grad_norm": self.optimizer_step.grad_norm,
-            "train/nonfinite_skipped": self.optimizer_step.nonfinite_skipped,
-            "train/tokens_seen": self.step * self.plan.tokens_per_step,
+            "train/grad_norm": self.stepper.grad_norm,
+            "train/nonfinite_skipped": self.stepper.nonfinite_skipped,
+            "train/tokens_seen": self.step * self.batch_sizes.tokens_per_step,
             "data/corrupt_shards": self.data.corrupt_shards,
             "data/storage_retries": self.data.storage_retries,
             **self.monitor.metrics(step_s, wait_s),
