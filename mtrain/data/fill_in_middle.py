@@ -1,56 +1,61 @@
-"""Fill-in-the-middle over bar boundaries: a piece as prefix, suffix, then its middle bars (the
-PSM order of Bavarian et al. 2022), so that a model learns to fill bars from both sides."""
+"""Fill-in-the-middle in training: pieces arranged as infilling documents (the tokenizer's
+``infill_document``) at a run's ``data.infill_rate``, and the one check that a tokenizer, or a
+trained model, can fill bars."""
+
+import logging
+from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from data_pipeline.errors import ConfigError
-from data_pipeline.tokenizer import MusicTokenizer
+from data_pipeline.tokenizer import FRAME_TOKENS, MusicTokenizer, join_bars
 
-# FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE and FIM_END around the music of an infilling document.
-FRAME_TOKENS = 4
-
-
-def split_bars(tokenizer: MusicTokenizer, base_ids: np.ndarray) -> list[np.ndarray]:
-    """A piece's base ids cut into its bars, each from its Bar token to the next (what precedes
-    the first bar belongs to it); they concatenate back to ``base_ids``."""
-    base_ids = np.asarray(base_ids, dtype=np.int64)
-    starts = np.flatnonzero(base_ids == tokenizer.bar_id)
-    return np.split(base_ids, starts[1:]) if len(starts) else [base_ids]
+log = logging.getLogger(__name__)
 
 
-def joined(bars: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate(bars) if bars else np.zeros(0, np.int64)
+def trained_infill_rate(train_config: Path) -> float | None:
+    """``data.infill_rate`` of a run, read from its Hydra config (0 for runs from before the
+    key), or None when that config is not at hand."""
+    if not train_config.exists():
+        return None
+    return float(OmegaConf.load(train_config).get("data", {}).get("infill_rate", 0.0))
 
 
-def infill_document(
-    tokenizer: MusicTokenizer,
-    labels: dict[str, str],
-    prefix: np.ndarray,
-    suffix: np.ndarray,
-    middle: np.ndarray | None = None,
-) -> np.ndarray:
-    """[BOS, labels..., FIM_PREFIX, prefix, FIM_SUFFIX, suffix, FIM_MIDDLE, middle, FIM_END]
-    from base ids; without ``middle``, the prompt a model fills the middle from."""
-    fim = tokenizer.infill_ids
-    parts = [tokenizer.head(labels), [fim.prefix], tokenizer.encode_base(prefix), [fim.suffix]]
-    parts += [tokenizer.encode_base(suffix), [fim.middle]]
-    if middle is not None:
-        parts += [tokenizer.encode_base(middle), [fim.end]]
-    return np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
-
-
-def check_infillable(tokenizer: MusicTokenizer, what: str) -> None:
-    """Refuses a tokenizer that cannot express infilling, naming ``what`` asked for it."""
+def check_infillable(
+    tokenizer: MusicTokenizer, asked_by: str, exported: dict | None = None
+) -> None:
+    """Refuses ``asked_by`` (a config key and its value) when ``tokenizer`` cannot express
+    infilling (no infilling tokens, or no Bar tokens) or, given an exported model's
+    ``config.json``, when its run never arranged a piece for infilling (``data.infill_rate``
+    0). An export that predates recording the rate is assumed to fill bars, with a warning."""
+    retrain = "" if exported is None else ", and train on it with data.infill_rate=0.5"
     if tokenizer.infill_ids is None:
         raise ConfigError(
-            f"{what} needs the infilling tokens, and this tokenizer artifact predates them: "
+            f"{asked_by} needs the infilling tokens, and this tokenizer artifact predates them: "
             "prepare the dataset again (python -m data_pipeline.prepare) to get an artifact "
-            "that has them"
+            f"that has them{retrain}"
         )
     if tokenizer.bar_id is None:
         raise ConfigError(
-            f"{what} fills whole bars, and the {type(tokenizer.base).__name__} tokenizer has no "
-            "Bar tokens: prepare the dataset with tokenizer=remi"
+            f"{asked_by} fills whole bars, and the {type(tokenizer.base).__name__} tokenizer has "
+            f"no Bar tokens: prepare the dataset with tokenizer=remi{retrain}"
+        )
+    if exported is None:
+        return
+    rate = exported.get("data", {}).get("infill_rate")
+    if rate == 0:
+        raise ConfigError(
+            f"{asked_by}: the model was trained with data.infill_rate=0 and never learned to "
+            "fill bars; train one with data.infill_rate=0.5 (or fine-tune this one with "
+            "init_from=)"
+        )
+    if rate is None:
+        log.warning(
+            "%s: the export records no data.infill_rate (it was exported before the rate was "
+            "recorded, or without its run's config): assuming the model learned to fill bars; "
+            "export it again (python -m mtrain.export) to have it checked",
+            asked_by,
         )
 
 
@@ -62,24 +67,6 @@ def excerpt(lengths: np.ndarray, budget: int, rng: np.random.Generator) -> tuple
     first = int(rng.integers(len(lengths)))
     fits = int(np.searchsorted(np.cumsum(lengths[first:]), budget, side="right"))
     return first, first + max(1, fits)
-
-
-def nearest_context(lengths: list[int], first: int, stop: int, budget: int) -> tuple[int, int]:
-    """Bars [start, end) around the gap [first, stop) of bars ``lengths`` tokens long: the bars
-    nearest the gap on either side, taken from the side with fewer tokens so far, while they fit
-    ``budget`` tokens (the gap's own bars not counted). A whole piece that fits is all of it."""
-    start, end, before, after = first, stop, 0, 0
-    while True:
-        sides = [(before, "before"), (after, "after")]
-        for _, side in sorted(sides):
-            if side == "before" and start > 0 and before + after + lengths[start - 1] <= budget:
-                start, before = start - 1, before + lengths[start - 1]
-                break
-            if side == "after" and end < len(lengths) and before + after + lengths[end] <= budget:
-                end, after = end + 1, after + lengths[end]
-                break
-        else:
-            return start, end
 
 
 class InfillTraining:
@@ -98,16 +85,15 @@ class InfillTraining:
     ) -> np.ndarray:
         if not self.rate or rng.random() >= self.rate:
             return self.tokenizer.document(labels, base_ids)
-        bars = split_bars(self.tokenizer, base_ids)
+        bars = self.tokenizer.split_bars(base_ids)
         budget = self.context - FRAME_TOKENS - len(self.tokenizer.head(labels))
         first, stop = excerpt(np.array([len(b) for b in bars]), budget, rng)
         bars = bars[first:stop]
         width = int(rng.integers(1, max(1, len(bars) // 2) + 1))
         start = int(rng.integers(len(bars) - width + 1))
-        return infill_document(
-            self.tokenizer,
+        return self.tokenizer.infill_document(
             labels,
-            joined(bars[:start]),
-            joined(bars[start + width :]),
-            joined(bars[start : start + width]),
+            join_bars(bars[:start]),
+            join_bars(bars[start + width :]),
+            join_bars(bars[start : start + width]),
         )
