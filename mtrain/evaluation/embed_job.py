@@ -130,7 +130,7 @@ def embed_split(
     return EmbeddedSplit(split, rows, unit_rows(vectors), unit_rows(np.stack(histograms)), seconds)
 
 
-def probes(
+def probe_scores(
     model: GPT, tokenizer: MusicTokenizer, pieces: EmbeddedSplit, cfg: EmbedConfig, card: dict
 ) -> dict:
     """The linear probe of each kind of features, fit on the train split."""
@@ -257,7 +257,7 @@ def embed(cfg: EmbedConfig) -> dict:
         "retrieval": {}
         if unscored
         else {name: label_precision(centred[name], labels, cfg.k) for name in FEATURES},
-        "probe": {} if unscored else probes(model, tokenizer, pieces, cfg, card),
+        "probe": {} if unscored else probe_scores(model, tokenizer, pieces, cfg, card),
         "query": query,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
