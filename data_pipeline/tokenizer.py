@@ -31,9 +31,11 @@ from data_pipeline.config import TokenizerConfig
 from data_pipeline.learned_vocab import LearnedVocab
 
 SPECIAL_TOKENS = ("PAD", "BOS", "EOS", "MASK")
-# Fill-in-the-middle (mtrain.data.infilling): model ids only, never base ids, so the base vocabulary
-# and the shards stay as they were.
+# Fill-in-the-middle (MusicTokenizer.infill_document): model ids only, never base ids, so the base
+# vocabulary and the shards stay as they were.
 INFILL_TOKENS = ("FIM_PREFIX", "FIM_SUFFIX", "FIM_MIDDLE", "FIM_END")
+# An infilling document's tokens besides its head and its music: one of each infilling token.
+FRAME_TOKENS = len(INFILL_TOKENS)
 ARTIFACT_FORMAT = 1
 
 
@@ -63,6 +65,11 @@ def base_fingerprint(base: miditok.MusicTokenizer) -> str:
 
 def label_token(key: str, value: str) -> str:
     return f"{key}={value}"
+
+
+def join_bars(bars: list[np.ndarray]) -> np.ndarray:
+    """Bars of base ids (``MusicTokenizer.split_bars``) as one run of base ids."""
+    return np.concatenate(bars) if bars else np.zeros(0, np.int64)
 
 
 class InfillIds(NamedTuple):
@@ -156,6 +163,30 @@ class MusicTokenizer:
                 np.array(tail, dtype=np.int64),
             ]
         )
+
+    def split_bars(self, base_ids: np.ndarray) -> list[np.ndarray]:
+        """A piece's base ids cut into its bars, each from its Bar token to the next (what
+        precedes the first bar belongs to it); ``join_bars`` puts them back together."""
+        base_ids = np.asarray(base_ids, dtype=np.int64)
+        starts = np.flatnonzero(base_ids == self.bar_id)
+        return np.split(base_ids, starts[1:]) if len(starts) else [base_ids]
+
+    def infill_document(
+        self,
+        labels: dict[str, str],
+        prefix: np.ndarray,
+        suffix: np.ndarray,
+        middle: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """[BOS, labels..., FIM_PREFIX, prefix, FIM_SUFFIX, suffix, FIM_MIDDLE, middle, FIM_END]
+        from base ids: a piece as the model reads it to fill bars from both sides (the PSM
+        order of Bavarian et al. 2022); without ``middle``, the prompt a model fills it from."""
+        fim = self.infill_ids
+        parts = [self.head(labels), [fim.prefix], self.encode_base(prefix), [fim.suffix]]
+        parts += [self.encode_base(suffix), [fim.middle]]
+        if middle is not None:
+            parts += [self.encode_base(middle), [fim.end]]
+        return np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
 
     # ---- base ids <-> model ids --------------------------------------------------------
     def encode_base(self, base_ids: np.ndarray) -> np.ndarray:

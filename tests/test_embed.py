@@ -12,15 +12,13 @@ import torch
 from conftest import iter_pieces, run_module, shard_urls
 
 from data_pipeline.tokenizer import MusicTokenizer
-from mtrain.evaluation.embeddings import (
+from mtrain.evaluation.pooling import (
     MeanPooler,
     centred_unit_rows,
-    cosine_spread,
-    label_precision,
     pitch_class_histogram,
     unit_rows,
-    unscorable,
 )
+from mtrain.evaluation.probes import cosine_spread, label_precision, unscorable
 from mtrain.exported.loading import load_exported
 
 K = 4

@@ -16,16 +16,14 @@ from midi_factory import piece
 from data_pipeline.config import LearnedVocabConfig, LearnedVocabKind, TokenizerConfig
 from data_pipeline.errors import ConfigError, InputError
 from data_pipeline.learned_vocab import LearnedVocab, train
-from data_pipeline.tokenizer import MusicTokenizer, base_fingerprint, build_base_tokenizer
-from mtrain.data.infilling import InfillTraining, joined
-from mtrain.generation.infill import (
-    BarRange,
-    check_trained_for_infilling,
-    gap_ticks,
-    infill,
-    infill_request,
-    splice,
+from data_pipeline.tokenizer import (
+    MusicTokenizer,
+    base_fingerprint,
+    build_base_tokenizer,
+    join_bars,
 )
+from mtrain.data.fill_in_middle import InfillTraining, check_infillable
+from mtrain.generation.infill import BarRange, gap_ticks, infill, infill_request, splice
 from mtrain.generation.job import GenerateConfig
 from mtrain.generation.sampling import SamplingConfig
 from mtrain.model import GPT, GPTConfig
@@ -104,7 +102,7 @@ def test_a_training_piece_becomes_prefix_suffix_middle_at_bar_boundaries(tok):
         assert (windows == excerpt).all(axis=1).any()
 
 
-def test_bad_infill_requests_are_refused_in_one_line(tok, tmp_path):
+def test_bad_infill_requests_are_refused_in_one_line(tok):
     for text in ("bars:0-2", "bars:5-3", "9-12", "bars:x"):
         assert BarRange.parse(text) is None
         with pytest.raises(ConfigError, match=r"^infill=.* must be bars:FIRST-LAST"):
@@ -116,13 +114,10 @@ def test_bad_infill_requests_are_refused_in_one_line(tok, tmp_path):
     with pytest.raises(InputError, match=r"^infill=bars:1-8: the bars to fill need about"):
         infill_request(tok, piece(1, bars=8), BarRange(1, 8), {}, 512)
     old = MusicTokenizer(tok.base, tok.labels, infill=False)
-    with pytest.raises(InputError, match=r"^checkpoint=old cannot fill bars: its tokenizer"):
-        check_trained_for_infilling(old, {"checkpoint": str(tmp_path)}, "old")
-    step = tmp_path / "run" / "checkpoints" / "step_00000010"
-    (tmp_path / "run" / "hydra").mkdir(parents=True)
-    (tmp_path / "run" / "hydra" / "config.yaml").write_text("data:\n  infill_rate: 0.0\n")
-    with pytest.raises(InputError, match=r"^checkpoint=run was trained with data.infill_rate=0"):
-        check_trained_for_infilling(tok, {"checkpoint": str(step)}, "run")
+    with pytest.raises(InputError, match=r"^infill=bars:2-3 needs the infilling tokens"):
+        check_infillable(old, "infill=bars:2-3", {"data": {"infill_rate": 0.5}})
+    with pytest.raises(InputError, match=r"^infill=bars:2-3: the model was trained with data"):
+        check_infillable(tok, "infill=bars:2-3", {"data": {"infill_rate": 0.0}})
 
 
 def test_filling_keeps_every_note_outside_the_gap_exactly(tok):
@@ -141,7 +136,7 @@ def test_filling_keeps_every_note_outside_the_gap_exactly(tok):
     (filled,) = infill(GPT(cfg).eval(), tok, request, 1, SamplingConfig(max_new_tokens=24))
     assert filled.new_tokens == 24  # an untrained model does not stop by itself
     assert notes(filled.score, ticks, False) == notes(score, ticks, False)
-    true_middle = tok.encode_base(joined(request.bars[3:5])).tolist()
+    true_middle = tok.encode_base(join_bars(request.bars[3:5])).tolist()
     oracle, repairs = splice(tok, request, [*true_middle, tok.infill_ids.end])
     quantized = tok.base_ids_to_midi(tok.midi_to_base_ids(score.copy()))
     scale = score.ticks_per_quarter / quantized.ticks_per_quarter

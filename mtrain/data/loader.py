@@ -55,7 +55,7 @@ from data_pipeline.reader import (
 )
 from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.data.augmentation import Augmenter
-from mtrain.data.infilling import InfillTraining
+from mtrain.data.fill_in_middle import InfillTraining
 from mtrain.data.packing import SequencePacker
 from mtrain.distributed import processes
 
@@ -85,8 +85,9 @@ class DataConfig:
     # a read gives up; reads are retried with backoff until then. $MTRAIN_STORAGE_RETRY_S or
     # 600 s when None.
     storage_retry_s: float | None = None
-    # Share of training pieces rearranged for fill-in-the-middle over bars (mtrain.data.infilling);
-    # 0 trains on plain pieces only. Validation and evaluation always read plain pieces.
+    # Share of training pieces rearranged for fill-in-the-middle over bars
+    # (mtrain.data.fill_in_middle); 0 trains on plain pieces only. Validation and evaluation
+    # always read plain pieces.
     infill_rate: float = 0.0
 
     def __post_init__(self):

@@ -13,8 +13,7 @@ import torch.nn.functional as F
 
 from data_pipeline.errors import InputError, require
 from data_pipeline.reader import StoredPiece
-from data_pipeline.tokenizer import MusicTokenizer
-from mtrain.data.infilling import infill_document, joined, split_bars
+from data_pipeline.tokenizer import MusicTokenizer, join_bars
 from mtrain.evaluation.music_metrics import compute_all
 from mtrain.evaluation.set_comparison import compare_sets
 from mtrain.generation.compose import DEFAULT_MIN_P
@@ -70,11 +69,11 @@ def middle_nll(
     plain piece up to the gap's end, from the same bars before it), and how many tokens."""
     start, end = request.context
     gap = request.gap
-    prefix = joined(request.bars[start : gap.first - 1])
-    middle = joined(request.bars[gap.first - 1 : gap.last])
-    suffix = joined(request.bars[gap.last : end])
+    prefix = join_bars(request.bars[start : gap.first - 1])
+    middle = join_bars(request.bars[gap.first - 1 : gap.last])
+    suffix = join_bars(request.bars[gap.last : end])
     count = len(tokenizer.encode_base(middle))
-    with_suffix = infill_document(tokenizer, labels, prefix, suffix, middle)  # ends on FIM_END
+    with_suffix = tokenizer.infill_document(labels, prefix, suffix, middle)  # ends on FIM_END
     # A dummy last token: tail_nll scores the tokens before the last one in both documents.
     plain = tokenizer.document(labels, np.concatenate([prefix, middle]), end=True)
     return tail_nll(model, with_suffix, count), tail_nll(model, plain, count), count
@@ -100,7 +99,7 @@ def evaluate_infilling(
     filled, true = [], []
     for piece in pieces:
         score = tokenizer.base_ids_to_midi(piece.tokens)
-        gap = middle_gap(len(split_bars(tokenizer, piece.tokens)), cfg.bars)
+        gap = middle_gap(len(tokenizer.split_bars(piece.tokens)), cfg.bars)
         try:
             if gap is None:
                 raise InputError("too short")

@@ -26,12 +26,12 @@ from omegaconf import OmegaConf
 
 from data_pipeline.errors import ConfigError, require
 from data_pipeline.reader import ShardReader, split_shares
+from mtrain.data.fill_in_middle import check_infillable
 from mtrain.evaluation import reports
 from mtrain.evaluation.infill import InfillEvalConfig, evaluate_infilling, infill_markdown
 from mtrain.evaluation.likelihood import evaluate_pieces
 from mtrain.exported.loading import load_for_data
 from mtrain.generation.compose import DEFAULT_MIN_P, compose
-from mtrain.generation.infill import check_trained_for_infilling
 from mtrain.generation.prompts import build_prompt, parse_labels
 from mtrain.generation.sampling import SamplingConfig
 from mtrain.runs.tracking import LoggerConfig, WandbMode, log_report, table
@@ -185,7 +185,7 @@ def evaluate_model(cfg: EvaluateConfig, out: Path) -> dict:
         )
         report["music"]["repairs"] = sum(p.repairs for p in pieces)
     if cfg.infill.bars:
-        check_trained_for_infilling(tokenizer, meta, cfg.checkpoint)
+        check_infillable(tokenizer, f"infill.bars={cfg.infill.bars}", meta)
         log.info(
             "filling %d bars in %d pieces of %s", cfg.infill.bars, cfg.infill.max_pieces, cfg.split
         )

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from data_pipeline.tokenizer import MusicTokenizer
+from mtrain.exported.logits_agreement import logits_gap
 from mtrain.model import GPT, NORM_EPS, GPTConfig
 
 # Every tokenizer artifact's special ids: generate() then pads and stops as mtrain's does.
@@ -181,11 +182,12 @@ def save_hf(model: GPT, output: Path, inputs: torch.Tensor, tolerance: float) ->
     ours = model.eval()(inputs).logits
     model.train(was_training)
     theirs = loaded(inputs, attention_mask=torch.ones_like(inputs)).logits
-    diff = (theirs - ours).abs().max().item() if theirs.shape == ours.shape else float("inf")
-    if not diff <= tolerance:  # NaN fails too
+    gap = logits_gap(theirs, ours, tolerance)
+    if not gap.agrees:
         raise RuntimeError(
-            f"{output} ({type(loaded).__name__}) gives logits {diff:.2e} away from the model's "
-            f"own on the probe batch (tolerance {tolerance:.2e}): the mapping onto transformers "
-            "is wrong for this model shape, or this transformers version computes otherwise"
+            f"{output} ({type(loaded).__name__}) gives logits {gap.max_abs_diff:.2e} away from "
+            f"the model's own on the probe batch (tolerance {tolerance:.2e}): the mapping onto "
+            "transformers is wrong for this model shape, or this transformers version computes "
+            "otherwise"
         )
-    return diff
+    return gap.max_abs_diff

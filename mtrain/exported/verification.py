@@ -5,6 +5,7 @@ from typing import NamedTuple
 
 import torch
 
+from mtrain.exported.logits_agreement import logits_gap
 from mtrain.model import GPT
 from mtrain.runs.run_dir import CheckpointDir
 
@@ -22,6 +23,7 @@ class ProbeCheck(NamedTuple):
     max_abs_diff: float
     dtype: str
     tolerance: float
+    agrees: bool
 
 
 def probe_tolerance(dtype: torch.dtype, reference: torch.Tensor) -> float:
@@ -52,10 +54,8 @@ def probe_check(model: GPT, probe: dict) -> ProbeCheck:
         }
         logits = torch.func.functional_call(model, cast, (probe["inputs"],)).logits.float()
     reference = probe["logits"].float()
-    if logits.shape != reference.shape:
-        return ProbeCheck(float("inf"), name, probe_tolerance(dtype, reference))
-    diff = (logits - reference).abs().max().item()
-    return ProbeCheck(diff, name, probe_tolerance(dtype, reference))
+    gap = logits_gap(logits, reference, probe_tolerance(dtype, reference))
+    return ProbeCheck(gap.max_abs_diff, name, gap.tolerance, gap.agrees)
 
 
 def verify_against_probe(model: GPT, ckpt: CheckpointDir) -> ProbeCheck:
@@ -63,7 +63,7 @@ def verify_against_probe(model: GPT, ckpt: CheckpointDir) -> ProbeCheck:
     time on a fixed batch, computed in the engine's dtype: within ``FP32_TOLERANCE`` for fp32,
     within a few ulps of the logits' scale for bf16/fp16."""
     check = probe_check(model, torch.load(ckpt.probe, weights_only=True))
-    if not check.max_abs_diff <= check.tolerance:  # NaN fails too
+    if not check.agrees:
         raise RuntimeError(
             f"the weights merged from {ckpt.path} give logits {check.max_abs_diff:.2e} away "
             f"from the training engine's on the probe batch (computed in {check.dtype}, "

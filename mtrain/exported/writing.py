@@ -13,6 +13,7 @@ from safetensors.torch import save_model
 
 from data_pipeline.errors import InputError
 from data_pipeline.storage import make_readable
+from mtrain.data.fill_in_middle import trained_infill_rate
 from mtrain.exported.transformers_format import hf_architecture, save_hf
 from mtrain.exported.verification import FP32_TOLERANCE, verify_against_probe
 from mtrain.model import GPT, GPTConfig
@@ -115,6 +116,8 @@ def export_verified(found: CheckpointDir, output: Path) -> Path:
         "verified_logits_tolerance": verified.tolerance,
         "hf_architecture": hf_architecture(model_cfg),
         "hf_logits_max_abs_diff": hf_diff,
+        # Checked before filling bars: an export may be used where its run directory is not.
+        "data": {"infill_rate": trained_infill_rate(run.train_config)},
     }
     (output / CONFIG).write_text(json.dumps(meta, indent=2))
     log.info(

@@ -1,6 +1,5 @@
 """Composing pieces: prompts continued in batches, each decoded to a valid score with its stats."""
 
-import dataclasses
 from dataclasses import dataclass
 from itertools import takewhile
 
@@ -12,7 +11,7 @@ from mtrain.evaluation.music_metrics import compute_all
 from mtrain.generation.decoding import Stop, decode
 from mtrain.generation.prompts import banned_for, clip_score
 from mtrain.generation.repair import to_midi
-from mtrain.generation.sampling import SamplingConfig
+from mtrain.generation.sampling import SamplingConfig, seeded_batches
 from mtrain.generation.timeline import Timeline, time_events
 from mtrain.model import GPT
 
@@ -80,19 +79,16 @@ def compose(
     max_seconds: float | None = None,
 ) -> list[GeneratedPiece]:
     """``count`` pieces continuing ``prompt`` (model ids starting with BOS), drawn
-    ``batch_size`` at a time; batch b draws with seed ``sampling.seed + b`` so that any batch
-    size gives reproducible music. Each piece (prompt included) ends at EOS, after
-    ``sampling.max_new_tokens`` new tokens, or as soon as it reaches ``max_bars`` bars or
-    ``max_seconds`` seconds: sampling stops there, and the score is cut to that length."""
-    if count < 1 or batch_size < 1:
-        raise ValueError(f"num_samples={count} and batch_size={batch_size} must be >= 1")
+    ``batch_size`` at a time, seeded as ``seeded_batches`` says. Each piece (prompt included)
+    ends at EOS, after ``sampling.max_new_tokens`` new tokens, or as soon as it reaches
+    ``max_bars`` bars or ``max_seconds`` seconds: sampling stops there, and the score is cut to
+    that length."""
+    batches = seeded_batches(count, batch_size, sampling)
     banned = banned_for(tokenizer, prompt)
     limited = max_bars is not None or max_seconds is not None
     events = time_events(tokenizer) if limited else {}
     pieces = []
-    for batch, start in enumerate(range(0, count, batch_size)):
-        rows = min(batch_size, count - start)
-        seeded = dataclasses.replace(sampling, seed=sampling.seed + batch)
+    for rows, seeded in batches:
         meters = [Timeline(tokenizer, events, max_bars, max_seconds) for _ in range(rows)]
         for new in decode(
             model,

@@ -2,39 +2,27 @@
 starts outside those bars kept note-for-note.
 
 The model reads the nearest bars on either side that fit its context (as it was trained, see
-``mtrain.data.infilling``) and writes the middle bars; the new notes are then spliced into a copy of
-the input score, so nothing outside the gap passes through the tokenizer's quantization.
+``mtrain.data.fill_in_middle``) and writes the middle bars; the new notes are then spliced into a
+copy of the input score, so nothing outside the gap passes through the tokenizer's quantization.
 """
 
 import dataclasses
-import logging
 import re
 from dataclasses import dataclass
 from itertools import islice
-from pathlib import Path
 
 import numpy as np
 import symusic
-from omegaconf import OmegaConf
 
 from data_pipeline.errors import InputError
 from data_pipeline.midi_file import barline_ticks
-from data_pipeline.tokenizer import MusicTokenizer
-from mtrain.data.infilling import (
-    FRAME_TOKENS,
-    infill_document,
-    joined,
-    nearest_context,
-    split_bars,
-)
+from data_pipeline.tokenizer import FRAME_TOKENS, MusicTokenizer, join_bars
 from mtrain.generation.compose import GeneratedPiece
 from mtrain.generation.decoding import decode
 from mtrain.generation.repair import to_midi
-from mtrain.generation.sampling import SamplingConfig
+from mtrain.generation.sampling import SamplingConfig, seeded_batches
 from mtrain.model import GPT
-from mtrain.runs.run_dir import RunDir
 
-log = logging.getLogger(__name__)
 BAR_RANGE = re.compile(r"bars:(\d+)(?:-(\d+))?")
 BAR_RANGE_FORMAT = "bars:FIRST-LAST, counted from 1 (e.g. bars:9-12)"
 
@@ -59,34 +47,6 @@ class BarRange:
         return f"bars:{self.first}-{self.last}"
 
 
-def trained_infill_rate(meta: dict) -> float | None:
-    """``data.infill_rate`` of the run an exported model comes from (0 for runs from before the
-    key), or None when that run's config is not at hand."""
-    config = RunDir(Path(meta["checkpoint"]).parent.parent).train_config
-    if not config.exists():
-        return None
-    return float(OmegaConf.load(config).get("data", {}).get("infill_rate", 0.0))
-
-
-def check_trained_for_infilling(tokenizer: MusicTokenizer, meta: dict, checkpoint: str) -> None:
-    """Refuses a model that never saw an infilling document: its tokenizer has no infilling
-    tokens, or its run recorded ``data.infill_rate=0``."""
-    fix = "train one with data.infill_rate=0.5 (or fine-tune this one with init_from=)"
-    if tokenizer.infill_ids is None or tokenizer.bar_id is None:
-        raise InputError(
-            f"checkpoint={checkpoint} cannot fill bars: its tokenizer has no infilling tokens "
-            f"or no Bar tokens; {fix} on a dataset prepared again with REMI"
-        )
-    rate = trained_infill_rate(meta)
-    if rate == 0:
-        raise InputError(
-            f"checkpoint={checkpoint} was trained with data.infill_rate=0 and never learned to "
-            f"fill bars; {fix}"
-        )
-    if rate is None:
-        log.warning("no training config of %s: assuming it learned to fill bars", checkpoint)
-
-
 def gap_ticks(score: symusic.Score, tokenizer: MusicTokenizer, gap: BarRange) -> tuple[int, int]:
     """[start, end) in ticks of the bars ``gap`` of ``score``, as the tokenizer's Bar tokens
     cut it: through the time signatures when it reads them, else in 4/4 (MidiTok's default)."""
@@ -101,6 +61,24 @@ def without_time_signatures(score: symusic.Score) -> symusic.Score:
     score = score.copy()
     score.time_signatures.clear()
     return score
+
+
+def nearest_context(lengths: list[int], first: int, stop: int, budget: int) -> tuple[int, int]:
+    """Bars [start, end) around the gap [first, stop) of bars ``lengths`` tokens long: the bars
+    nearest the gap on either side, taken from the side with fewer tokens so far, while they fit
+    ``budget`` tokens (the gap's own bars not counted). A whole piece that fits is all of it."""
+    start, end, before, after = first, stop, 0, 0
+    while True:
+        sides = [(before, "before"), (after, "after")]
+        for _, side in sorted(sides):
+            if side == "before" and start > 0 and before + after + lengths[start - 1] <= budget:
+                start, before = start - 1, before + lengths[start - 1]
+                break
+            if side == "after" and end < len(lengths) and before + after + lengths[end] <= budget:
+                end, after = end + 1, after + lengths[end]
+                break
+        else:
+            return start, end
 
 
 @dataclass
@@ -125,7 +103,7 @@ def infill_request(
     """The prompt to fill ``gap`` of ``score``: the nearest bars around it that fit the context
     next to room for the middle (half as much again as the bars it replaces); refused in one line
     when the gap lies outside the piece or the room alone exceeds the context."""
-    bars = split_bars(tokenizer, tokenizer.midi_to_base_ids(score.copy()))
+    bars = tokenizer.split_bars(tokenizer.midi_to_base_ids(score.copy()))
     if gap.last > len(bars):
         raise InputError(
             f"infill={gap}: the prompt has {len(bars)} bars; give a range within bars:1-{len(bars)}"
@@ -139,8 +117,8 @@ def infill_request(
             f"context of {max_seq_len} leaves beside them; fill fewer bars"
         )
     start, end = nearest_context(lengths, gap.first - 1, gap.last, budget)
-    prompt = infill_document(
-        tokenizer, labels, joined(bars[start : gap.first - 1]), joined(bars[gap.last : end])
+    prompt = tokenizer.infill_document(
+        labels, join_bars(bars[start : gap.first - 1]), join_bars(bars[gap.last : end])
     )
     return InfillRequest(score, bars, gap, prompt.tolist(), (start, end), room)
 
@@ -161,7 +139,7 @@ def splice(
     middle = tokenizer.decode_base([i for i in new_ids if i != tokenizer.infill_ids.end])
     if not len(middle) or middle[0] != tokenizer.bar_id:
         middle = np.concatenate([[tokenizer.bar_id], middle])
-    prefix = joined(request.bars[: request.gap.first - 1])
+    prefix = join_bars(request.bars[: request.gap.first - 1])
     written, repairs = to_midi(tokenizer, tokenizer.encode_base(np.concatenate([prefix, middle])))
     (start, end), (w_start, w_end) = (
         gap_ticks(request.score, tokenizer, request.gap),
@@ -197,17 +175,15 @@ def infill(
     sampling: SamplingConfig,
     batch_size: int = 4,
 ) -> list[GeneratedPiece]:
-    """``count`` fillings of ``request``'s gap, drawn ``batch_size`` at a time (batch b with
-    seed ``sampling.seed + b``, as ``compose`` draws)."""
+    """``count`` fillings of ``request``'s gap, drawn ``batch_size`` at a time, seeded as
+    ``seeded_batches`` says."""
     banned, stop = banned_while_filling(tokenizer), tokenizer.infill_ids.end
     # A middle twice the room is far past the gap's end, where notes are dropped: stop there.
     sampling = dataclasses.replace(
         sampling, max_new_tokens=min(sampling.max_new_tokens, 2 * request.room)
     )
     pieces = []
-    for batch, first in enumerate(range(0, count, batch_size)):
-        rows = min(batch_size, count - first)
-        seeded = dataclasses.replace(sampling, seed=sampling.seed + batch)
+    for rows, seeded in seeded_batches(count, batch_size, sampling):
         # The whole prompt is the head: past the context the window slides over the middle
         # and keeps both sides of the gap.
         prompts, head = [request.prompt] * rows, len(request.prompt)

@@ -19,15 +19,10 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from data_pipeline.errors import require
+from mtrain.data.fill_in_middle import check_infillable
 from mtrain.exported.loading import load_for_inference
 from mtrain.generation.compose import DEFAULT_MIN_P, compose
-from mtrain.generation.infill import (
-    BAR_RANGE_FORMAT,
-    BarRange,
-    check_trained_for_infilling,
-    infill,
-    infill_request,
-)
+from mtrain.generation.infill import BAR_RANGE_FORMAT, BarRange, infill, infill_request
 from mtrain.generation.prompts import (
     build_prompt,
     parse_labels,
@@ -141,7 +136,7 @@ def generate_samples(cfg: GenerateConfig, overrides: list[str] = ()) -> dict:
     model, meta, tokenizer, model_dir = load_for_inference(cfg.checkpoint, cfg.device)
     labels = parse_labels(cfg.label)
     if cfg.infill:
-        check_trained_for_infilling(tokenizer, meta, cfg.checkpoint)
+        check_infillable(tokenizer, f"infill={cfg.infill}", meta)
         validate_labels(tokenizer, labels)
         gap = BarRange.parse(cfg.infill)
         request = infill_request(

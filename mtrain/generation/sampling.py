@@ -1,6 +1,7 @@
 """Choosing the next token from a model's logits: repetition penalty, temperature, top-k,
 top-p and min-p, drawn from a seeded generator so that a seed always gives the same music."""
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -39,6 +40,20 @@ class SamplingConfig:
                 (self.max_new_tokens >= 0, "max_new_tokens", "must be >= 0"),
             ],
         )
+
+
+def seeded_batches(
+    count: int, batch_size: int, sampling: SamplingConfig
+) -> list[tuple[int, SamplingConfig]]:
+    """The rows and the sampling of each batch that draws ``count`` pieces ``batch_size`` at a
+    time: batch b draws with seed ``sampling.seed + b``, so that a seed and a batch size always
+    give the same pieces."""
+    if count < 1 or batch_size < 1:
+        raise ValueError(f"num_samples={count} and batch_size={batch_size} must be >= 1")
+    return [
+        (min(batch_size, count - first), dataclasses.replace(sampling, seed=sampling.seed + batch))
+        for batch, first in enumerate(range(0, count, batch_size))
+    ]
 
 
 class Sampler:

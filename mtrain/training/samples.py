@@ -9,7 +9,6 @@ step's collective, instead of gathering each layer again for every generated tok
 
 import json
 import logging
-import math
 import time
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 
 from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.evaluation.music_metrics import METRICS
+from mtrain.evaluation.reports import measure, summarize
 from mtrain.generation.compose import DEFAULT_MIN_P, compose
 from mtrain.generation.render import RenderConfig, Renderer, wandb_media
 from mtrain.generation.sampling import SamplingConfig
@@ -69,18 +69,15 @@ class TrainingSamples:
         stats = [piece.stats() for piece in pieces]
         rows = [{"ids": piece.ids, **row} for piece, row in zip(pieces, stats, strict=True)]
         (folder / "samples.json").write_text(json.dumps(rows))
-        # An empty piece is a failure, counted, and left out of the musical metrics (its pitch
-        # counts of 0 would drag their means down while its NaNs left others untouched).
-        heard = [s for s in stats if s["notes"] > 0]
         found = {
-            f"samples/{key}": float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
+            f"samples/{key}": float(np.mean([s[key] for s in stats]))
             for key, value in stats[0].items()
-            if isinstance(value, int | float)  # not what stopped it
-            for values in [
-                np.array([s[key] for s in (heard if key in METRICS else stats)], dtype=np.float64)
-            ]
+            if isinstance(value, int | float) and key not in METRICS  # not what stopped it
         }
-        found["samples/empty_rate"] = 1 - len(heard) / len(stats)
+        # The musical metrics and the empty rate as an evaluation counts them.
+        measured = measure({f"sample-{i}": piece.score for i, piece in enumerate(pieces)}, folder)
+        found |= {f"samples/{key}": row["mean"] for key, row in summarize(measured).items()}
+        found["samples/empty_rate"] = measured.empty_rate
         found["samples/seconds_spent"] = time.perf_counter() - started
         log.info(
             "step %d: %d samples in %s (%.1f s; %.0f notes, %.1f repairs on average)",
