@@ -27,10 +27,9 @@ from mtrain.training.checkpointer import (
     damage,
     latest_intact,
     load_trainer_state,
-    rng_state,
-    set_rng_state,
 )
 from mtrain.training.monitor import StepTimer
+from mtrain.training.rng_state import rng_state, set_rng_state
 from mtrain.training.step_components import drop_metrics_after
 from mtrain.training.trainer import NonFiniteLoss, OptimizerStep, say_log_file_failures_once
 

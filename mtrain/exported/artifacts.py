@@ -33,7 +33,7 @@ from data_pipeline.storage import make_readable
 from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.exported.transformers_format import hf_architecture, save_hf
 from mtrain.model import GPT, GPTConfig
-from mtrain.runs.run_dir import COMPLETE_CHECKPOINTS, CheckpointDir, RunDir
+from mtrain.runs.run_dir import COMPLETE_CHECKPOINTS, CheckpointDir, RunDir, model_shape
 from mtrain.training.checkpointer import damage, latest_intact
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def export(ckpt_path: Path, output: Path) -> Path:
 def export_verified(found: CheckpointDir, output: Path) -> Path:
     """Exports ``found``, a checkpoint ``resolve_checkpoint`` has checked, to ``output``."""
     ckpt, run = found.path, found.run
-    model_cfg = GPTConfig(**json.loads(run.model_config.read_text()))
+    model_cfg = GPTConfig(**model_shape(json.loads(run.model_config.read_text())))
     model = GPT(model_cfg)
     model.load_state_dict(consolidated_state_dict(ckpt), strict=True)
     output.mkdir(parents=True, exist_ok=True)
@@ -205,7 +205,7 @@ def load_exported(path: str | Path) -> tuple[GPT, dict]:
             f"`python -m mtrain.export checkpoint=<run_dir> output={path}`"
         )
     meta = json.loads((path / CONFIG).read_text())
-    model = GPT(GPTConfig(**meta["model"]))
+    model = GPT(GPTConfig(**model_shape(meta["model"])))
     load_model(model, str(path / WEIGHTS))
     return model.eval(), meta
 

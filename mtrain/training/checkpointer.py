@@ -22,24 +22,26 @@ import gc
 import io
 import json
 import logging
-import random
 import shutil
 import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from data_pipeline.errors import InputError
 from mtrain.distributed import collectives
-from mtrain.runs.run_dir import CheckpointDir, RunDir
-from mtrain.training.engine import seed_everything
-
-if TYPE_CHECKING:
-    from mtrain.training.config import TrainerConfig
+from mtrain.runs.run_dir import CheckpointDir, RunDir, model_shape
+from mtrain.training.config import TrainerConfig
+from mtrain.training.rng_state import (
+    PICKLED_RNG_TYPES,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,6 @@ log = logging.getLogger(__name__)
 CHUNK = 8 << 20
 # Steps after a resume during which a non-finite loss names the resumed checkpoint a suspect.
 SUSPECT_STEPS = 10
-# What trainer states saved before they were stored as plain lists hold: numpy's RNG state.
-_OLD_RNG_TYPES = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
 
 
 class DiskFull(InputError):
@@ -166,36 +166,10 @@ def size_of(ckpt: CheckpointDir) -> int:
     return sum(p.stat().st_size for p in ckpt.path.rglob("*") if p.is_file())
 
 
-def rng_state() -> dict:
-    """Every RNG's state as lists, ints and tensors (``torch.load(weights_only=True)`` reads
-    them)."""
-    version, keys, gauss = random.getstate()
-    name, np_keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": [version, list(keys), gauss],
-        "numpy": [name, torch.from_numpy(np_keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restores ``rng_state()`` (or the tuples older checkpoints hold)."""
-    version, keys, gauss = state["python"]
-    random.setstate((version, tuple(keys), gauss))
-    name, np_keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(np_keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def load_trainer_state(path: Path) -> dict:
     """A rank's trainer state, unpickled only as plain data (numpy's RNG types allowed for
     checkpoints saved before the state was stored as lists)."""
-    with torch.serialization.safe_globals(_OLD_RNG_TYPES):
+    with torch.serialization.safe_globals(PICKLED_RNG_TYPES):
         return torch.load(path, weights_only=True)
 
 
@@ -234,7 +208,7 @@ class Checkpointer:
         self,
         engine,
         run: RunDir,
-        cfg: "TrainerConfig",
+        cfg: TrainerConfig,
         probe_shape: tuple[int, int],
         state: Callable[[], tuple[dict, dict]],
     ):
@@ -472,7 +446,7 @@ def check_resumable(run: RunDir, model: dict, tokenizer_hash: str) -> bool:
         return False
     problems = []
     if run.model_config.exists():
-        saved = json.loads(run.model_config.read_text())
+        saved = model_shape(json.loads(run.model_config.read_text()))
         ours = json.loads(json.dumps(model))
         for key in sorted(set(saved) | set(ours)):
             if saved.get(key) != ours.get(key):
