@@ -82,7 +82,7 @@ def entry_point(
                 if type(handler) is logging.StreamHandler:
                     handler.setLevel(logging.WARNING)
         try:
-            # Hydra lets "+model.compile=true" through, and to_object drops it unsaid.
+            # Hydra lets "+section.key=value" add a key the schema lacks; to_object drops it unsaid.
             for old in moved:
                 if OmegaConf.select(raw, old) is not None:
                     raise ConfigError(moved_keys_said(f"full_key: {old}", moved))

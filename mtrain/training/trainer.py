@@ -20,13 +20,7 @@ from mtrain.runs.run_dir import RunDir
 from mtrain.runs.tracking import Tracker
 from mtrain.training.checkpointer import SUSPECT_STEPS, Checkpointer, check_resumable
 from mtrain.training.config import TrainConfig, plan_batch
-from mtrain.training.engine import (
-    as_float,
-    batch_loss,
-    build_engine,
-    engine_config,
-    new_model,
-)
+from mtrain.training.engine import as_float, batch_loss, build_engine, engine_config, new_model
 from mtrain.training.grad_sync import OverlappedAllReduce, take_gradient_reduction
 from mtrain.training.monitor import StepTimer, ThroughputMonitor
 from mtrain.training.samples import TrainingSamples
@@ -232,8 +226,8 @@ class Trainer:
     def _start(self, device: torch.device) -> tuple[list[StepComponent], Tracker | None]:
         """Writes what export needs, builds the model (fresh, or the exported one ``init_from``
         names) and its engine, resumes, and builds the components in the order they run after
-        a step: validation and samples add metrics the report shows;
-        a preemption saves and stops before a regular save would."""
+        a step: validation and samples add metrics the report shows; a preemption saves and
+        stops before a regular save would."""
         cfg, t, main = self.cfg, self.cfg.trainer, self.place.is_main
         self.run_dir.root.mkdir(parents=True, exist_ok=True)
         say_log_file_failures_once()
