@@ -42,7 +42,7 @@ def train(dataset: str, out: Path, model: str, stage: int, compiled: bool, a) ->
             f"run_dir={run_dir}",
             f"model={model}",
             f"model.max_seq_len={a.seq}",
-            f"model.compile={str(compiled).lower()}",
+            f"trainer.compile={str(compiled).lower()}",
             "deepspeed=zero3",
             f"deepspeed.zero_stage={stage}",
             "deepspeed.precision=bf16",

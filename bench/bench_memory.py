@@ -101,8 +101,8 @@ def run_measured(cmd: list[str], guard_bytes: float, log: Path) -> tuple[int, Pe
 def train_command(dataset: str, run_dir: Path, model: str, steps: int, extra: list[str]):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
             "-m", "mtrain.train", f"data.path={dataset}", f"run_dir={run_dir}", f"model={model}",
-            "deepspeed=cpu", f"model.max_seq_len={SEQ_LEN}", "model.activation_checkpointing=true",
-            "trainer.micro_batch_size=1", f"trainer.global_batch_tokens={2 * SEQ_LEN}",
+            "deepspeed=cpu", f"model.max_seq_len={SEQ_LEN}", "trainer.micro_batch_size=1",
+            "trainer.activation_checkpointing=true", f"trainer.global_batch_tokens={2 * SEQ_LEN}",
             f"trainer.max_steps={steps}", f"trainer.save_every={steps}", "trainer.eval_every=0",
             "trainer.log_every=1", "optim.warmup_steps=1", "data.num_workers=1",
             # A step of gpt_760m on one core per rank takes minutes, and so does a save.
@@ -117,11 +117,11 @@ def planned(dataset: str, model: str, extra: list[str]) -> float:
         OmegaConf.from_dotlist([x.removeprefix("model.") for x in extra if x.startswith("model.")]),
     )
     cfg = GPTConfig(**OmegaConf.to_container(shape), vocab_size=vocab)
-    cfg = replace(cfg, max_seq_len=SEQ_LEN, activation_checkpointing=True)
+    cfg = replace(cfg, max_seq_len=SEQ_LEN)
     precision = next((x.split("=")[1] for x in extra if x.startswith("deepspeed.precision=")),
                      "fp32")  # fmt: skip
     ds = DeepSpeedConfig(precision=Precision(precision), param_persistence_threshold=0)
-    return estimate(Layout(cfg, ds, 1, 2)).total
+    return estimate(Layout(cfg, ds, 1, 2, activation_checkpointing=True)).total
 
 
 def step_times(run_dir: Path) -> list[float]:

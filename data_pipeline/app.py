@@ -7,6 +7,7 @@ naming it and the fix, from rank 0 only, with exit code 2 (the input, not the pr
 import io
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -20,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data_pipeline.errors import InputError
+from data_pipeline.errors import ConfigError, InputError
 
 # The one conf/ tree every app reads (an absolute path: Hydra resolves a relative one against
 # the module that defines the task function, which is this one, not the app's).
@@ -55,13 +56,18 @@ def quiet_third_parties() -> None:
 
 
 def entry_point(
-    config_name: str, schema: type, body: Callable[[Any, list[str]], int | None]
+    config_name: str,
+    schema: type,
+    body: Callable[[Any, list[str]], int | None],
+    moved: dict[str, str] | None = None,
 ) -> Callable[[], None]:
     """The ``main`` of an app: composes ``conf/<config_name>.yaml`` onto ``schema``, builds the
     typed config (its ``__post_init__`` checks run here) and calls ``body(cfg, overrides)``,
     whose return value is the exit code. An input error ends the process with one line and
-    ``EXIT_INPUT``; only rank 0 says it."""
+    ``EXIT_INPUT``; only rank 0 says it. ``moved`` maps keys the schema no longer has to where
+    they are now: a config or override still setting one is refused naming the new key."""
     ConfigStore.instance().store(name=f"{config_name}_schema", node=schema)
+    moved = moved or {}
     started = False
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
@@ -76,6 +82,10 @@ def entry_point(
                 if type(handler) is logging.StreamHandler:
                     handler.setLevel(logging.WARNING)
         try:
+            # Hydra lets "+section.key=value" add a key the schema lacks; to_object drops it unsaid.
+            for old in moved:
+                if OmegaConf.select(raw, old) is not None:
+                    raise ConfigError(moved_keys_said(f"full_key: {old}", moved))
             cfg = OmegaConf.to_object(raw)
             code = body(cfg, list(HydraConfig.get().overrides.task))
         except (*INPUT_ERRORS, OmegaConfBaseException) as exc:
@@ -92,12 +102,23 @@ def entry_point(
         except SystemExit as exc:
             sys.stderr = sys.__stderr__
             if not started and exc.code not in (0, None):
-                refuse(held.getvalue())
+                refuse(moved_keys_said(held.getvalue(), moved))
             if not started and rank() == 0:  # --help, --cfg and the like: said as Hydra says it
                 sys.stderr.write(held.getvalue())
             raise
 
     return main
+
+
+def moved_keys_said(report: str, moved: dict[str, str]) -> str:
+    """A report of an unknown key (Hydra's ``full_key: ...``), led by where that key is now
+    when it is one that moved."""
+    notes = [
+        f"{old} is no longer a key: set {new} instead"
+        for old, new in moved.items()
+        if re.search(rf"^\s*full_key: {re.escape(old)}$", report, flags=re.MULTILINE)
+    ]
+    return "\n".join([*notes, report])
 
 
 def refuse(message: str) -> None:

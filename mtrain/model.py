@@ -16,8 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from data_pipeline.errors import require
-
 POSITIONALS = ("rope", "learned")
 # The block's norm and MLP: GPT-2's LayerNorm and GELU MLP, or Llama's RMSNorm and SwiGLU MLP.
 BLOCKS = ("gpt2", "llama")
@@ -29,7 +27,9 @@ SWIGLU_MULTIPLE = 64
 
 @dataclass
 class GPTConfig:
-    """The model's shape and initialisation: the keys of conf/model/*.yaml."""
+    """The model's shape and initialisation, all that fixes its weights: the keys of
+    conf/model/*.yaml. How a run computes them (activation checkpointing, compile) is the
+    trainer's (``trainer.*``)."""
 
     # Set at run time from the tokenizer artifact; a model cannot be built while it is 0.
     vocab_size: int = 0
@@ -46,11 +46,6 @@ class GPTConfig:
     positional: str = "rope"
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
-    # Recompute each block's activations in the backward pass: less memory, ~1/3 more compute.
-    activation_checkpointing: bool = False
-    # torch.compile the model inside the DeepSpeed engine (engine.compile(), in place: no
-    # "_orig_mod." in checkpoints); the first step waits for the compiler (minutes on a CPU).
-    compile: bool = False
     init_std: float = 0.02
 
     @property
@@ -66,43 +61,35 @@ class GPTConfig:
         return 4 * self.d_model
 
     def __post_init__(self):
-        sizes_ok = min(self.n_layer, self.n_head, self.d_model, self.max_seq_len) >= 1
-        whole_heads = sizes_ok and self.d_model % self.n_head == 0
-        at_least_1 = "must be at least 1"
-        require(
-            self,
-            "model",
-            [
-                (self.vocab_size >= 0, "vocab_size", "must be 0 (set from the tokenizer) or more"),
-                (self.n_layer >= 1, "n_layer", at_least_1),
-                (self.n_head >= 1, "n_head", at_least_1),
-                (self.d_model >= 1, "d_model", at_least_1),
-                (self.max_seq_len >= 1, "max_seq_len", at_least_1),
-                (
-                    whole_heads or not sizes_ok,
-                    "d_model",
-                    f"is not divisible by model.n_head={self.n_head}",
-                ),
-                (
-                    self.positional in POSITIONALS,
-                    "positional",
-                    f"is not one of {', '.join(POSITIONALS)}",
-                ),
-                (self.block in BLOCKS, "block", f"is not one of {', '.join(BLOCKS)}"),
-                (
-                    self.block != "llama" or self.positional == "rope",
-                    "block",
-                    "is Llama's, whose positions are rotary: set model.positional=rope, or "
-                    "model.block=gpt2 for learned positions",
-                ),
-                (
-                    not whole_heads or self.positional != "rope" or self.head_dim % 2 == 0,
-                    "positional",
-                    "rotates pairs of channels: the head size "
-                    f"d_model/n_head={self.d_model // max(self.n_head, 1)} must be even",
-                ),
-            ],
-        )
+        """Plain ValueErrors naming ``model.<key>``: the app runner reports them as input
+        errors. The first problem found is said."""
+        if self.vocab_size < 0:
+            raise ValueError(
+                f"model.vocab_size={self.vocab_size} must be 0 (set from the tokenizer) or more"
+            )
+        for key in ("n_layer", "n_head", "d_model", "max_seq_len"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"model.{key}={getattr(self, key)} must be at least 1")
+        if self.d_model % self.n_head:
+            raise ValueError(
+                f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}"
+            )
+        if self.positional not in POSITIONALS:
+            raise ValueError(
+                f"model.positional={self.positional!r} is not one of {', '.join(POSITIONALS)}"
+            )
+        if self.block not in BLOCKS:
+            raise ValueError(f"model.block={self.block!r} is not one of {', '.join(BLOCKS)}")
+        if self.block == "llama" and self.positional != "rope":
+            raise ValueError(
+                "model.block='llama' is Llama's, whose positions are rotary: set "
+                "model.positional=rope, or model.block=gpt2 for learned positions"
+            )
+        if self.positional == "rope" and self.head_dim % 2:
+            raise ValueError(
+                "model.positional='rope' rotates pairs of channels: the head size "
+                f"d_model/n_head={self.head_dim} must be even"
+            )
 
     def with_vocab(self, vocab_size: int) -> "GPTConfig":
         """This shape with the tokenizer's vocabulary size (checked again)."""
@@ -274,12 +261,14 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        require(
-            config,
-            "model",
-            [(config.vocab_size >= 1, "vocab_size", "must be set from the tokenizer first")],
-        )
+        if config.vocab_size < 1:
+            raise ValueError(
+                f"model.vocab_size={config.vocab_size} must be set from the tokenizer first"
+            )
         self.config = config
+        # Recompute each block's activations in the backward pass: less memory, about a third
+        # more compute. A run-time switch (trainer.activation_checkpointing), not the shape.
+        self.activation_checkpointing = False
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.wpe = None
         if config.positional == "learned":
@@ -364,7 +353,7 @@ class GPT(nn.Module):
         x = self.drop(x)
         for block in itertools.islice(self.blocks, depth):
             # Not with a cache: recomputing a block in the backward pass would append twice.
-            if self.config.activation_checkpointing and self.training and kv_cache is None:
+            if self.activation_checkpointing and self.training and kv_cache is None:
                 x = checkpoint(block, x, rope, use_reentrant=False)
             else:
                 x = block(x, rope, kv_cache)

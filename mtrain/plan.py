@@ -27,6 +27,8 @@ class PlanConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     world_size: int = 1
     micro_batch_size: int = 8
+    # Recompute each block's activations in the backward pass (trainer.activation_checkpointing).
+    activation_checkpointing: bool = False
     # Tokens per sequence; model.max_seq_len when not given.
     seq_len: int | None = None
     # The tokenizer's vocabulary (a prepared dataset's card says it); REMI on Bach has ~520.
@@ -55,7 +57,14 @@ def run(cfg: PlanConfig, _overrides: list[str]) -> None:
     model = replace(cfg.model, vocab_size=cfg.vocab_size)
     if cfg.seq_len is not None:
         model = replace(model, max_seq_len=cfg.seq_len)
-    layout = Layout(model, cfg.deepspeed, cfg.micro_batch_size, cfg.world_size, cfg.device)
+    layout = Layout(
+        model,
+        cfg.deepspeed,
+        cfg.micro_batch_size,
+        cfg.world_size,
+        cfg.device,
+        cfg.activation_checkpointing,
+    )
     if cfg.device_memory_gb is None:
         budget, where = device_memory(cfg.device, cfg.ranks_per_node or cfg.world_size)
     else:
@@ -77,7 +86,9 @@ def run(cfg: PlanConfig, _overrides: list[str]) -> None:
         print(line)
 
 
-main = entry_point("plan", PlanConfig, run)
+main = entry_point(
+    "plan", PlanConfig, run, moved={"model.activation_checkpointing": "activation_checkpointing"}
+)
 
 if __name__ == "__main__":
     main()

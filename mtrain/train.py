@@ -9,7 +9,7 @@ from data_pipeline.errors import InputError
 from mtrain.data.loader import StreamingData
 from mtrain.distributed import collectives, host_memory
 from mtrain.runs.lock import RunLock, refuse_on_every_rank
-from mtrain.training.config import TrainConfig
+from mtrain.training.config import MOVED_KEYS, TrainConfig
 from mtrain.training.memory_plan import check_fits, training_layout
 from mtrain.training.trainer import Trainer
 
@@ -42,7 +42,7 @@ def run(cfg: TrainConfig, overrides: list[str]) -> int:
         lock.release()
 
 
-main = entry_point("train", TrainConfig, run)
+main = entry_point("train", TrainConfig, run, moved=MOVED_KEYS)
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from mtrain.distributed import collectives
 from mtrain.training.config import TrainConfig, batch_sizes
-from mtrain.training.engine import build_engine
+from mtrain.training.engine import build_engine, engine_config, new_model
 from mtrain.training.grad_sync import take_gradient_reduction
 from mtrain.training.monitor import StepTimer
 from mtrain.training.trainer import OptimizerStep
@@ -45,7 +45,8 @@ def main(stage: int, precision: str, port: str, run_dir: str) -> None:
     )
     cfg.deepspeed.param_persistence_threshold = 0
     sizes = batch_sizes(cfg, place.world_size)
-    engine, _ = build_engine(cfg, sizes, place.rank)
+    ds_config = engine_config(cfg, sizes)
+    engine, _ = build_engine(cfg, new_model(cfg, ds_config), ds_config, place.rank)
     poisoned = [False]
     forward = engine.module.forward
 

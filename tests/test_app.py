@@ -1,10 +1,9 @@
 """The one app runner: every entry point turns a bad input into one line and exit code 2."""
 
-import ast
 import os
 
 import pytest
-from conftest import REPO, run_module
+from conftest import run_module
 
 from data_pipeline.app import EXIT_INPUT, one_line
 
@@ -70,36 +69,3 @@ def test_other_ranks_stay_quiet(tmp_path):
     )
     assert proc.returncode == EXIT_INPUT
     assert error_lines(proc.stderr) == []
-
-
-APPS = {
-    "data_pipeline.prepare",
-    "data_pipeline.merge",
-    "mtrain.train",
-    "mtrain.export",
-    "mtrain.evaluate",
-    "mtrain.generate",
-    "mtrain.embed",
-}
-
-
-def imports_of(path) -> set[str]:
-    tree = ast.parse(path.read_text())
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
-    return found
-
-
-def test_no_module_imports_an_app_and_data_flows_one_way():
-    for package in ("data_pipeline", "mtrain"):
-        for path in sorted((REPO / package).rglob("*.py")):
-            imported = imports_of(path)
-            assert not imported & APPS, f"{path} imports the app(s) {imported & APPS}"
-            if package == "data_pipeline":
-                # Shards are made without the trainer: no torch, nothing of mtrain.
-                upstream = {m for m in imported if m.split(".")[0] in ("mtrain", "torch")}
-                assert not upstream, f"{path} imports {upstream}"

@@ -297,7 +297,8 @@ def test_mfu():
 
 def test_activation_checkpointing_recomputes_blocks_with_the_same_gradients():
     def gradients(checkpointing: bool) -> tuple[dict, int]:
-        model = build(tiny(dropout=0.1, activation_checkpointing=checkpointing)).train()
+        model = build(tiny(dropout=0.1)).train()
+        model.activation_checkpointing = checkpointing
         calls = []
         model.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
         torch.manual_seed(3)  # the same dropout masks, which the recomputation must replay
@@ -354,13 +355,13 @@ def test_decoding_linear_equals_nn_linear(rows, bias):
 
 @pytest.mark.slow
 def test_compiled_training_has_the_eager_losses_and_plain_parameter_names(bach_dataset, tmp_path):
-    """model.compile=true: DeepSpeed's engine.compile() (inductor) gives the eager losses step
+    """trainer.compile=true: DeepSpeed's engine.compile() (inductor) gives the eager losses step
     by step, and its checkpoint and export name parameters as the model does, with no
     "_orig_mod." of a torch.compile wrapper; the Llama block exports as LlamaForCausalLM."""
     shape = ["model.block=llama", "deepspeed.zero_stage=0", "trainer.max_steps=3"]
     runs = {"eager": tmp_path / "eager", "compiled": tmp_path / "compiled"}
     for name, run_dir in runs.items():
-        extra = ["model.compile=true"] if name == "compiled" else []
+        extra = ["trainer.compile=true"] if name == "compiled" else []
         # torchrun for one rank: a free port of its own, beside other trainings
         proc = launch(train_args(bach_dataset, run_dir, *shape, *extra), ranks=1, torchrun=True)
         out, _ = proc.communicate(timeout=600)

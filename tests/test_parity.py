@@ -13,7 +13,7 @@ from mtrain.data.loader import StreamingData
 from mtrain.exported.transformers_format import to_hf
 from mtrain.model import GPT
 from mtrain.training.config import TrainConfig, batch_sizes
-from mtrain.training.engine import seed_everything
+from mtrain.training.rng_state import seed_everything
 from mtrain.training.schedule import lr_multiplier
 
 pytestmark = pytest.mark.slow

@@ -29,13 +29,13 @@ from mtrain.training.memory_plan import (
 )
 
 # gpt_760m's shape, as conf/model/gpt_760m.yaml has it, at the length the issue trains.
-GPT_760M = GPTConfig(vocab_size=521, n_layer=24, n_head=16, d_model=1536, max_seq_len=128,
-                     activation_checkpointing=True)  # fmt: skip
+GPT_760M = GPTConfig(vocab_size=521, n_layer=24, n_head=16, d_model=1536, max_seq_len=128)
 FP32_ZERO3 = DeepSpeedConfig(zero_stage=3, precision=Precision.fp32)
 
 
 def layout(**change) -> Layout:
-    return replace(Layout(GPT_760M, FP32_ZERO3, micro_batch_size=1, world_size=2), **change)
+    base = Layout(GPT_760M, FP32_ZERO3, 1, world_size=2, activation_checkpointing=True)
+    return replace(base, **change)
 
 
 def test_model_shape_counts_the_gpt_exactly():
@@ -132,7 +132,7 @@ def test_a_rank_gone_with_memory_exhausted_is_named_killed_for_memory(tmp_path, 
 @pytest.mark.slow
 def test_plan_app_says_what_fits():
     out = run_module("mtrain.plan", "model=gpt_760m", "deepspeed=cpu", "world_size=2",
-                     "micro_batch_size=1", "seq_len=128", "model.activation_checkpointing=true",
+                     "micro_batch_size=1", "seq_len=128", "activation_checkpointing=true",
                      "vocab_size=521", "device_memory_gb=8").stdout  # fmt: skip
     assert "680M parameters" in out and "does not fit: " in out, out
     assert "4 ranks" in out and "with DeepSpeed's default buckets" in out

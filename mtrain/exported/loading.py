@@ -12,6 +12,7 @@ from data_pipeline.reader import load_card
 from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.exported.writing import CONFIG, TOKENIZER, WEIGHTS, exported_model_dir
 from mtrain.model import GPT, GPTConfig
+from mtrain.runs.run_dir import model_shape
 
 
 def load_exported(path: str | Path) -> tuple[GPT, dict]:
@@ -23,7 +24,7 @@ def load_exported(path: str | Path) -> tuple[GPT, dict]:
             f"`python -m mtrain.export checkpoint=<run_dir> output={path}`"
         )
     meta = json.loads((path / CONFIG).read_text())
-    model = GPT(GPTConfig(**meta["model"]))
+    model = GPT(GPTConfig(**model_shape(meta["model"])))
     load_model(model, str(path / WEIGHTS))
     return model.eval(), meta
 

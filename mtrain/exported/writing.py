@@ -18,7 +18,7 @@ from mtrain.exported.transformers_format import hf_architecture, save_hf
 from mtrain.exported.verification import FP32_TOLERANCE, verify_against_probe
 from mtrain.model import GPT, GPTConfig
 from mtrain.runs.checkpoint_files import damage, latest_intact
-from mtrain.runs.run_dir import COMPLETE_CHECKPOINTS, CheckpointDir, RunDir
+from mtrain.runs.run_dir import COMPLETE_CHECKPOINTS, CheckpointDir, RunDir, model_shape
 
 log = logging.getLogger(__name__)
 # An exported model directory's contents.
@@ -91,7 +91,7 @@ def export_verified(found: CheckpointDir, output: Path) -> Path:
     training engine saved with the checkpoint, and ``hf/``, loaded back, against the merged
     weights."""
     ckpt, run = found.path, found.run
-    model_cfg = GPTConfig(**json.loads(run.model_config.read_text()))
+    model_cfg = GPTConfig(**model_shape(json.loads(run.model_config.read_text())))
     model = GPT(model_cfg)
     model.load_state_dict(consolidated_state_dict(ckpt), strict=True)
     output.mkdir(parents=True, exist_ok=True)

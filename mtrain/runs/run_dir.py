@@ -14,6 +14,15 @@ _STEP, _CHECKPOINTS, _MARKER = "step_", "checkpoints", "COMPLETE"
 # Where a run directory's complete checkpoints are, in words for messages.
 COMPLETE_CHECKPOINTS = f"{_CHECKPOINTS}/{_STEP}*/{_MARKER}"
 _STEP_NAME = re.compile(rf"{_STEP}\d{{8}}")
+# Run-time knobs that model_config.json (and an export's config.json, which copies it) held
+# beside the model's shape while they were model keys: no part of the shape, dropped when read.
+_RUN_TIME_KNOBS = ("activation_checkpointing", "compile")
+
+
+def model_shape(recorded: dict) -> dict:
+    """The model shape a ``model_config.json`` (or an export's config) records, without the
+    run-time knobs older ones hold beside it: those runs still resume, those exports load."""
+    return {key: value for key, value in recorded.items() if key not in _RUN_TIME_KNOBS}
 
 
 def _step_name(step: int) -> str:

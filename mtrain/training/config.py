@@ -15,6 +15,12 @@ from mtrain.model import GPTConfig
 from mtrain.runs.tracking import LoggerConfig
 
 AT_LEAST_1 = "must be at least 1"
+# Keys of the model's shape that became the trainer's run-time knobs: a config or override
+# still setting one is refused, naming where it is now.
+MOVED_KEYS = {
+    "model.activation_checkpointing": "trainer.activation_checkpointing",
+    "model.compile": "trainer.compile",
+}
 
 
 class Schedule(Enum):
@@ -119,6 +125,13 @@ class TrainerConfig:
     # Seconds without a heartbeat after which another job's lock on the run directory is
     # taken over (its holder is presumed dead; the heartbeat is refreshed every tenth of it).
     lock_stale_s: float = 300.0
+    # How the model is computed, not what it is (no weight changes, so a restart may switch
+    # them): recompute each block's activations in the backward pass (less memory, about a
+    # third more compute), and torch.compile the model inside the DeepSpeed engine
+    # (engine.compile(), in place: no "_orig_mod." in checkpoints; the first step waits for
+    # the compiler, minutes on a CPU).
+    activation_checkpointing: bool = False
+    compile: bool = False
 
     def __post_init__(self):
         require(

@@ -1,14 +1,12 @@
 """The DeepSpeed engine a run trains: built from the typed configs, and what it holds.
 
-The model stays plain PyTorch (``mtrain.model``); the engine wraps it with ZeRO, mixed
-precision, AdamW and the learning-rate schedule.
+The model stays plain PyTorch (``mtrain.model``); the trainer builds it, and the engine wraps it
+with ZeRO, mixed precision, AdamW and the learning-rate schedule, and the run-time knobs.
 """
 
 import logging
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from mtrain.distributed import heartbeats
@@ -16,34 +14,37 @@ from mtrain.model import GPT
 from mtrain.training.config import BatchSizes, TrainConfig
 from mtrain.training.deepspeed_config import deepspeed_config
 from mtrain.training.memory_plan import ModelShape
+from mtrain.training.rng_state import seed_everything
 from mtrain.training.schedule import lr_multiplier
 
 # The name the trainer's lines have always had in logs, whichever module says them.
 log = logging.getLogger("mtrain.train")
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def engine_config(cfg: TrainConfig, sizes: BatchSizes) -> dict:
+    """DeepSpeed's config of the run: its ZeRO stage, precision, optimizer and batch, with
+    buckets sized to the model."""
+    return deepspeed_config(cfg.deepspeed, cfg.optim, sizes, ModelShape.of(cfg.model))
 
 
-def build_engine(cfg: TrainConfig, sizes: BatchSizes, rank: int):
-    """(engine, lr scheduler) of a fresh model, or of the exported one ``cfg.init_from`` names;
-    the process group must exist."""
+def new_model(cfg: TrainConfig, ds_config: dict) -> GPT:
+    """A freshly initialised model, the same on every rank; built already partitioned
+    (``deepspeed.zero.Init``) under ZeRO-3 with ``deepspeed.zero_init``."""
     import deepspeed
 
-    seed_everything(cfg.trainer.seed)  # same initial weights on every rank
-    ds_config = deepspeed_config(cfg.deepspeed, cfg.optim, sizes, ModelShape.of(cfg.model))
+    seed_everything(cfg.trainer.seed)
     if cfg.deepspeed.zero_init and cfg.deepspeed.zero_stage == 3:
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            model = GPT(cfg.model)
-    else:
-        model = GPT(cfg.model)
-    if cfg.init_from:
-        from mtrain.exported.loading import load_weights
+            return GPT(cfg.model)
+    return GPT(cfg.model)
 
-        load_weights(model, cfg.init_from)
+
+def build_engine(cfg: TrainConfig, model: GPT, ds_config: dict, rank: int):
+    """(engine, lr scheduler) training ``model``, with the trainer's run-time knobs applied to
+    it (activation checkpointing, compile); the process group must exist."""
+    import deepspeed
+
+    model.activation_checkpointing = cfg.trainer.activation_checkpointing
     max_steps = cfg.trainer.max_steps
 
     def schedule(optimizer):
@@ -57,7 +58,7 @@ def build_engine(cfg: TrainConfig, sizes: BatchSizes, rank: int):
         config=ds_config,
         lr_scheduler=schedule,
     )
-    if cfg.model.compile:
+    if cfg.trainer.compile:
         # In place (nn.Module.compile, not a wrapper): parameter names, hence checkpoints and
         # exports, keep no "_orig_mod." prefix. The graphs are compiled at the first step.
         engine.compile()
@@ -68,6 +69,11 @@ def build_engine(cfg: TrainConfig, sizes: BatchSizes, rank: int):
         local,
         total,
         100 * local / total,
+    )
+    log.info(
+        "activation checkpointing %s, torch.compile %s",
+        "on" if model.activation_checkpointing else "off",
+        "on" if cfg.trainer.compile else "off",
     )
     seed_everything(cfg.trainer.seed + rank)  # different dropout per rank
     # A thread keeps <run>/heartbeat/rank<r> fresh; batch_loss records the step reached. A rank

@@ -117,6 +117,7 @@ class Layout:
     micro_batch_size: int
     world_size: int
     device: str = "cpu"  # "cpu" or "cuda"
+    activation_checkpointing: bool = False
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ def activation_bytes(shape: ModelShape, layout: Layout, p: int) -> float:
     gradient come on top."""
     tokens = layout.micro_batch_size * layout.model.max_seq_len
     per_block = tokens * (17 * shape.d_model + 2 * shape.n_head * layout.model.max_seq_len) * p
-    if layout.model.activation_checkpointing:
+    if layout.activation_checkpointing:
         blocks = shape.n_layer * tokens * shape.d_model * p + 2 * per_block
     else:
         blocks = shape.n_layer * per_block
@@ -243,12 +244,13 @@ def fastest_fitting_stage(layout: Layout, device_bytes: float) -> int | None:
 def remedies(layout: Layout, device_bytes: float) -> list[str]:
     """Overrides that each alone make ``layout`` fit, cheapest for throughput first, each with
     its estimate."""
-    ds, model = layout.deepspeed, layout.model
+    ds = layout.deepspeed
     changes = [(f"deepspeed.zero_stage={s}", {"deepspeed": replace(ds, zero_stage=s)})
                for s in range(ds.zero_stage + 1, 4)]  # fmt: skip
-    if not model.activation_checkpointing:
-        checkpointed = replace(model, activation_checkpointing=True)
-        changes.append(("model.activation_checkpointing=true", {"model": checkpointed}))
+    if not layout.activation_checkpointing:
+        changes.append(
+            ("trainer.activation_checkpointing=true", {"activation_checkpointing": True})
+        )
     for micro in sorted({layout.micro_batch_size // 2, 1}, reverse=True):
         if 1 <= micro < layout.micro_batch_size:
             changes.append((f"trainer.micro_batch_size={micro}", {"micro_batch_size": micro}))
@@ -307,4 +309,7 @@ def check_fits(layout: Layout) -> Verdict:
 def training_layout(cfg: TrainConfig, world_size: int) -> Layout:
     """The layout of a training on this machine."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return Layout(cfg.model, cfg.deepspeed, cfg.trainer.micro_batch_size, world_size, device)
+    t = cfg.trainer
+    return Layout(
+        cfg.model, cfg.deepspeed, t.micro_batch_size, world_size, device, t.activation_checkpointing
+    )

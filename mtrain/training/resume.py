@@ -17,9 +17,8 @@ import torch
 from data_pipeline.errors import InputError
 from mtrain.distributed import collectives
 from mtrain.runs.checkpoint_files import latest_complete, latest_intact, world_size_of
-from mtrain.runs.run_dir import CheckpointDir, RunDir
-from mtrain.training.engine import seed_everything
-from mtrain.training.rng_state import _OLD_RNG_TYPES, set_rng_state
+from mtrain.runs.run_dir import CheckpointDir, RunDir, model_shape
+from mtrain.training.rng_state import PICKLED_RNG_TYPES, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +151,7 @@ def convert_to_universal(ckpt: CheckpointDir, universal: Path) -> str | None:
 def load_trainer_state(path: Path) -> dict:
     """A rank's trainer state, unpickled only as plain data (numpy's RNG types allowed for
     checkpoints saved before the state was stored as lists)."""
-    with torch.serialization.safe_globals(_OLD_RNG_TYPES):
+    with torch.serialization.safe_globals(PICKLED_RNG_TYPES):
         return torch.load(path, weights_only=True)
 
 
@@ -167,7 +166,7 @@ def check_resumable(run: RunDir, model: dict, tokenizer_hash: str) -> bool:
         return False
     problems = []
     if run.model_config.exists():
-        saved = json.loads(run.model_config.read_text())
+        saved = model_shape(json.loads(run.model_config.read_text()))
         ours = json.loads(json.dumps(model))
         for key in sorted(set(saved) | set(ours)):
             if saved.get(key) != ours.get(key):

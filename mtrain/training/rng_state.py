@@ -1,12 +1,20 @@
-"""Every random number generator's state (Python, numpy, torch, CUDA), as a checkpoint keeps it."""
+"""Every random number generator a run draws from (Python's, numpy's, torch's CPU and CUDA
+ones): seeded together, and their state saved and restored with a checkpoint."""
 
 import random
 
 import numpy as np
 import torch
 
-# What trainer states saved before they were stored as plain lists hold: numpy's RNG state.
-_OLD_RNG_TYPES = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+# What trainer states saved before the RNG state was stored as plain lists hold: numpy's RNG
+# state as numpy objects, allowed through ``torch.load(weights_only=True)`` and nothing more.
+PICKLED_RNG_TYPES = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def rng_state() -> dict:

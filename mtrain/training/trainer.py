@@ -15,11 +15,12 @@ from omegaconf import OmegaConf
 
 from mtrain.data.loader import StreamingData
 from mtrain.distributed import collectives, heartbeats
+from mtrain.exported.loading import load_weights
 from mtrain.runs.run_dir import RunDir
 from mtrain.runs.tracking import Tracker
 from mtrain.training.checkpointer import Checkpointer
 from mtrain.training.config import TrainConfig, batch_sizes
-from mtrain.training.engine import as_float, batch_loss, build_engine
+from mtrain.training.engine import as_float, batch_loss, build_engine, engine_config, new_model
 from mtrain.training.grad_sync import OverlappedAllReduce, take_gradient_reduction
 from mtrain.training.monitor import StepTimer, ThroughputMonitor
 from mtrain.training.resume import check_resumable
@@ -227,9 +228,10 @@ class Trainer:
 
     # ---- set-up ----------------------------------------------------------------------------
     def _start(self, device: torch.device) -> tuple[list[StepComponent], Tracker | None]:
-        """Writes what export needs, builds the engine, resumes, and builds the components in
-        the order they run after a step: validation and samples add metrics the report shows;
-        a preemption saves and stops before a regular save would."""
+        """Writes what export needs, builds the model (fresh, or the exported one ``init_from``
+        names) and its engine, resumes, and builds the components in the order they run after
+        a step: validation and samples add metrics the report shows; a preemption saves and
+        stops before a regular save would."""
         cfg, t, main = self.cfg, self.cfg.trainer, self.place.is_main
         self.run_dir.root.mkdir(parents=True, exist_ok=True)
         say_log_file_failures_once()
@@ -238,7 +240,11 @@ class Trainer:
             # resumed run's are this run's already: check_resumable compared them).
             self.run_dir.model_config.write_text(json.dumps(dataclasses.asdict(cfg.model)))
             self.data.tokenizer.save(str(self.run_dir.tokenizer))
-        engine, self.scheduler = build_engine(cfg, self.batch_sizes, self.place.rank)
+        ds_config = engine_config(cfg, self.batch_sizes)
+        model = new_model(cfg, ds_config)
+        if cfg.init_from:  # fine-tuning: the exported weights replace the fresh ones
+            load_weights(model, cfg.init_from)
+        engine, self.scheduler = build_engine(cfg, model, ds_config, self.place.rank)
         self.stepper = OptimizerStep(
             engine,
             device,
