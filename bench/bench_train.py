@@ -118,10 +118,12 @@ def peer(dataset: str, shape: str, kind: str, steps: int) -> None:
     if kept:
         keep_freed_memory()
 
+    from data_pipeline.launch import placement_from_env
     from mtrain.data.loader import DataConfig, StreamingData
     from mtrain.model import GPT, GPTConfig
 
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    place = placement_from_env()
+    rank, world = place.rank, place.world_size
     if world > 1:
         dist.init_process_group("gloo")
     data = StreamingData(DataConfig(path=dataset, num_workers=1), SEQ, MICRO, rank, world)

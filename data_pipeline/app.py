@@ -6,7 +6,6 @@ naming it and the fix, from rank 0 only, with exit code 2 (the input, not the pr
 
 import io
 import logging
-import os
 import re
 import sys
 import time
@@ -22,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.errors import ConfigError, InputError
+from data_pipeline.launch import placement_from_env
 
 # The one conf/ tree every app reads (an absolute path: Hydra resolves a relative one against
 # the module that defines the task function, which is this one, not the app's).
@@ -41,10 +41,10 @@ OTHER_RANKS_WAIT_S = 3.0
 log = logging.getLogger(__name__)
 
 
-def rank() -> int:
-    """This process's rank as the launcher set it (torchrun, srun, submitit), before any
-    process group exists."""
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+def config_dict(cfg: Any) -> dict:
+    """A typed config as plain data (enums by name, interpolations resolved): what runs record
+    in their cards, reports and wandb."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
 
 
 def quiet_third_parties() -> None:
@@ -76,7 +76,7 @@ def entry_point(
         started = True
         sys.stderr = sys.__stderr__
         quiet_third_parties()  # again: Hydra has just configured logging
-        if rank() != 0:
+        if placement_from_env().rank != 0:
             # Other ranks log to their own file in full, to the console only what is off.
             for handler in logging.getLogger().handlers:
                 if type(handler) is logging.StreamHandler:
@@ -103,7 +103,8 @@ def entry_point(
             sys.stderr = sys.__stderr__
             if not started and exc.code not in (0, None):
                 refuse(moved_keys_said(held.getvalue(), moved))
-            if not started and rank() == 0:  # --help, --cfg and the like: said as Hydra says it
+            # --help, --cfg and the like: said as Hydra says it.
+            if not started and placement_from_env().rank == 0:
                 sys.stderr.write(held.getvalue())
             raise
 
@@ -126,7 +127,7 @@ def refuse(message: str) -> None:
     does with its own lines); the other ranks, which met the same input, note it in their log
     file and give rank 0 a moment, so that a launcher stopping the job at the first exit
     reports rank 0's line as the root cause."""
-    if rank() == 0:
+    if placement_from_env().rank == 0:
         print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
     else:
         log.info("input error (rank 0 reports it): %s", message)

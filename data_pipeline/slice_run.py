@@ -13,10 +13,10 @@ import tempfile
 import time
 from collections import Counter
 
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from data_pipeline import storage
+from data_pipeline.app import config_dict
 from data_pipeline.config import PrepareConfig
 from data_pipeline.manifest import SPLITS, ManifestRow, content_hash, slice_of, split_of
 from data_pipeline.piece import (
@@ -232,7 +232,7 @@ def _slice_card(
             "duration_s": round(counts["duration_s"], 3),
             "shards": shards[split],
         }
-    config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
+    config = config_dict(cfg)
     files = tally.files
     return {
         "slice": {"index": cfg.slice_index, "count": cfg.num_slices},

@@ -319,6 +319,10 @@ class GPT(nn.Module):
             )
         return ModelOutput(logits, loss)
 
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
     def hidden_states(self, idx: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """The hidden states [batch, time, d_model] of ``idx`` after block ``layer``, indexed
         like a Python list (-1 is the last block; None means the last). The last block's pass

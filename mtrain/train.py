@@ -6,6 +6,7 @@ before any process group starts. The loop is ``mtrain.training.trainer.Trainer``
 
 from data_pipeline.app import entry_point
 from data_pipeline.errors import InputError
+from data_pipeline.launch import placement_from_env
 from mtrain.data.loader import StreamingData
 from mtrain.distributed import collectives, host_memory
 from mtrain.runs.lock import RunLock, refuse_on_every_rank
@@ -15,7 +16,7 @@ from mtrain.training.trainer import Trainer
 
 
 def run(cfg: TrainConfig, overrides: list[str]) -> int:
-    place = collectives.placement_from_env()
+    place = placement_from_env()
     # Before any process group exists: every rank fails fast on the same input error.
     data = StreamingData(
         cfg.data, cfg.model.max_seq_len, cfg.trainer.micro_batch_size, place.rank, place.world_size

@@ -16,6 +16,7 @@ import tempfile
 import torch
 from omegaconf import OmegaConf
 
+from data_pipeline.launch import placement_from_env
 from mtrain.distributed import collectives
 from mtrain.training.config import TrainConfig, batch_sizes
 from mtrain.training.engine import build_engine, engine_config, new_model
@@ -27,7 +28,7 @@ from mtrain.training.trainer import OptimizerStep
 def main(stage: int, precision: str, port: str, run_dir: str) -> None:
     if "RANK" not in os.environ:  # not under torchrun: one rank
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1")
-    place = collectives.placement_from_env()
+    place = placement_from_env()
     collectives.init(place, 120)
     shape = {"vocab_size": 50, "n_layer": 1, "n_head": 2, "d_model": 16, "max_seq_len": 8}
     cfg = OmegaConf.to_object(

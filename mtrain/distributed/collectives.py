@@ -1,40 +1,15 @@
-"""Ranks from the launcher's environment and the process group DeepSpeed trains over.
-
-Works under ``torchrun``, the ``deepspeed`` launcher and ``srun`` (one task per device): each
-sets RANK/WORLD_SIZE/LOCAL_RANK, or Slurm's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID.
-"""
+"""The process group DeepSpeed trains over (started from ``data_pipeline.launch``'s placement),
+and the few collectives the trainer calls itself; each works without a group as one rank."""
 
 import os
 import subprocess
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from data_pipeline.launch import Placement
 from mtrain.distributed import processes
-
-
-@dataclass(frozen=True)
-class Placement:
-    rank: int
-    world_size: int
-    local_rank: int
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def placement_from_env() -> Placement:
-    env = os.environ
-    if "RANK" in env:
-        return Placement(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return Placement(
-            int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-        )
-    return Placement(0, 1, 0)
 
 
 def _first_node() -> str | None:
@@ -119,6 +94,7 @@ def sum_over_ranks(values: list[torch.Tensor | float]) -> list[float]:
 
 
 def world_size() -> int:
+    """The number of ranks in the process group (1 without one)."""
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
@@ -138,11 +114,6 @@ def barrier() -> None:
 def group_rank() -> int:
     """This process's rank in the process group (0 without one)."""
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def group_size() -> int:
-    """The number of ranks in the process group (1 without one)."""
-    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def gather_objects(obj) -> list:

@@ -56,7 +56,7 @@ def middle_gap(num_bars: int, bars: int) -> BarRange | None:
 def tail_nll(model: GPT, doc: np.ndarray, count: int) -> float:
     """Nats the model gives the ``count`` tokens before the last token of ``doc``, read with
     everything before them."""
-    ids = torch.from_numpy(doc).to(model.wte.weight.device)[None]
+    ids = torch.from_numpy(doc).to(model.device)[None]
     logits = model.eval()(ids[:, :-1]).logits.float()
     nll = F.cross_entropy(logits[0], ids[0, 1:], reduction="none")
     return float(nll[-count - 1 : -1].sum())

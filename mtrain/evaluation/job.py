@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
+from data_pipeline.app import config_dict
 from data_pipeline.errors import ConfigError, require
 from data_pipeline.reader import ShardReader, split_shares
 from mtrain.data.fill_in_middle import check_infillable
@@ -248,5 +247,5 @@ def log_to_wandb(cfg: EvaluateConfig, out: Path, report: dict, overrides) -> Non
             **{f"music/plots/{name}": wandb.Image(path) for name, path in plots},
         }
 
-    config = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+    config = config_dict(cfg)
     log_report(cfg.logger, f"evaluate-{out.name}", out, config, overrides, summary, media)

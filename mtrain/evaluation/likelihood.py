@@ -88,7 +88,7 @@ def evaluate_pieces(
     length = model.config.max_seq_len
     tally = Tally()
     pending: list[tuple[np.ndarray, np.ndarray]] = []
-    device = model.wte.weight.device
+    device = model.device
 
     def flush():
         inputs = torch.from_numpy(np.stack([w[0] for w in pending]))

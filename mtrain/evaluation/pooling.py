@@ -59,7 +59,7 @@ class MeanPooler:
         inputs = torch.zeros(len(self.pending), max(len(w) for _, w in self.pending), dtype=int)
         for row, (_, window) in enumerate(self.pending):
             inputs[row, : len(window)] = torch.from_numpy(window)
-        device = self.model.wte.weight.device
+        device = self.model.device
         hidden = self.model.hidden_states(inputs.to(device), self.layer).double().cpu().numpy()
         for row, (piece, window) in enumerate(self.pending):
             self.sums[piece] += hidden[row, : len(window)].sum(axis=0)

@@ -19,6 +19,7 @@ from mtrain.exported.verification import FP32_TOLERANCE, verify_against_probe
 from mtrain.model import GPT, GPTConfig
 from mtrain.runs.checkpoint_files import damage, latest_intact
 from mtrain.runs.run_dir import COMPLETE_CHECKPOINTS, CheckpointDir, RunDir, model_shape
+from mtrain.training.flops import param_count
 
 log = logging.getLogger(__name__)
 # An exported model directory's contents.
@@ -124,7 +125,7 @@ def export_verified(found: CheckpointDir, output: Path) -> Path:
         "exported %s (step %d, %.1fM params) to %s",
         ckpt,
         meta["step"],
-        sum(p.numel() for p in model.parameters()) / 1e6,
+        param_count(model_cfg) / 1e6,
         output,
     )
     return output

@@ -87,7 +87,7 @@ def decode(
             if reached := meter.read(token):  # the prompt alone is long enough
                 ends[row], stops[row] = lengths[row], reached
                 break
-    device = model.wte.weight.device
+    device = model.device
     tokens = torch.zeros(len(prompts), max(ends), dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt)] = torch.tensor(prompt, device=device)

@@ -16,8 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
+from data_pipeline.app import config_dict
 from data_pipeline.errors import require
 from mtrain.data.fill_in_middle import check_infillable
 from mtrain.exported.loading import load_for_inference
@@ -158,7 +157,7 @@ def generate_samples(cfg: GenerateConfig, overrides: list[str] = ()) -> dict:
         mode_of(cfg),
         model_dir,
         meta["step"],
-        model.wte.weight.device,
+        model.device,
         len(prompt),
         length_limits(cfg),
         model.config.max_seq_len,
@@ -202,7 +201,7 @@ def generate_samples(cfg: GenerateConfig, overrides: list[str] = ()) -> dict:
         "prompt": cfg.prompt,
         "prompt_tokens": len(prompt),
         "tokens_per_s": new_tokens / elapsed,
-        "config": OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True),
+        "config": config_dict(cfg),
         "samples": rows,
         "files": [{k: str(v) for k, v in f.items()} for f in files],
     }

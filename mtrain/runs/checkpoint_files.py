@@ -47,7 +47,7 @@ def crc32(path: Path) -> str:
 def _my_share(names: list[str], sizes: list[int]) -> list[int]:
     """The indices of the files this rank checksums: the largest first, each to the rank with
     the fewest bytes so far (the same split on every rank)."""
-    me, assigned = collectives.group_rank(), [0] * collectives.group_size()
+    me, assigned = collectives.group_rank(), [0] * collectives.world_size()
     mine = []
     for i in sorted(range(len(names)), key=lambda i: (-sizes[i], names[i])):
         rank = assigned.index(min(assigned))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from mtrain.distributed import heartbeats
+from mtrain.distributed import collectives, heartbeats
 from mtrain.model import GPT
 from mtrain.training.config import BatchSizes, TrainConfig
 from mtrain.training.deepspeed_config import deepspeed_config
@@ -78,7 +78,7 @@ def build_engine(cfg: TrainConfig, model: GPT, ds_config: dict, rank: int):
     seed_everything(cfg.trainer.seed + rank)  # different dropout per rank
     # A thread keeps <run>/heartbeat/rank<r> fresh; batch_loss records the step reached. A rank
     # whose collective fails reads them to name the peer that stopped answering.
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    world = collectives.world_size()
     # Logs the suspects at 90% of the collective timeout, before NCCL's watchdog aborts.
     heartbeats.start(Path(cfg.run_dir), rank, world, stall_after_s=0.9 * cfg.deepspeed.timeout_s)
     return engine, scheduler

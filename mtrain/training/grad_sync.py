@@ -11,6 +11,7 @@ reduction (ZeRO 1-3 partition the gradients; the bf16/fp16 optimizers keep their
 import torch
 import torch.distributed as dist
 
+from mtrain.distributed import collectives
 from mtrain.training.config import DeepSpeedConfig
 
 
@@ -52,5 +53,5 @@ def take_gradient_reduction(engine, ds: DeepSpeedConfig) -> OverlappedAllReduce 
     if not ds.clips_in_trainer:
         return None
     engine.enable_backward_allreduce = False
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = collectives.world_size()
     return OverlappedAllReduce(engine.module, world) if world > 1 else None

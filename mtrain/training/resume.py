@@ -49,7 +49,7 @@ def resume_latest(engine, run: RunDir, seed: int) -> Resumed:
     if ckpt is None:
         return Resumed(None, {}, [], skipped)
     saved_by = world_size_of(ckpt)
-    if saved_by == collectives.group_size():
+    if saved_by == collectives.world_size():
         client, rank_state = load(engine, ckpt)
         return Resumed(ckpt, client, [rank_state], skipped, saved_by)
     client, conversion = load_resharded(engine, ckpt)
@@ -96,7 +96,7 @@ def load_resharded(engine, ckpt: CheckpointDir) -> tuple[dict, str]:
         failure = convert_to_universal(ckpt, universal)
     # Also the barrier: every rank waits here for rank 0's conversion.
     if (failure := collectives.from_rank_0(failure)) is not None:
-        ranks = collectives.group_size()
+        ranks = collectives.world_size()
         raise RuntimeError(f"cannot convert {ckpt.path} for {ranks} ranks: {failure}")
     converted_s = time.monotonic() - start
     # DeepSpeed reads this switch of its config at load time only; it is set for this one load.

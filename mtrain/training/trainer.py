@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from omegaconf import OmegaConf
 
+from data_pipeline.app import config_dict
 from mtrain.data.loader import StreamingData
 from mtrain.distributed import collectives, heartbeats
 from mtrain.exported.loading import load_weights
@@ -325,9 +325,7 @@ class Trainer:
         return client, {"data": self.data.state_dict()}
 
     def _tracker(self) -> Tracker:
-        config = OmegaConf.to_container(
-            OmegaConf.structured(self.cfg), resolve=True, enum_to_str=True
-        )
+        config = config_dict(self.cfg)
         tracker = Tracker(
             self.cfg.logger, self.cfg.run_name, self.run_dir, config, self.run_id, self.overrides
         )
