@@ -53,7 +53,7 @@ class GPTConfig:
         return self.d_model // self.n_head
 
     @property
-    def hidden(self) -> int:
+    def mlp_width(self) -> int:
         if self.d_ff:
             return self.d_ff
         if self.block == "llama":
@@ -146,36 +146,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x * cos + torch.cat((x2, x1), dim=-1) * sin).type_as(x)
 
 
-class Linear(nn.Linear):
-    """``nn.Linear``, faster for the handful of rows of a decoding step on CPU.
-
-    With so few rows, reading the weights is the whole cost, and MKL's fp32 GEMM reads them up
-    to 3x faster computing (W x^T)^T than x W^T; a lone row is paired with a zero row to take
-    that GEMM rather than a slower matrix-vector path. Decoding small_20m runs 1.5-1.7x faster
-    for it (bench/bench_generate.py). With gradients, or on a GPU, nn.Linear's own path runs.
-    """
-
-    FEW_ROWS = 16
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if torch.is_grad_enabled() or x.device.type != "cpu" or rows > self.FEW_ROWS:
-            return super().forward(x)
-        flat = x.reshape(rows, self.in_features)
-        if rows == 1:
-            flat = torch.cat([flat, torch.zeros_like(flat)])
-        y = (self.weight @ flat.t())[:, :rows].t().contiguous()
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*x.shape[:-1], self.out_features)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
         self.cfg, self.layer = cfg, layer
-        self.qkv = Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
-        self.proj = Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.proj.into_residual = True
 
     def forward(self, x, rope=None, kv_cache: KVCache | None = None):
@@ -212,9 +188,11 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.gate = Linear(cfg.d_model, cfg.hidden, bias=cfg.bias) if cfg.block == "llama" else None
-        self.up = Linear(cfg.d_model, cfg.hidden, bias=cfg.bias)
-        self.down = Linear(cfg.hidden, cfg.d_model, bias=cfg.bias)
+        self.gate = (
+            nn.Linear(cfg.d_model, cfg.mlp_width, bias=cfg.bias) if cfg.block == "llama" else None
+        )
+        self.up = nn.Linear(cfg.d_model, cfg.mlp_width, bias=cfg.bias)
+        self.down = nn.Linear(cfg.mlp_width, cfg.d_model, bias=cfg.bias)
         self.down.into_residual = True
 
     def forward(self, x):

@@ -15,7 +15,8 @@ from safetensors import safe_open
 
 from mtrain import model as model_module
 from mtrain.exported.writing import WEIGHTS, export
-from mtrain.model import GPT, GPTConfig, Linear
+from mtrain.generation.few_rows import FewRowLinear
+from mtrain.model import GPT, GPTConfig
 from mtrain.training import flops
 
 VOCAB = 97
@@ -172,10 +173,10 @@ def test_config_errors_name_the_key():
 
 def test_swiglu_hidden_width_holds_about_the_gelu_mlps_parameters():
     # 8/3 d_model rounded up to a multiple of 64: exactly 8/3 d for GPT-2 small's width.
-    assert tiny(d_model=768, n_head=12, block="llama").hidden == 2048
-    assert tiny(d_model=512, n_head=8, block="llama").hidden == 1408
-    assert tiny(d_model=512, n_head=8).hidden == 2048
-    assert tiny(block="llama", d_ff=100).hidden == 100
+    assert tiny(d_model=768, n_head=12, block="llama").mlp_width == 2048
+    assert tiny(d_model=512, n_head=8, block="llama").mlp_width == 1408
+    assert tiny(d_model=512, n_head=8).mlp_width == 2048
+    assert tiny(block="llama", d_ff=100).mlp_width == 100
 
 
 def test_input_and_output_embeddings_share_one_tensor():
@@ -342,10 +343,10 @@ def test_model_configs_are_gpt_configs(name):
 @pytest.mark.parametrize("rows", [1, 5, 16, 40])
 @pytest.mark.parametrize("bias", [True, False])
 def test_decoding_linear_equals_nn_linear(rows, bias):
-    """The few-row CPU path of mtrain.model.Linear (taken without gradients) computes what
-    nn.Linear does, for a lone row, a handful and more than FEW_ROWS."""
+    """The few-row CPU path of FewRowLinear (taken without gradients) computes what nn.Linear
+    does, for a lone row, a handful and more than FEW_ROWS."""
     torch.manual_seed(rows)
-    layer = Linear(48, 80, bias=bias)
+    layer = FewRowLinear(48, 80, bias=bias)
     x = torch.randn(rows, 1, 48)
     with torch.no_grad():
         fast = layer(x)

@@ -69,7 +69,7 @@ def gpt2(model: GPT):
             out[f"{dst}.{theirs}.bias"] = bias_of(f"{src}.{ours}", weight.shape[0])
     config = GPT2Config(
         vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=d,
-        n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.hidden,
+        n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.mlp_width,
         activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         layer_norm_epsilon=NORM_EPS, tie_word_embeddings=cfg.tie_embeddings, **SPECIAL_IDS,
     )  # fmt: skip
@@ -106,7 +106,7 @@ def gpt_neox(model: GPT):
             out[f"{dst}.{theirs}.bias"] = bias_of(f"{src}.{ours}", weight.shape[0])
     config = GPTNeoXConfig(
         vocab_size=cfg.vocab_size, hidden_size=d, num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head, intermediate_size=cfg.hidden, hidden_act="gelu",
+        num_attention_heads=cfg.n_head, intermediate_size=cfg.mlp_width, hidden_act="gelu",
         max_position_embeddings=cfg.max_seq_len, layer_norm_eps=NORM_EPS,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta,
                          "partial_rotary_factor": 1.0},
@@ -139,7 +139,7 @@ def llama(model: GPT):
                 for name, t in (("q", q), ("k", k), ("v", v)):
                     out[f"{dst}.self_attn.{name}_proj.{part}"] = t
     config = LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.hidden,
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_width,
         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
         num_key_value_heads=cfg.n_head, head_dim=cfg.head_dim, hidden_act="silu",
         max_position_embeddings=cfg.max_seq_len, rms_norm_eps=NORM_EPS,

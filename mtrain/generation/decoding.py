@@ -8,6 +8,7 @@ from typing import Protocol
 
 import torch
 
+from mtrain.generation.few_rows import use_few_row_linears
 from mtrain.generation.sampling import Sampler, SamplingConfig
 from mtrain.model import GPT
 
@@ -87,6 +88,7 @@ def decode(
             if reached := meter.read(token):  # the prompt alone is long enough
                 ends[row], stops[row] = lengths[row], reached
                 break
+    use_few_row_linears(model)
     device = model.device
     tokens = torch.zeros(len(prompts), max(ends), dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):

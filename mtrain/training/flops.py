@@ -33,7 +33,7 @@ def param_count(cfg: "GPTConfig", include_embeddings: bool = True) -> int:
     """Exactly the parameters ``GPT(cfg)`` holds, a tied weight once. Without embeddings it
     leaves out the lookup tables (token and learned position embeddings), not an untied
     output projection, which is a matmul."""
-    d, f, bias = cfg.d_model, cfg.hidden, int(cfg.bias)
+    d, f, bias = cfg.d_model, cfg.mlp_width, int(cfg.bias)
     llama = cfg.block == "llama"
     # A LayerNorm has a gain and (with biases) a shift; an RMSNorm a gain only.
     norm = d + d * bias * (not llama)
