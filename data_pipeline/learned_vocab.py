@@ -21,7 +21,7 @@ CHAR_OFFSET = 0x4E00
 
 
 def ids_to_text(base_ids: np.ndarray) -> str:
-    # Code points as UTF-32 bytes: 10-50x faster than joining chr() per token.
+    # Code points as UTF-32 bytes: one decode, not a chr() per token joined.
     code_points = np.asarray(base_ids, dtype=np.int64) + CHAR_OFFSET
     return code_points.astype("<u4").tobytes().decode("utf-32-le")
 
@@ -100,8 +100,8 @@ def train(
 class LearnedVocab:
     """Maps base-token arrays to learned-piece ids and back."""
 
-    # Bars encoded, kept for the next time they come (the next epoch, a repeat, another piece):
-    # at most ~75 MB (BPE) to ~125 MB (Unigram) per loader worker, measured on 80-token bars.
+    # Bars encoded, kept for the next time they come (the next epoch, a repeat, another piece);
+    # bounded so that a loader worker's cache stays around a hundred MB (bench/README.md).
     CACHED_BARS = 200_000
 
     def __init__(self, model: bytes):
@@ -112,7 +112,7 @@ class LearnedVocab:
         # Bar text -> its piece ids as int32 bytes: a piece's ids are then one bytes join.
         self._bars: dict[str, bytes] = {}
         # Insertion order, for first-in-first-out eviction in O(1): evicting a dict's first
-        # key with next(iter(...)) scans the deleted slots before it, 50-370 us at 200k bars.
+        # key with next(iter(...)) scans the deleted slots before it, slower as the cache fills.
         self._order: deque[str] = deque()
         # By bar id: which pieces open a bar, where bars may be encoded joined (_bar_openers).
         self._openers: dict[int, np.ndarray | None] = {}

@@ -140,8 +140,7 @@ def rotary(cfg: GPTConfig, start: int, length: int, device) -> tuple[torch.Tenso
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotates channel i with channel i + head_dim/2 of x [..., head_dim] by the tables of
     ``rotary`` (broadcast to x): (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), in fp32. As
-    x * cos + (x2, x1) * sin: four kernels, where the two halves apart took seven (a tenth of
-    a small model's step)."""
+    x * cos + (x2, x1) * sin: four kernels, where the two halves apart took seven."""
     x1, x2 = x.chunk(2, dim=-1)
     return (x * cos + torch.cat((x2, x1), dim=-1) * sin).type_as(x)
 

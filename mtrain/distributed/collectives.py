@@ -58,8 +58,8 @@ def init(place: Placement, timeout_s: int) -> torch.device:
     import deepspeed.ops
 
     if not on_gpu():
-        # On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce at every init (70-97 s of
-        # g++); only its inference path uses it, training talks through gloo. Marking the op
+        # On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce at every init (a minute or
+        # more of g++); only its inference path uses it, training talks through gloo. Marking the op
         # unavailable, as it is on a machine without a compiler, skips the build.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(

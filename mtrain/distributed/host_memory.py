@@ -72,14 +72,14 @@ def keep_freed_memory() -> bool:
     raises as it sees blocks freed, up to 32 MiB) are unmapped at ``free``, and the heap's top is
     trimmed once more than twice that lies free there. A training step allocates and frees the
     same activations every step (small_20m's MLP ones are 32 MiB each), so the kernel maps them
-    afresh every step: 50-300k page faults a small_20m step on a CPU, zeroed pages each, and
-    in a virtual machine the hypervisor's work too (~8 us a fault measured on a 2-core VM: up to a
-    quarter of a step). Which step pays how many depends on the order of frees, so the cost
-    also comes and goes from one run to the next.
+    afresh every step: tens of thousands of page faults a step, zeroed pages each, and in a
+    virtual machine the hypervisor's work too (bench/README.md has the counts and their cost).
+    Which step pays how many depends on the order of frees, so the cost also comes and goes
+    from one run to the next.
 
     Served from the heap and never trimmed, a step's memory is the previous step's: no page
-    faults once the first steps have reached their peak, and a peak no higher (the trainer's
-    resident peak was 2.03 GB at small_20m either way). The price: memory freed for good (a
+    faults once the first steps have reached their peak, and a resident peak no higher. The
+    price: memory freed for good (a
     loaded checkpoint's buffers) stays with the process, reused by later allocations, not
     returned; a run on a GPU keeps glibc's defaults (its activations are not host memory).
     """

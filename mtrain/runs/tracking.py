@@ -86,8 +86,8 @@ class Tracker:
             config=scrub(config),
         )
         log.info("wandb run %s (%s) in %s", run_id, cfg.mode.value, self.run.dir)
-        # wandb serialises each row and hands it to its service in the caller's thread (~0.6
-        # ms a step measured on a CPU): a thread of the tracker's does it, off the step.
+        # wandb serialises each row and hands it to its service in the caller's thread: a
+        # thread of the tracker's does it, off the step.
         self._rows: queue.SimpleQueue = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send, name="wandb-log", daemon=True)
         self._sender.start()
