@@ -21,7 +21,7 @@ from pathlib import Path
 from data_pipeline.errors import InputError
 from mtrain.distributed import collectives
 
-log = logging.getLogger("mtrain.train")
+log = logging.getLogger(__name__)
 
 
 def _slurm_job() -> str | None:

@@ -17,8 +17,7 @@ from mtrain.training.memory_plan import ModelShape
 from mtrain.training.rng_state import seed_everything
 from mtrain.training.schedule import lr_multiplier
 
-# The name the trainer's lines have always had in logs, whichever module says them.
-log = logging.getLogger("mtrain.train")
+log = logging.getLogger(__name__)
 
 
 def engine_config(cfg: TrainConfig, sizes: BatchSizes) -> dict:

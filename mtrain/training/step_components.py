@@ -24,8 +24,7 @@ from mtrain.training.config import TrainerConfig
 from mtrain.training.engine import batch_loss, state_megabytes
 from mtrain.training.monitor import ThroughputMonitor, format_eta
 
-# The name the trainer's lines have always had in logs, whichever module says them.
-log = logging.getLogger("mtrain.train")
+log = logging.getLogger(__name__)
 
 
 class StepComponent(Protocol):

@@ -35,8 +35,7 @@ from mtrain.training.step_components import (
     drop_metrics_after,
 )
 
-# The name the trainer's lines have always had in logs, whichever module says them.
-log = logging.getLogger("mtrain.train")
+log = logging.getLogger(__name__)
 
 # Steps after a resume during which a non-finite loss names the resumed checkpoint a suspect.
 SUSPECT_STEPS = 10
