@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data_pipeline.reader import shard_shares, split_shares
-from mtrain.data.loader import check_enough_pieces, stream_shares
+from mtrain.data.dealing import check_enough_pieces, stream_shares
 
 RANKS, WORKERS = 64, 4
 

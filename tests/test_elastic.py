@@ -13,7 +13,8 @@ import torch
 from conftest import REPO, losses, run, train_args
 
 from data_pipeline.reader import ShardReader, ShardShare
-from mtrain.data.loader import DataConfig, Dealing, StreamingData, TrainStream, as_ranges, in_ranges
+from mtrain.data.dealing import Dealing, as_ranges, in_ranges
+from mtrain.data.loader import DataConfig, StreamingData, TrainStream
 from mtrain.runs.run_dir import CheckpointDir, RunDir
 from mtrain.training.resume import convert_to_universal
 

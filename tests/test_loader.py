@@ -25,7 +25,8 @@ from data_pipeline.reader import (
 )
 from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.data.augmentation import Augmenter
-from mtrain.data.loader import DataConfig, StreamingData, stream_shares
+from mtrain.data.dealing import stream_shares
+from mtrain.data.loader import DataConfig, StreamingData
 
 BOS, EOS, PAD = 1, 2, 0
 
