@@ -26,7 +26,7 @@ from data_pipeline.reader import load_card
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-import midi_factory  # noqa: E402 - the tests' corpus generator
+from support import midi_factory  # noqa: E402 - the tests' corpus generator
 
 FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
 

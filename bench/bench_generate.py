@@ -8,7 +8,7 @@
    exported model given with ``--checkpoint``. Each method runs ``--repeats`` times,
    interleaved, and keeps its best; the uncached loop, minutes long, runs once.
 2. Pieces/s and notes/s of the full musical metric set (``music_metrics.compute_all``) over
-   procedural pieces (tests/midi_factory.py) and, with ``--dataset``, a prepared dataset.
+   procedural pieces (tests/support/midi_factory.py) and, with ``--dataset``, a prepared dataset.
 
     python bench/bench_generate.py
     python bench/bench_generate.py --batch 1 4 --json gen.json
@@ -261,7 +261,7 @@ def metrics_row(name: str, scores: list) -> dict:
 
 def metrics_report(args) -> dict:
     sys.path.insert(0, str(REPO / "tests"))
-    from midi_factory import piece
+    from support.midi_factory import piece
 
     from data_pipeline.midi_file import read_score
 

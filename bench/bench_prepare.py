@@ -28,7 +28,7 @@ from data_pipeline.sources import discover
 from data_pipeline.tokenizer import build_base_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import midi_factory  # the tests' corpus generator
+from support import midi_factory  # the tests' corpus generator
 
 
 def plain_loop(cfg: PrepareConfig, paths: list[str]) -> float:

@@ -1,72 +1,21 @@
-"""Resuming on another number of ranks: the data position as pieces consumed per epoch (fast,
-arithmetic only, then through the real loader), and real ZeRO-3 runs resumed 2 -> 1 -> 2 and
-2 -> 4 whose loaded weights and Adam moments equal, bit for bit, what the old ranks saved."""
+"""Resuming on another number of ranks for real: the loader over real shards repeats and skips
+no piece, and real ZeRO-3 runs resumed 2 -> 1 -> 2 and 2 -> 4 load weights and Adam moments
+equal, bit for bit, to what the old ranks saved."""
 
 import json
 import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import REPO, losses, run, train_args
+from support.apps import REPO
+from support.trainings import losses, run, train_args
 
-from data_pipeline.reader import ShardReader, ShardShare
-from mtrain.data.dealing import Dealing, as_ranges, in_ranges
+from data_pipeline.reader import ShardReader
 from mtrain.data.loader import DataConfig, StreamingData, TrainStream
 from mtrain.runs.run_dir import CheckpointDir, RunDir
 from mtrain.training.resume import convert_to_universal
-
-SHARDS = [ShardShare(f"s{i}.tar", pieces) for i, pieces in enumerate([5, 7, 3, 6, 4, 9, 2])]
-ALL = sum(s.pieces for s in SHARDS)
-
-
-def test_ranges_round_trip_and_membership():
-    numbers = np.array([9, 3, 4, 5, 11, 12, 0])
-    ranges = as_ranges(numbers)
-    assert ranges == [[0, 1], [3, 6], [9, 10], [11, 13]]
-    assert in_ranges(np.arange(14), ranges).nonzero()[0].tolist() == sorted(numbers.tolist())
-    assert as_ranges(np.zeros(0, dtype=np.int64)) == [] and not in_ranges(numbers, []).any()
-
-
-def consume(dealing: Dealing, epoch: int, stream: int, streams: int, at: dict) -> list[int]:
-    """What a stream reads of ``epoch`` up to position ``at``, in reading order."""
-    slots, size = dealing.slots(epoch, stream, streams), dealing.shuffle_buffer
-    read = []
-    for block in range(-(-len(slots) // size)):
-        pieces = slots[block * size : (block + 1) * size]
-        order = dealing.block_order(epoch, stream, block, len(pieces))
-        last = (epoch, block) == (at["epoch"], at["block"])
-        read += pieces[order[: at["done"]] if last else order].tolist()
-        if last:
-            break
-    return read
-
-
-@pytest.mark.parametrize(("old", "new"), [(2, 1), (1, 2), (2, 4), (3, 8)])
-def test_a_new_dealing_reads_each_piece_of_the_epoch_once(old, new):
-    """Old streams stop anywhere in epoch 0 (mid-block too); the position they leave, dealt
-    to another number of streams, reads every other piece of the epoch exactly once."""
-    dealing = Dealing(SHARDS, seed=3, shuffle_buffer=4, skip={})
-    rng = np.random.default_rng(old * 10 + new)
-    before, states = [], []
-    for stream in range(old):
-        slots = len(dealing.slots(0, stream, old))
-        stop = int(rng.integers(0, slots))
-        at = {"epoch": 0, "block": stop // 4, "done": stop % 4, "carry": [stream]}
-        before += consume(dealing, 0, stream, old, at)
-        states.append(at)
-    consumed = as_ranges(
-        np.concatenate([dealing.consumed(0, s, old, at) for s, at in enumerate(states)])
-    )
-    assert sorted(before) == [n for a, b in consumed for n in range(a, b)]
-    after = Dealing(SHARDS, seed=3, shuffle_buffer=4, skip={0: consumed})
-    rest = [n for s in range(new) for n in after.slots(0, s, new).tolist()]
-    assert sorted(before + rest) == list(range(ALL))
-
-
-# ---- through the real loader and real trainings -------------------------------------------
 
 
 def read_pieces(data: StreamingData, monkeypatch, batches: int | None = None) -> list:
@@ -87,7 +36,6 @@ def read_pieces(data: StreamingData, monkeypatch, batches: int | None = None) ->
     return seen
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("old", "new"), [(2, 1), (2, 3)])
 def test_the_loader_resumed_resharded_repeats_and_skips_no_piece(
     bach_dataset, monkeypatch, old, new
@@ -110,7 +58,7 @@ def test_the_loader_resumed_resharded_repeats_and_skips_no_piece(
 
 
 def elastic_args(dataset: Path, run_dir: Path, *extra: str) -> list[str]:
-    """The conftest run with micro batches of 2: 1024 tokens a step on 1, 2 or 4 ranks."""
+    """``train_args`` with micro batches of 2: 1024 tokens a step on 1, 2 or 4 ranks."""
     args = [a for a in train_args(dataset, run_dir) if not a.startswith("trainer.micro")]
     return [*args, "trainer.micro_batch_size=2", *extra]
 
@@ -139,7 +87,7 @@ def resume_on(ranks: int, source: Path, step: int, run_dir: Path, dataset: Path)
         if ckpt.path.name > f"step_{step:08d}":
             shutil.rmtree(ckpt.path)
     args = elastic_args(dataset, run_dir, "trainer.max_steps=8", "trainer.save_every=2")
-    helper = [str(REPO / "tests" / "elastic_resave.py"), f"{run_dir}.loaded", *args[2:]]
+    helper = [str(REPO / "tests" / "support" / "elastic_resave.py"), f"{run_dir}.loaded", *args[2:]]
     return train(helper, ranks)
 
 
@@ -188,7 +136,6 @@ def rows(run_dir: Path) -> dict[int, dict]:
     return {row["step"]: row for row in map(json.loads, lines)}
 
 
-@pytest.mark.slow
 def test_zero3_resumes_from_2_ranks_on_1_and_back_on_2(two_ranks, bach_dataset, tmp_path):
     one = tmp_path / "one"
     log = resume_on(1, two_ranks, 4, one, bach_dataset)
@@ -209,7 +156,6 @@ def test_zero3_resumes_from_2_ranks_on_1_and_back_on_2(two_ranks, bach_dataset, 
     assert_continues(two_ranks, two, range(7, 9))
 
 
-@pytest.mark.slow
 def test_zero3_resumes_from_2_ranks_on_4(two_ranks, bach_dataset, tmp_path):
     four = tmp_path / "four"
     log = resume_on(4, two_ranks, 4, four, bach_dataset)

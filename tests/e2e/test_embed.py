@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import symusic
 import torch
-from conftest import iter_pieces, run_module, shard_urls
+from support.apps import run_module
+from support.datasets import iter_pieces, shard_urls
 
 from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.evaluation.pooling import (
@@ -18,46 +19,9 @@ from mtrain.evaluation.pooling import (
     pitch_class_histogram,
     unit_rows,
 )
-from mtrain.evaluation.probes import cosine_spread, label_precision, unscorable
 from mtrain.exported.loading import load_exported
 
 K = 4
-
-
-def test_centring_spreads_pieces_that_share_one_direction():
-    """Mean pooling's failure mode, made up: every vector is mostly one shared direction, with
-    a small part of its own cluster's direction and noise on top."""
-    rng = np.random.default_rng(0)
-    clusters = rng.normal(size=(3, 32))
-    labels = [str(i % 3) for i in range(60)]
-    own = clusters[[int(label) for label in labels]] + rng.normal(scale=0.7, size=(60, 32))
-    pooled = 20 * rng.normal(size=32) + own
-    assert cosine_spread(unit_rows(pooled))["min"] > 0.98
-    centred = centred_unit_rows(pooled)
-    spread = cosine_spread(centred)
-    assert spread["min"] < -0.5 and abs(spread["median"]) < 0.2 and 0.5 < spread["max"] < 1
-    assert label_precision(centred, labels, K)["precision"] > 0.95
-    np.testing.assert_allclose(np.linalg.norm(centred, axis=1), 1.0, rtol=1e-5)
-
-
-@pytest.mark.parametrize(
-    ("labels", "says"),
-    [
-        (
-            {"collection=bach": 432, "composer=bach": 432},
-            "one 'collection' label, collection=bach, so no piece can be told from another by it "
-            "(no kind of label in it has two values",
-        ),
-        (
-            {"composer=bach": 3, "composer=handel": 2},
-            "no 'collection' label, so no piece can be told from another by it (label_key= "
-            "picks another kind: composer)",
-        ),
-    ],
-)
-def test_fewer_than_two_label_values_cannot_be_scored(labels, says):
-    assert says in unscorable({"labels": labels}, "collection")
-    assert unscorable({"labels": {"collection=a": 1, "collection=b": 1}}, "collection") is None
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +52,6 @@ def model_and_tokenizer(tiny_model):
     return model, MusicTokenizer.load(str(tiny_model["export"] / "tokenizer"))
 
 
-@pytest.mark.slow
 def test_rows_line_up_with_the_pieces_of_the_split(embedded, test_split, model_and_tokenizer):
     out, _ = embedded
     vectors = np.load(out / "embeddings.npy")
@@ -101,7 +64,6 @@ def test_rows_line_up_with_the_pieces_of_the_split(embedded, test_split, model_a
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
 
 
-@pytest.mark.slow
 def test_a_piece_embeds_the_same_alone_and_in_a_batch(embedded, test_split, model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     docs = [tokenizer.document({}, tokens, end=False) for tokens, _ in test_split[:3]]
@@ -122,7 +84,6 @@ def test_a_piece_embeds_the_same_alone_and_in_a_batch(embedded, test_split, mode
     np.testing.assert_allclose(expected, app_rows, atol=1e-5)
 
 
-@pytest.mark.slow
 def test_the_last_hidden_states_are_what_the_logits_are_made_from(model_and_tokenizer):
     model, _ = model_and_tokenizer
     idx = torch.randint(
@@ -140,7 +101,6 @@ def test_the_last_hidden_states_are_what_the_logits_are_made_from(model_and_toke
         model.hidden_states(idx, layer=2)
 
 
-@pytest.mark.slow
 def test_the_pitch_class_baseline_counts_pitched_notes_only(model_and_tokenizer):
     _, tokenizer = model_and_tokenizer
     score = symusic.Score(480)
@@ -154,7 +114,6 @@ def test_the_pitch_class_baseline_counts_pitched_notes_only(model_and_tokenizer)
     np.testing.assert_allclose(histogram, np.bincount([0, 4, 7, 0], minlength=12) / 4)
 
 
-@pytest.mark.slow
 def test_the_model_retrieves_its_style_better_than_chance_beside_the_baseline(embedded):
     out, stdout = embedded
     report = json.loads((out / "report.json").read_text())
@@ -178,7 +137,6 @@ def test_the_model_retrieves_its_style_better_than_chance_beside_the_baseline(em
     assert "cosines between pieces: mean-pooled" in table
 
 
-@pytest.mark.slow
 def test_a_label_without_two_values_is_named_up_front_and_nothing_is_scored(tiny_model, tmp_path):
     # The pieces' only label kind is collection: by composer, nothing can be told apart.
     proc = run_module(
@@ -200,7 +158,6 @@ def test_a_label_without_two_values_is_named_up_front_and_nothing_is_scored(tiny
     assert np.load(tmp_path / "embeddings.npy").shape[0] == report["pieces"]
 
 
-@pytest.mark.slow
 def test_a_query_lists_its_nearest_other_pieces(embedded, test_split):
     out, stdout = embedded
     query = json.loads((out / "report.json").read_text())["query"]
@@ -217,7 +174,6 @@ def test_a_query_lists_its_nearest_other_pieces(embedded, test_split):
     assert f"Nearest to {ids[2][:12]}" in stdout and ids[expected[0]][:12] in stdout
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "key"),
     [("query=ffffffffffff", "query=ffffffffffff"), ("checkpoint=/nonexistent", "checkpoint=")],

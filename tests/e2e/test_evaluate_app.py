@@ -6,11 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import run_module
+from support.apps import run_module
 
 from mtrain.evaluation.music_metrics import METRICS
-
-pytestmark = pytest.mark.slow
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
 

@@ -4,12 +4,10 @@ refused, or allowed, from the export alone; exports from before the record still
 import json
 import shutil
 
-import pytest
-from conftest import run_module
-from midi_factory import piece
+from support.apps import run_module
+from support.midi_factory import piece
 
 
-@pytest.mark.slow
 def test_an_export_alone_says_whether_its_model_learned_to_fill_bars(tiny_model, tmp_path):
     moved = tmp_path / "export"
     shutil.copytree(tiny_model["export"], moved)

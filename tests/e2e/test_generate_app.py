@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import symusic
-from conftest import run_module
+from support.apps import run_module
 
 from data_pipeline.midi_file import read_score
 from data_pipeline.tokenizer import MusicTokenizer
@@ -25,7 +25,6 @@ from mtrain.generation.render import find_soundfont
 from mtrain.generation.repair import to_midi
 from mtrain.generation.sampling import SamplingConfig
 
-pytestmark = pytest.mark.slow
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
 DUO_PROGRAMS = {73, 42}
 

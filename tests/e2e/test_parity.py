@@ -6,8 +6,8 @@ this is the check that the trainer is fast at training the same thing."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import losses, run, train_args
 from omegaconf import OmegaConf
+from support.trainings import losses, run, train_args
 
 from mtrain.data.loader import StreamingData
 from mtrain.exported.transformers_format import to_hf
@@ -16,7 +16,6 @@ from mtrain.training.config import TrainConfig, batch_sizes
 from mtrain.training.rng_state import seed_everything
 from mtrain.training.schedule import lr_multiplier
 
-pytestmark = pytest.mark.slow
 STEPS = 12
 
 

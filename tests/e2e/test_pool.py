@@ -3,7 +3,7 @@
 import time
 from itertools import count, islice
 
-from pool_tasks import square_or_misbehave
+from support.pool_tasks import square_or_misbehave
 
 from data_pipeline.pool import ResilientPool, TaskFailure
 

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import iter_pieces, run_module, shard_urls
-from midi_factory import write_bad_files, write_piece
+from support.apps import run_module
+from support.datasets import iter_pieces, shard_urls
+from support.midi_factory import write_bad_files, write_piece
 
 from data_pipeline.reader import load_card
 

@@ -5,10 +5,8 @@ launcher's tree and only those PIDs are signalled.
 """
 
 import contextlib
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,9 +15,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, kill_tree, launch, losses, train_args
-
-from mtrain.distributed import heartbeats
+from support.apps import REPO
+from support.trainings import kill_tree, launch, losses, train_args
 
 LONG = ("trainer.max_steps=100000", "trainer.save_every=100000", "data.num_workers=2")
 
@@ -80,7 +77,6 @@ def reap(proc, procs: list[psutil.Process]) -> None:
         proc.communicate(timeout=30)
 
 
-@pytest.mark.slow
 def test_killed_rank_takes_its_fork_server_and_workers(bach_dataset, tmp_path):
     run_dir = tmp_path / "run"
     proc = launch(train_args(bach_dataset, run_dir, *LONG), ranks=1, torchrun=True)
@@ -99,7 +95,6 @@ def test_killed_rank_takes_its_fork_server_and_workers(bach_dataset, tmp_path):
         reap(proc, procs)
 
 
-@pytest.mark.slow
 def test_killed_launcher_takes_its_ranks_and_everything_below(bach_dataset, tmp_path):
     run_dir = tmp_path / "run"
     proc = launch(train_args(bach_dataset, run_dir, *LONG, "data.num_workers=1"), ranks=2)
@@ -116,7 +111,6 @@ def test_killed_launcher_takes_its_ranks_and_everything_below(bach_dataset, tmp_
         reap(proc, procs)
 
 
-@pytest.mark.slow
 def test_stopped_rank_is_named_by_the_survivor(bach_dataset, tmp_path):
     run_dir = tmp_path / "run"
     proc = launch(
@@ -164,59 +158,6 @@ def _read_until(proc, text: str, timeout: float) -> str:
     return "".join(lines)
 
 
-# ---- heartbeats without processes -----------------------------------------------------------
-
-
-def test_heartbeat_names_stale_or_gone_ranks(tmp_path):
-    host = socket.gethostname()
-    me = heartbeats.Heartbeat(tmp_path, 0, interval_s=0.05)
-    me.step(7)
-    time.sleep(0.2)
-    now = time.time()
-    stale = {"rank": 1, "pid": os.getpid(), "host": "elsewhere", "step": 7, "time": now - 30}
-    heartbeats.heartbeat_path(tmp_path, 1).write_text(json.dumps(stale))
-    gone = {"rank": 2, "pid": 2**22 + 12345, "host": host, "step": 7, "time": now - 1}
-    heartbeats.heartbeat_path(tmp_path, 2).write_text(json.dumps(gone))
-    named, lines = heartbeats.suspects(tmp_path, 3, me=0)
-    assert named == [2], lines  # a process known gone first
-    heartbeats.heartbeat_path(tmp_path, 2).unlink()
-    named, lines = heartbeats.suspects(tmp_path, 3, me=0)
-    assert named == [1, 2] and "no heartbeat file" in lines[2], lines
-    behind = {**stale, "host": host, "time": time.time(), "step": 5}
-    heartbeats.heartbeat_path(tmp_path, 1).write_text(json.dumps(behind))
-    named, _ = heartbeats.suspects(tmp_path, 2, me=0)
-    assert named == [1]  # all fresh and alive: the rank behind in steps
-    assert json.loads(heartbeats.heartbeat_path(tmp_path, 0).read_text())["step"] == 7
-    me.stop()
-
-
-def test_a_stalled_rank_logs_its_suspects_once(tmp_path, caplog):
-    stale = {"rank": 1, "pid": 2**22 + 12345, "host": "elsewhere", "step": 3, "time": 0.0}
-    heartbeats.heartbeat_path(tmp_path, 1).parent.mkdir(parents=True)
-    heartbeats.heartbeat_path(tmp_path, 1).write_text(json.dumps(stale))
-    beat = heartbeats.Heartbeat(tmp_path, 0, interval_s=0.05, world_size=2, stall_after_s=0.3)
-    beat.step(4)
-    time.sleep(0.8)
-    beat.stop()
-    stalls = [r.getMessage() for r in caplog.records if "no forward for" in r.getMessage()]
-    assert len(stalls) == 1 and "suspected: rank 1" in stalls[0], stalls
-
-
-def test_only_collective_errors_are_renamed(tmp_path, monkeypatch):
-    import torch.distributed as dist
-
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "get_rank", lambda: 0)
-    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
-    heartbeats.Heartbeat(tmp_path, 0).stop()
-    not_collective = RuntimeError("1 micro batches gave a non-finite loss")
-    heartbeats.raise_naming_suspects(not_collective, tmp_path)
-    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [::1]:1")
-    with pytest.raises(heartbeats.RankStoppedAnswering, match="rank 1 stopped answering") as info:
-        heartbeats.raise_naming_suspects(gloo, tmp_path)
-    assert info.value.__cause__ is gloo and "no heartbeat file" in str(info.value)
-
-
 def test_die_with_parent_is_available_here():
     if not sys.platform.startswith("linux"):
         pytest.skip("PR_SET_PDEATHSIG is Linux only")
@@ -233,6 +174,7 @@ def test_die_with_parent_is_available_here():
     )
     child = psutil.Process(int(parent.stdout.readline()))
     time.sleep(1.0)  # the child has set its parent-death signal
+    assert alive([child]), "the child ended before its parent did"
     parent.kill()
     parent.wait()
     wait_gone([child], within=5)

@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import launch, losses, run, train_args
-
-pytestmark = pytest.mark.slow
+from support.trainings import launch, losses, run, train_args
 
 
 def scribble(path: Path) -> None:

@@ -5,11 +5,11 @@ restart with another ``model.n_layer`` is still refused, naming the key."""
 import shutil
 
 import pytest
-from conftest import losses, run, run_module, train_args
+from support.apps import run_module
+from support.trainings import losses, run, train_args
 
 from data_pipeline.app import EXIT_INPUT
 
-pytestmark = pytest.mark.slow
 STEPS = 8
 
 

@@ -6,13 +6,12 @@ import os
 import boto3
 import fsspec
 import pytest
-from conftest import iter_pieces, run_module, shard_urls
-from s3_server import SECRET, moto_server, patched_environ
+from support.apps import run_module
+from support.datasets import iter_pieces, shard_urls
+from support.s3_server import SECRET, moto_server, patched_environ
 
 from data_pipeline.reader import load_card
 from data_pipeline.tokenizer import MusicTokenizer
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

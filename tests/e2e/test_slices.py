@@ -2,12 +2,11 @@
 
 import json
 
-import pytest
-from conftest import comparable, run_module
+from support.apps import run_module
+from support.datasets import comparable
 
 from data_pipeline.reader import load_card
 
-pytestmark = pytest.mark.slow
 OPTIONS = ("shards.max_pieces=8", "tokenizer.learned.kind=bpe", "tokenizer.learned.size=600")
 
 

@@ -12,20 +12,18 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import midi_factory
 import pytest
-from conftest import REPO, comparable, run_module
+from support import midi_factory
+from support.apps import REPO, run_module
+from support.datasets import comparable
 
 from data_pipeline.reader import load_card
 from mtrain.evaluation.music_metrics import METRICS
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        shutil.which("slurmctld") is None or shutil.which("sbatch") is None,
-        reason="Slurm is not installed (apt-get install -y --no-install-recommends slurm-wlm)",
-    ),
-]
+pytestmark = pytest.mark.skipif(
+    shutil.which("slurmctld") is None or shutil.which("sbatch") is None,
+    reason="Slurm is not installed (apt-get install -y --no-install-recommends slurm-wlm)",
+)
 TRAIN = (
     "model=tiny",
     "deepspeed=cpu",

@@ -1,12 +1,11 @@
 """Sources and configs: the built-in music21 corpus, bad overrides, bad source names."""
 
-import pytest
-from conftest import iter_pieces, run_module, shard_urls
+from support.apps import run_module
+from support.datasets import iter_pieces, shard_urls
 
 from data_pipeline.reader import load_card
 
 
-@pytest.mark.slow
 def test_builtin_corpus_converts_labels_and_caches(tmp_path):
     out, cache = tmp_path / "ds", tmp_path / "cache"
     args = (

@@ -1,7 +1,6 @@
 """Object storage that fails for a while: a real S3 server (moto_server) behind a
 fault-injecting proxy of our own refuses, resets, stalls and throttles connections; reads are
-retried and resume at the right piece. Shards are checked against the card's size and
-SHA-256, and files written for others to read respect the umask."""
+retried and resume at the right piece, and a training rides out an outage."""
 
 import json
 import logging
@@ -14,17 +13,16 @@ from pathlib import Path
 
 import boto3
 import fsspec
-import numpy as np
 import pytest
 import s3fs
-from conftest import REPO, free_port, run_module
-from fault_proxy import FaultProxy
-from midi_factory import write_corpus
-from s3_server import SECRET, moto_server, patched_environ
+from support.apps import REPO, free_port, run_module
+from support.datasets import write_shards
+from support.fault_proxy import FaultProxy
+from support.midi_factory import write_corpus
+from support.s3_server import SECRET, moto_server, patched_environ
 
 from data_pipeline import retries, storage
 from data_pipeline.reader import CorruptShardError, ShardReader, shard_shares
-from data_pipeline.shards import ShardWriter
 
 BUCKET = "shards"
 
@@ -52,15 +50,6 @@ def s3(tmp_path_factory):
         finally:
             s3fs.S3FileSystem.clear_instance_cache()
             proxy.close()
-
-
-def write_shards(output: str, shards: int = 3, per_shard: int = 10) -> list[dict]:
-    rng = np.random.default_rng(0)
-    writer = ShardWriter(output, "train", 1 << 30, per_shard)
-    for i in range(shards * per_shard):
-        tokens = rng.integers(4, 300, size=int(rng.integers(500, 2500)), dtype=np.int16)
-        writer.write(f"{i:064x}", tokens, {"labels": {}, "i": i})
-    return writer.close()
 
 
 @pytest.fixture(scope="module")
@@ -153,64 +142,6 @@ def test_missing_objects_are_not_retried(s3):
     assert retries.retries_total == before and reader.retries.value == 0
 
 
-# --- shards checked against the card ---------------------------------------------------------
-
-
-@pytest.fixture
-def local_shards(tmp_path) -> tuple[Path, list[dict]]:
-    return tmp_path, write_shards(str(tmp_path), shards=2, per_shard=5)
-
-
-def test_a_shard_whose_bytes_differ_from_the_card_is_damaged(local_shards):
-    root, entries = local_shards
-    shard = root / entries[0]["name"]
-    raw = bytearray(shard.read_bytes())
-    raw[-1] ^= 0xFF  # the tar's end padding: the tar still reads whole
-    shard.write_bytes(bytes(raw))
-    skipping = ShardReader(on_corrupt="skip")
-    pieces = list(skipping.pieces(shard_shares(str(root), entries)))
-    assert len(pieces) == 10  # every piece was read (and checked) before the digest differed
-    assert skipping.corrupt.value == 1 and skipping.damaged == {str(shard)}
-    with pytest.raises(CorruptShardError, match=r"train-000000\.tar is damaged \(SHA-256"):
-        list(ShardReader().pieces(shard_shares(str(root), entries)))
-
-
-@pytest.mark.parametrize("change", ["truncated", "extended"])
-def test_a_shard_of_another_size_than_the_card_is_damaged(local_shards, change):
-    root, entries = local_shards
-    shard = root / entries[1]["name"]
-    raw = shard.read_bytes()
-    shard.write_bytes(raw[:-512] if change == "truncated" else raw + bytes(512))
-    size = len(raw) - 512 if change == "truncated" else len(raw) + 512
-    with pytest.raises(
-        CorruptShardError, match=rf"train-000001\.tar is damaged \({size} bytes, dataset.json"
-    ):
-        list(ShardReader().pieces(shard_shares(str(root), entries)))
-    skipping = ShardReader(on_corrupt="skip")
-    assert len(list(skipping.pieces(shard_shares(str(root), entries)))) == 5
-    assert skipping.corrupt.value == 1
-
-
-def test_cards_without_sizes_still_read(local_shards):
-    root, entries = local_shards
-    old = [{"name": e["name"], "pieces": e["pieces"]} for e in entries]
-    assert len(list(ShardReader().pieces(shard_shares(str(root), old)))) == 10
-
-
-# --- files for others to read --------------------------------------------------------------
-
-
-def test_shards_and_cards_respect_the_umask(tmp_path):
-    old = os.umask(0o022)
-    try:
-        entries = write_shards(str(tmp_path / "ds"), shards=1, per_shard=2)
-        storage.write_bytes(str(tmp_path / "ds" / "dataset.json"), b"{}")
-    finally:
-        os.umask(old)
-    for name in (entries[0]["name"], "dataset.json"):
-        assert (tmp_path / "ds" / name).stat().st_mode & 0o777 == 0o644, name
-
-
 # --- training through an outage --------------------------------------------------------------
 
 
@@ -263,7 +194,6 @@ def _train(run: Path, env: dict, proxy: FaultProxy | None = None) -> list[dict]:
     return [r for r in rows if "train/loss" in r]
 
 
-@pytest.mark.slow
 def test_training_rides_out_an_outage_with_the_same_loss_curve(s3, tmp_path):
     proxy, client_env, direct = s3
     root = tmp_path

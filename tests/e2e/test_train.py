@@ -14,16 +14,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CPU_ENV, REPO, free_port, kill_tree, launch, losses, run, train_args
-from wandb_records import history
+from support.apps import REPO, free_port
+from support.trainings import CPU_ENV, kill_tree, launch, losses, run, train_args
+from support.wandb_records import history
 
 from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.exported.loading import load_exported
 from mtrain.exported.writing import export
 from mtrain.generation.compose import DEFAULT_MIN_P, compose
 from mtrain.generation.sampling import SamplingConfig
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +268,6 @@ def test_evaluate_reports_bits_per_note_and_second(uninterrupted, bach_dataset, 
     assert "| bits_per_note |" in (tmp_path / "report.md").read_text()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("stage", "precision", "ranks"), [(0, "fp32", 1), (3, "bf16", 1), (0, "fp32", 2)]
 )
@@ -279,7 +277,7 @@ def test_a_step_with_a_nan_loss_leaves_the_weights_alone_under_a_real_engine(
     """ZeRO-3 in bf16 (the default) relies on DeepSpeed's own check of the gradient norm,
     ZeRO-0 in fp32 on the trainer's; on 2 ranks ZeRO-0's gradients are reduced by the trainer
     during the backward pass, and only the last rank's loss is NaN: both ranks must skip."""
-    script = Path(__file__).with_name("poisoned_step.py")
+    script = REPO / "tests" / "support" / "poisoned_step.py"
     port = str(free_port())
     launcher = [sys.executable]
     if ranks > 1:

@@ -1,7 +1,7 @@
-"""``python tests/elastic_resave.py OUT <train overrides>``: ``mtrain.train`` that, right after
-resuming, also saves the state it loaded as a checkpoint of ``OUT`` (a run directory), then
-trains on. What a resume on another number of ranks loaded can then be compared, file by file,
-with what the old ranks saved."""
+"""``python tests/support/elastic_resave.py OUT <train overrides>``: ``mtrain.train`` that,
+right after resuming, also saves the state it loaded as a checkpoint of ``OUT`` (a run
+directory), then trains on. What a resume on another number of ranks loaded can then be
+compared, file by file, with what the old ranks saved."""
 
 import sys
 

@@ -3,8 +3,8 @@ on one rank or on the ranks torchrun starts; a step whose loss is poisoned with 
 rank only: the others' losses stay finite) must leave the weights as they were on every rank,
 and training goes on. Rank 0 prints one JSON line of what it saw.
 
-    python tests/poisoned_step.py <zero stage> <precision> <port>
-    torchrun --nproc-per-node=2 tests/poisoned_step.py <zero stage> <precision> <port>
+    python tests/support/poisoned_step.py <zero stage> <precision> <port>
+    torchrun --nproc-per-node=2 tests/support/poisoned_step.py <zero stage> <precision> <port>
 """
 
 import json

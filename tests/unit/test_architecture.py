@@ -6,7 +6,7 @@ import ast
 import sys
 from pathlib import Path
 
-from conftest import REPO
+from support.apps import REPO
 
 PACKAGES = ("data_pipeline", "mtrain")
 

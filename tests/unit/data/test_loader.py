@@ -13,8 +13,8 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import run_module
-from midi_factory import write_corpus
+from support import datasets
+from support.midi_factory import write_corpus
 
 from data_pipeline.reader import (
     CorruptShardError,
@@ -34,18 +34,15 @@ BOS, EOS, PAD = 1, 2, 0
 def prepare(tmp_path_factory, *overrides: str) -> Path:
     root = tmp_path_factory.mktemp("loader")
     write_corpus(root / "midi", 40)
-    run_module(
-        "data_pipeline.prepare",
-        f"source={root / 'midi'}",
-        f"output={root / 'ds'}",
+    return datasets.prepare(
+        root / "midi",
+        root / "ds",
         "workers=1",
         "shards.max_pieces=4",
         "split.val=0.2",
         "split.test=0.1",
-        f"hydra.run.dir={root / 'hydra'}",
         *overrides,
     )
-    return root / "ds"
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 import sentencepiece as spm
-from midi_factory import piece
+from support.midi_factory import piece
 
 from data_pipeline.config import (
     LearnedVocabConfig,
@@ -76,7 +76,6 @@ def test_bar_by_bar_encoding_gives_the_whole_piece_encoding(training_pieces, kin
         body = ids[ids >= 4]
         whole = vocab.encode(body)  # no bar id: the piece in one go
         np.testing.assert_array_equal(vocab.encode(body, base.vocab["Bar_None"]), whole)
-    assert len(vocab._bars) == 50
 
 
 def learn(training_pieces, kind: LearnedVocabKind, bars: bool = True) -> LearnedVocab:
@@ -114,9 +113,39 @@ def test_loader_ids_are_sentencepieces_bar_by_bar(training_pieces, kind):
         )
         # Without a bar id: the ids of the whole piece at once.
         np.testing.assert_array_equal(vocab.encode(ids), sp.encode(ids_to_text(ids)))
-    assert len(vocab._bars) == len(vocab._order) == 100
-    # BPE encodes the missing bars joined, Unigram each alone.
-    assert (vocab._bar_openers(bar_id) is not None) == (kind == LearnedVocabKind.bpe)
+
+
+@pytest.mark.parametrize("kind", [LearnedVocabKind.bpe, LearnedVocabKind.unigram])
+def test_cached_bars_give_the_ids_of_a_cold_vocabulary_through_evictions(training_pieces, kind):
+    base, pieces = training_pieces
+    bar_id = base.vocab["Bar_None"]
+    warm = learn(training_pieces, kind)
+    warm.CACHED_BARS = 40  # fewer than a few pieces' bars: evictions all along
+    bodies = [ids[ids >= 4] for ids in pieces[:12]]
+    for _ in range(3):  # rounds two and three: hits, and misses for the bars evicted
+        for body in bodies:
+            cold = LearnedVocab(warm.model)  # nothing cached yet
+            np.testing.assert_array_equal(warm.encode(body, bar_id), cold.encode(body, bar_id))
+
+
+def test_the_cache_a_loader_worker_receives_stays_within_its_bound(training_pieces):
+    """Pickled (as loader workers receive it), a vocabulary carries the bars it has cached:
+    past its bound it carries no more, however many pieces it encodes."""
+    base, pieces = training_pieces
+    bar_id = base.vocab["Bar_None"]
+    model = learn(training_pieces, LearnedVocabKind.bpe).model
+    cold = len(pickle.dumps(LearnedVocab(model)))
+
+    def carried(n_pieces: int, bound: int) -> int:
+        vocab = LearnedVocab(model)
+        vocab.CACHED_BARS = bound
+        for ids in pieces[:n_pieces]:
+            vocab.encode(ids[ids >= 4], bar_id)
+        return len(pickle.dumps(vocab)) - cold
+
+    unbounded, few, many = carried(60, 10**6), carried(10, 30), carried(60, 30)
+    assert many < 0.25 * unbounded  # 30 bars of the pieces' hundreds
+    assert many < 2 * few  # six times the pieces, about the same 30 bars
 
 
 def test_vocabulary_with_pieces_across_bars_encodes_bar_by_bar(training_pieces):
@@ -126,8 +155,8 @@ def test_vocabulary_with_pieces_across_bars_encodes_bar_by_bar(training_pieces):
     bar_id = base.vocab["Bar_None"]
     vocab = learn(training_pieces, LearnedVocabKind.bpe, bars=False)
     bar = chr(CHAR_OFFSET + bar_id)
-    assert any(bar in vocab._sp.id_to_piece(i)[1:] for i in range(len(vocab)))
     sp = spm.SentencePieceProcessor(model_proto=vocab.model)
+    assert any(bar in sp.id_to_piece(i)[1:] for i in range(len(vocab)))
     for ids in pieces[:10]:
         body = ids[ids >= 4]
         np.testing.assert_array_equal(
@@ -142,9 +171,9 @@ def test_learned_vocabulary_pickles_with_its_cache(training_pieces):
     vocab = learn(training_pieces, LearnedVocabKind.bpe)
     body = pieces[0][pieces[0] >= 4]
     ids = vocab.encode(body, base.vocab["Bar_None"])
-    again = pickle.loads(pickle.dumps(vocab))
-    assert again._bars == vocab._bars
-    np.testing.assert_array_equal(again.encode(body, base.vocab["Bar_None"]), ids)
+    pickled = pickle.dumps(vocab)
+    assert len(pickled) > len(pickle.dumps(LearnedVocab(vocab.model)))  # the bars came along
+    np.testing.assert_array_equal(pickle.loads(pickled).encode(body, base.vocab["Bar_None"]), ids)
 
 
 def test_learned_size_must_exceed_the_base_vocabulary(training_pieces):

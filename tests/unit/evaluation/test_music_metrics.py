@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 import symusic
-from midi_factory import piece, write_bad_files, write_piece
+from support.midi_factory import piece, write_bad_files, write_piece
 
 from mtrain.evaluation import reports
 from mtrain.evaluation.music_metrics import (

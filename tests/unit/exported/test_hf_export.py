@@ -13,8 +13,7 @@ from mtrain.model import GPT, GPTConfig
 
 VOCAB = 97
 GREEDY_TOKENS = 24
-# Shapes by name; those with biases and an untied output layer are slow-marked, the fast layer
-# keeping one model per architecture.
+# Shapes by name: each architecture plain, and with biases and an untied output layer.
 SHAPES = {
     "gpt2": dict(positional="learned"),
     "gpt2-bias-untied": dict(positional="learned", bias=True, tie_embeddings=False),
@@ -48,10 +47,7 @@ def probe(batch: int = 2, length: int = 48) -> torch.Tensor:
     return torch.randint(VOCAB, (batch, length), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize(
-    "shape",
-    [pytest.param(s, marks=[pytest.mark.slow] if "untied" in s else []) for s in SHAPES],
-)
+@pytest.mark.parametrize("shape", SHAPES)
 def test_the_exported_model_computes_and_decodes_what_mtrain_does(shape, tmp_path):
     from transformers import AutoModelForCausalLM
 

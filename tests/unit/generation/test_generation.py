@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import symusic
 import torch
-from conftest import run_module
-from midi_factory import piece, varied_piece, write_corpus, write_piece
+from support.midi_factory import piece, varied_piece, write_piece
 
 from data_pipeline.config import TokenizerConfig, TokenizerKind
 from data_pipeline.tokenizer import MusicTokenizer, build_base_tokenizer
@@ -35,21 +34,11 @@ PROBS = torch.tensor([0.35, 0.25, 0.15, 0.1, 0.05] + [0.1 / 15] * 15)
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> MusicTokenizer:
-    """The REMI artifact data_pipeline.prepare builds from 12 procedural pieces in two
-    collections (labels collection=folk and collection=jazz)."""
-    root = tmp_path_factory.mktemp("generation")
-    write_corpus(root / "midi", 12)
-    run_module(
-        "data_pipeline.prepare",
-        f"source={root / 'midi'}",
-        f"output={root / 'ds'}",
-        "workers=1",
-        "split.val=0",
-        "split.test=0",
-        f"hydra.run.dir={root / 'hydra'}",
-    )
-    return MusicTokenizer.load(str(root / "ds" / "tokenizer"))
+def tok() -> MusicTokenizer:
+    """The REMI artifact data_pipeline.prepare builds from pieces in two collections (labels
+    collection=folk and collection=jazz)."""
+    labels = ["collection=folk", "collection=jazz"]
+    return MusicTokenizer(build_base_tokenizer(TokenizerConfig()), labels)
 
 
 def random_model(tok: MusicTokenizer, max_seq_len: int, positional: str = "rope") -> GPT:

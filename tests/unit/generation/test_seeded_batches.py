@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from midi_factory import piece
+from support.midi_factory import piece
 
 from data_pipeline.config import TokenizerConfig
 from data_pipeline.tokenizer import MusicTokenizer, build_base_tokenizer

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from scripted_engine import ScriptedEngine, micro_batches
+from support.scripted_engine import ScriptedEngine, micro_batches
 
 from data_pipeline.errors import InputError
 from mtrain.exported.writing import resolve_checkpoint

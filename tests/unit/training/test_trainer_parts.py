@@ -6,14 +6,11 @@ import itertools
 import math
 import os
 import signal
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
-from scripted_engine import ScriptedEngine, micro_batches
-from wandb_records import history
+from support.scripted_engine import ScriptedEngine, micro_batches
 
 from data_pipeline.errors import ConfigError
 from mtrain.model import GPT, GPTConfig
@@ -31,6 +28,7 @@ from mtrain.training.config import (
     batch_sizes,
 )
 from mtrain.training.deepspeed_config import deepspeed_config
+from mtrain.training.memory_plan import ModelShape, zero_buckets
 from mtrain.training.monitor import StepTimer
 from mtrain.training.schedule import lr_multiplier
 from mtrain.training.step_components import Preempted, Preemption
@@ -63,58 +61,70 @@ def test_wsd_warms_up_holds_then_decays_linearly_over_the_last_fraction():
 
 
 # ---- DeepSpeed config ----------------------------------------------------------------------------
-def sizes(grad_accum: int = 2, world_size: int = 4):
-    return batch_sizes(
-        TrainConfig(
-            model=GPTConfig(max_seq_len=64),
-            trainer=TrainerConfig(
-                micro_batch_size=8, global_batch_tokens=8 * 64 * grad_accum * world_size
-            ),
-        ),
-        world_size,
-    )
+MICRO, SEQ_LEN, RANKS = 8, 64, 4
+GLOBAL_BATCH_TOKENS = MICRO * SEQ_LEN * RANKS * 3
+# A model of four blocks, for the bucket sizes.
+SHAPE = ModelShape.of(GPTConfig(vocab_size=97, n_layer=4, n_head=2, d_model=64, max_seq_len=64))
 
 
-def test_deepspeed_config_zero3_bf16():
-    ds = DeepSpeedConfig(zero_stage=3, precision=Precision.bf16, param_persistence_threshold=7)
-    out = deepspeed_config(ds, OptimConfig(lr=1e-3, grad_clip=0.5), sizes())
-    assert out["zero_optimization"] == {
-        "stage": 3,
-        "stage3_param_persistence_threshold": 7,
-        "stage3_gather_16bit_weights_on_model_save": False,
-    }
-    assert out["bf16"] == {"enabled": True}
-    assert out["fp16"]["enabled"] is False
-    assert out["train_micro_batch_size_per_gpu"] == 8
-    assert out["gradient_accumulation_steps"] == 2
-    assert out["train_batch_size"] == 8 * 2 * 4
-    assert out["gradient_clipping"] == 0.5
-    params = out["optimizer"]["params"]
-    assert out["optimizer"]["type"] == "AdamW"
-    assert params["lr"] == 1e-3 and params["torch_adam"] is True and params["adam_w_mode"]
-    assert params["fused"] is True  # torch's one-kernel AdamW
+def sizes():
+    trainer = TrainerConfig(micro_batch_size=MICRO, global_batch_tokens=GLOBAL_BATCH_TOKENS)
+    return batch_sizes(TrainConfig(model=GPTConfig(max_seq_len=SEQ_LEN), trainer=trainer), RANKS)
 
 
-def test_deepspeed_config_other_stages_precisions_and_offload():
-    fp16 = deepspeed_config(
-        DeepSpeedConfig(zero_stage=2, precision=Precision.fp16, offload_optimizer=True),
-        OptimConfig(),
-        sizes(),
-    )
-    assert fp16["zero_optimization"] == {
-        "stage": 2,
-        "offload_optimizer": {"device": "cpu", "pin_memory": True},
-    }
-    assert fp16["fp16"] == {"enabled": True, "loss_scale": 0}
-    assert fp16["bf16"] == {"enabled": False}
-    fp32 = deepspeed_config(
-        DeepSpeedConfig(zero_stage=3, precision=Precision.fp32, offload_params=True),
-        OptimConfig(),
-        sizes(),
-    )
-    assert fp32["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
-    assert "offload_optimizer" not in fp32["zero_optimization"]
-    assert not fp32["bf16"]["enabled"] and not fp32["fp16"]["enabled"]
+@pytest.mark.parametrize("precision", list(Precision))
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_config_takes_stage_batch_and_precision_from_the_typed_configs(stage, precision):
+    ds = DeepSpeedConfig(zero_stage=stage, precision=precision, param_persistence_threshold=7)
+    out = deepspeed_config(ds, OptimConfig(grad_clip=0.5), sizes())
+    zero = out["zero_optimization"]
+    assert zero["stage"] == stage
+    # Micro batch x accumulation x ranks: the global batch (DeepSpeed checks the product).
+    micro, accumulation = out["train_micro_batch_size_per_gpu"], out["gradient_accumulation_steps"]
+    assert micro == MICRO and out["train_batch_size"] == micro * accumulation * RANKS
+    assert out["train_batch_size"] * SEQ_LEN == GLOBAL_BATCH_TOKENS
+    # A half-precision section is on exactly when the run is in that precision.
+    assert out["bf16"]["enabled"] == (precision == Precision.bf16)
+    assert out["fp16"]["enabled"] == (precision == Precision.fp16)
+    # Gradients are clipped once: by the trainer where it clips, else by DeepSpeed.
+    assert out["gradient_clipping"] == (0.0 if ds.clips_in_trainer else 0.5)
+    # ZeRO-3's own settings under ZeRO-3 only; the export consolidates the fp32 weights itself.
+    assert any(key.startswith("stage3_") for key in zero) == (stage == 3)
+    if stage == 3:
+        assert zero["stage3_param_persistence_threshold"] == 7
+        assert not zero["stage3_gather_16bit_weights_on_model_save"]
+
+
+def test_zero_buckets_are_sized_from_the_model_when_its_shape_is_given():
+    for stage in range(4):
+        sized = deepspeed_config(DeepSpeedConfig(zero_stage=stage), OptimConfig(), sizes(), SHAPE)
+        unsized = deepspeed_config(DeepSpeedConfig(zero_stage=stage), OptimConfig(), sizes())
+        zero = sized["zero_optimization"]
+        assert not any("bucket" in key for key in unsized["zero_optimization"])  # DeepSpeed's
+        if stage == 0:  # no ZeRO, no ZeRO buckets
+            assert not any("bucket" in key for key in zero)
+        else:
+            assert zero["reduce_bucket_size"] == zero_buckets(SHAPE).reduce
+
+
+def test_offloads_go_to_the_cpu_when_asked_only():
+    for optimizer, params in itertools.product([False, True], repeat=2):
+        ds = DeepSpeedConfig(zero_stage=3, offload_optimizer=optimizer, offload_params=params)
+        zero = deepspeed_config(ds, OptimConfig(), sizes())["zero_optimization"]
+        asked = {"offload_optimizer": optimizer, "offload_param": params}
+        offloaded = {key: zero[key]["device"] for key in asked if key in zero}
+        assert offloaded == {key: "cpu" for key, on in asked.items() if on}
+
+
+def test_the_optimizer_is_torchs_fused_adamw_with_the_optim_settings():
+    optim = OptimConfig(lr=1e-3, weight_decay=0.2, beta1=0.8, beta2=0.9, eps=1e-6)
+    optimizer = deepspeed_config(DeepSpeedConfig(), optim, sizes())["optimizer"]
+    params = optimizer["params"]
+    assert optimizer["type"] == "AdamW" and params["adam_w_mode"]
+    assert params["lr"] == optim.lr and params["betas"] == [optim.beta1, optim.beta2]
+    assert params["eps"] == optim.eps and params["weight_decay"] == optim.weight_decay
+    # torch's AdamW in one kernel, not DeepSpeed's JIT-built one: resumes reproduce bit for bit.
+    assert params["torch_adam"] and params["fused"]
 
 
 # ---- batch arithmetic ----------------------------------------------------------------------------
@@ -380,34 +390,3 @@ def test_preemption_is_due_after_a_signal_and_stops_after_saving(own_signal_hand
     with pytest.raises(Preempted) as stop:
         preemption.run(4, {})
     assert stop.value.exit_code == 75 and saved == [4]
-
-
-# A run that logs 40 steps from its loop, changing its dict after each log as the trainer does,
-# and exits without finish() (as a preempted or failed run does).
-QUEUED_ROWS = """
-import sys
-from pathlib import Path
-from mtrain.runs.run_dir import RunDir
-from mtrain.runs.tracking import LoggerConfig, Tracker, WandbMode
-tracker = Tracker(LoggerConfig(mode=WandbMode.offline), "rows", RunDir(Path(sys.argv[1])), {},
-                  None, [])
-for step in range(1, 41):
-    metrics = {"train/loss": 1.0 / step, "perf/mfu": None}
-    tracker.log(metrics, step)
-    metrics["train/loss"] = -1.0  # too late: the tracker logged a copy
-"""
-
-
-def test_tracker_rows_reach_wandb_in_order_off_the_step_even_without_finish(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-c", QUEUED_ROWS, str(tmp_path)],
-        env={**os.environ, "WANDB_SILENT": "true"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = history(tmp_path)
-    assert [r["_step"] for r in rows] == list(range(1, 41))
-    assert [r["train/loss"] for r in rows] == pytest.approx([1.0 / s for s in range(1, 41)])
-    assert all("perf/mfu" not in r for r in rows)
