@@ -3,7 +3,7 @@ cluster (``slurm/local-cluster.sh``), N array tasks and the merge, with a learne
 
 Prints per task its files/s, files/s per core and peak memory (collector and largest worker),
 then the shards, the merge and the vocabulary learning, and the end-to-end wall time. Needs
-root and Debian's slurm-wlm (as ``tests/test_slurm.py``). The corpus is made once under
+root and Debian's slurm-wlm (as ``tests/e2e/test_slurm.py``). The corpus is made once under
 ``work`` (100k files: ~290 MB, ~3 min on 2 cores) and reused.
 
     python bench/bench_corpus.py                      # 100k files, 4 tasks of 1 CPU
