@@ -12,5 +12,5 @@ E2E = Path(__file__).resolve().parent / "e2e"
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.path.is_relative_to(E2E):
+        if item.path.resolve().is_relative_to(E2E):
             item.add_marker(pytest.mark.slow)
