@@ -2,14 +2,24 @@
 and the few collectives the trainer calls itself; each works without a group as one rank."""
 
 import os
+import re
 import subprocess
+from collections.abc import Mapping
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from data_pipeline.errors import InputError
 from data_pipeline.launch import Placement
 from mtrain.distributed import processes
+
+# Where Slurm and CUDA say that GPUs were given to this job or process: counts (none: 0, also
+# typed, "gpu:0", or empty) and device lists (none: empty, CUDA's "-1", Slurm's "NoDevFiles").
+_GPU_COUNTS = ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_TASK", "SLURM_GPUS_PER_NODE", "SLURM_GPUS")
+_GPU_LISTS = ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "CUDA_VISIBLE_DEVICES")
+_NO_COUNT = re.compile(r"\s*((\w+:)*0+)?\s*")
+_NO_LIST = re.compile(r"(?i)\s*(-1.*|nodevfiles|none)?\s*")
 
 
 def _first_node() -> str | None:
@@ -33,6 +43,47 @@ def on_gpu() -> bool:
     return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
 
 
+def gpus_allocated(env: Mapping[str, str]) -> list[str]:
+    """The variables of ``env`` that give this process GPUs, as ``NAME=value``."""
+    given = [(n, _NO_COUNT) for n in _GPU_COUNTS] + [(n, _NO_LIST) for n in _GPU_LISTS]
+    return [f"{n}={env[n]}" for n, none in given if n in env and not none.fullmatch(env[n])]
+
+
+def cpu_with_gpus_refusal(env: Mapping[str, str], cuda_available: bool) -> str | None:
+    """Why a training must not start (None: it may): GPUs were allocated but torch cannot use
+    CUDA (a CPU-only build on a GPU node, or no driver), so it would train on the CPU without a
+    word. ``DS_ACCELERATOR=cpu`` asks for the CPU on purpose."""
+    allocated = gpus_allocated(env)
+    if cuda_available or env.get("DS_ACCELERATOR") == "cpu" or not allocated:
+        return None
+    build = "a CPU-only build" if torch.version.cuda is None else "no usable GPU or driver"
+    return (
+        f"GPUs were allocated ({', '.join(allocated)}) but torch {torch.__version__} cannot use "
+        f'CUDA ({build}): install the CUDA build of torch (README, "On a GPU cluster: '
+        'installing"), or set DS_ACCELERATOR=cpu to train on the CPU on purpose'
+    )
+
+
+def refuse_cpu_with_gpus() -> None:
+    """Before any process group: refuses, in one line, to train on the CPU of a GPU
+    allocation."""
+    refusal = cpu_with_gpus_refusal(os.environ, torch.cuda.is_available())
+    if refusal is not None:
+        raise InputError(refusal)
+
+
+def device_index(local_rank: int, device_count: int) -> int:
+    """The CUDA device of the rank with ``local_rank`` on its node, among the ``device_count``
+    it sees: its local rank where it sees all of the node's GPUs, 0 where each task sees its
+    own (``srun --gpus-per-task=1``, submitit's ``gpus_per_task``)."""
+    if device_count < 1:
+        raise InputError(
+            f"local rank {local_rank} sees no CUDA device: request a GPU for every task "
+            "(--gpus-per-node, --gpus-per-task), or set DS_ACCELERATOR=cpu to train on the CPU"
+        )
+    return local_rank % device_count
+
+
 def init(place: Placement, timeout_s: int) -> torch.device:
     """Starts the process group (nccl on GPUs, gloo on CPU); returns this rank's device."""
     if launched():
@@ -54,6 +105,14 @@ def init(place: Placement, timeout_s: int) -> torch.device:
         ("LOCAL_RANK", place.local_rank),
     ):
         os.environ.setdefault(key, str(value))
+    device = torch.device("cpu")
+    if on_gpu():
+        device = torch.device("cuda", device_index(place.local_rank, torch.cuda.device_count()))
+        torch.cuda.set_device(device)
+        # DeepSpeed takes LOCAL_RANK for the CUDA device index (the process group's bound
+        # device, the engine's, zero.Init's): under per-task binding it must be 0, not the
+        # rank's place on the node.
+        os.environ["LOCAL_RANK"] = str(device.index)
     import deepspeed
     import deepspeed.ops
 
@@ -68,10 +127,14 @@ def init(place: Placement, timeout_s: int) -> torch.device:
         rank=place.rank,
         world_size=place.world_size,
     )
-    if on_gpu():
-        torch.cuda.set_device(place.local_rank)
-        return torch.device("cuda", place.local_rank)
-    return torch.device("cpu")
+    return device
+
+
+def close() -> None:
+    """Ends the process group (NCCL warns at exit about one left open); only where every rank
+    ends it together, with no collective pending."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def any_rank(flag: bool) -> bool:
@@ -84,13 +147,20 @@ def any_rank(flag: bool) -> bool:
 
 
 def sum_over_ranks(values: list[torch.Tensor | float]) -> list[float]:
-    """Element-wise sums over ranks of a few numbers (tensors stay on their device until the
-    one all-reduce), as floats: one collective and one host sync for all of them."""
-    t = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values])
-    if dist.is_initialized():
-        t = t.to(_comm_device())
-        dist.all_reduce(t)
+    """Element-wise sums over ranks of a few numbers (tensors on any device, floats), as
+    floats: one collective and one host sync for all of them."""
+    if not dist.is_initialized():
+        return stacked_on(values, torch.device("cpu")).tolist()
+    t = stacked_on(values, _comm_device())
+    dist.all_reduce(t)
     return t.tolist()
+
+
+def stacked_on(values: list[torch.Tensor | float], device: torch.device) -> torch.Tensor:
+    """``values`` as one float64 vector on ``device``: each moved there before they are
+    stacked (a float is made on the CPU, a loss lives on the GPU, and a stack across devices
+    fails)."""
+    return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
 
 
 def world_size() -> int:

@@ -24,6 +24,10 @@ from mtrain.distributed import collectives
 log = logging.getLogger(__name__)
 
 
+class RunDirTaken(InputError):
+    """Another job holds the run directory."""
+
+
 def _slurm_job() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
@@ -159,4 +163,4 @@ def refuse_on_every_rank(refusal: str | None) -> None:
     the lock), so a refused job exits 2 on every rank instead of leaving some waiting."""
     refusal = collectives.from_rank_0(refusal)
     if refusal is not None:
-        raise InputError(refusal)
+        raise RunDirTaken(refusal)

@@ -12,6 +12,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from data_pipeline.errors import ConfigError
+from mtrain.distributed.collectives import on_gpu
 from mtrain.distributed.host_memory import memory_available
 from mtrain.model import GPT, GPTConfig
 from mtrain.training.config import DeepSpeedConfig, Precision, TrainConfig
@@ -307,8 +308,8 @@ def check_fits(layout: Layout) -> Verdict:
 
 
 def training_layout(cfg: TrainConfig, world_size: int) -> Layout:
-    """The layout of a training on this machine."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    """The layout of a training on this machine (the device the process group will take)."""
+    device = "cuda" if on_gpu() else "cpu"
     t = cfg.trainer
     return Layout(
         cfg.model, cfg.deepspeed, t.micro_batch_size, world_size, device, t.activation_checkpointing

@@ -4,6 +4,7 @@ ranks other than 0 say nothing."""
 import os
 
 import pytest
+import torch
 from support.apps import run_module
 
 from data_pipeline.app import EXIT_INPUT
@@ -26,6 +27,12 @@ def error_lines(stderr: str) -> list[str]:
         ("data_pipeline.prepare", ["workers=0"], "workers=0 must be at least 1"),
         # merge (an app that used to end in a Hydra traceback).
         ("data_pipeline.merge", ["output=/nonexistent/ds"], "no slice cards"),
+        # A check across sections: the collective timeout within the storage retry budget.
+        (
+            "mtrain.train",
+            ["data.path=s3://bucket/ds", "deepspeed=cpu"],
+            "deepspeed.timeout_s=120 must exceed the storage retry budget",
+        ),
     ],
 )
 def test_every_kind_of_bad_input_is_one_line_and_exit_2(tmp_path, module, overrides, says):
@@ -42,3 +49,16 @@ def test_other_ranks_stay_quiet(tmp_path):
     )
     assert proc.returncode == EXIT_INPUT
     assert error_lines(proc.stderr) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this torch can use CUDA")
+def test_training_on_the_cpu_of_a_gpu_allocation_is_refused(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    env["SLURM_GPUS_ON_NODE"] = "8"
+    proc = run_module(
+        "mtrain.train", f"data.path={tmp_path}", f"hydra.run.dir={tmp_path}", env=env, check=False
+    )
+    assert proc.returncode == EXIT_INPUT, proc.stderr[-2000:]
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and "SLURM_GPUS_ON_NODE=8" in lines[0], lines
+    assert "DS_ACCELERATOR=cpu" in lines[0] and "CUDA build of torch" in lines[0]
