@@ -115,15 +115,17 @@ class DataConfig:
 
 
 def start_worker_server() -> None:
-    """Starts the fork server the loader workers come from with SIGUSR1 ignored. Slurm sends a
-    preemption's USR1 to every process of the job; the rank checkpoints on it, but a worker
-    would die of it (the default action) and take the rank down at its next batch. An ignored
-    signal stays ignored across exec: in the server and in every worker it forks."""
-    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    """Starts the fork server the loader workers come from with the preemption warnings (USR1,
+    USR2) ignored. Slurm sends them to every process of the job; the rank checkpoints on them,
+    but a worker would die of one (the default action) and take the rank down at its next
+    batch. An ignored signal stays ignored across exec: in the server and in every worker it
+    forks."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in processes.PREEMPTION_WARNINGS}
     try:
         multiprocessing.forkserver.ensure_running()
     finally:
-        signal.signal(signal.SIGUSR1, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def worker_init_fn(rank_pid: int, worker_id: int) -> None:

@@ -12,6 +12,10 @@ import time
 import psutil
 
 _PR_SET_PDEATHSIG = 1
+# What a scheduler sends every process of a job before it ends it: Slurm's --signal=USR1
+# (slurm/train.sbatch), submitit's timeout warning USR2. A rank checkpoints on them; its loader
+# workers ignore them.
+PREEMPTION_WARNINGS = (signal.SIGUSR1, signal.SIGUSR2)
 
 
 def process_state(pid: int) -> str:

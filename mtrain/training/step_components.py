@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 
 from mtrain.data.loader import StreamingData
-from mtrain.distributed import collectives
+from mtrain.distributed import collectives, processes
 from mtrain.runs.run_dir import RunDir
 from mtrain.runs.tracking import Tracker
 from mtrain.training.checkpointer import Checkpointer, DiskFull, disk_full_message
@@ -142,17 +142,21 @@ class Reporter:
         return line
 
 
+# Slurm's USR1 (slurm/train.sbatch), submitit's USR2 and a plain TERM.
+PREEMPTION_SIGNALS = (*processes.PREEMPTION_WARNINGS, signal.SIGTERM)
+
+
 class Preemption:
-    """SIGUSR1/SIGTERM: checkpoint at the next step boundary, then stop with ``exit_code``
-    (the sbatch script requeues on it). The handler only sets a flag: saving from inside a
-    signal handler could interrupt a collective."""
+    """SIGUSR1/SIGUSR2/SIGTERM: checkpoint at the next step boundary, then stop with
+    ``exit_code`` (the sbatch script requeues on it). The handler only sets a flag: saving from
+    inside a signal handler could interrupt a collective."""
 
     def __init__(self, checkpointer: Checkpointer, exit_code: int):
         self.checkpointer, self.exit_code = checkpointer, exit_code
         self.signalled_here = False
         # The optimizer step's one collective carries it to every rank.
         self.signalled_anywhere = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in PREEMPTION_SIGNALS:
             signal.signal(sig, self._set)
 
     def _set(self, signum, _frame):

@@ -398,9 +398,11 @@ def test_validation_is_finite_unaugmented_and_even_across_ranks(dataset):
     assert len(list(capped)) == 2
 
 
-def test_loader_workers_outlive_the_preemption_signal(dataset):
-    """Slurm sends a preemption's USR1 to every process of the job: the rank checkpoints on it,
-    and its loader workers (and their fork server) must take no notice."""
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGUSR2], ids=["USR1", "USR2"])
+def test_loader_workers_outlive_the_preemption_signal(dataset, sig):
+    """Slurm sends a preemption's warning (USR1 from slurm/train.sbatch, USR2 from submitit) to
+    every process of the job: the rank checkpoints on it, and its loader workers (and their fork
+    server) must take no notice."""
     batches = data(dataset, seq_len=64, num_workers=2).train_batches()
     take(batches, 2)
     server = [
@@ -410,7 +412,7 @@ def test_loader_workers_outlive_the_preemption_signal(dataset):
     workers = server[0].children()
     assert len(workers) == 2
     for process in [*server, *workers]:
-        process.send_signal(signal.SIGUSR1)
+        process.send_signal(sig)
     take(batches, 20)  # more than the workers had prefetched
     assert all(process.is_running() for process in [*server, *workers])
 

@@ -31,7 +31,7 @@ from mtrain.training.deepspeed_config import deepspeed_config
 from mtrain.training.memory_plan import ModelShape, zero_buckets
 from mtrain.training.monitor import StepTimer
 from mtrain.training.schedule import lr_multiplier
-from mtrain.training.step_components import Preempted, Preemption
+from mtrain.training.step_components import PREEMPTION_SIGNALS, Preempted, Preemption
 from mtrain.training.trainer import NonFiniteLoss, OptimizerStep
 
 
@@ -369,17 +369,21 @@ def test_step_timer_contexts_count_their_time_when_the_body_raises():
 # ---- preemption --------------------------------------------------------------------------------
 @pytest.fixture
 def own_signal_handlers():
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    saved = {sig: signal.getsignal(sig) for sig in PREEMPTION_SIGNALS}
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
 
 
-def test_preemption_is_due_after_a_signal_and_stops_after_saving(own_signal_handlers):
+# Slurm's --signal=USR1 (slurm/train.sbatch), submitit's timeout warning USR2, a plain TERM.
+@pytest.mark.parametrize(
+    "sig", [signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM], ids=["USR1", "USR2", "TERM"]
+)
+def test_preemption_is_due_after_a_signal_and_stops_after_saving(own_signal_handlers, sig):
     saved = []
     preemption = Preemption(SimpleNamespace(save=saved.append), exit_code=75)
     assert not preemption.due(3)
-    os.kill(os.getpid(), signal.SIGUSR1)
+    os.kill(os.getpid(), sig)
     assert preemption.signalled_here and not preemption.due(4)  # due once the ranks agree on it
     engine = ScriptedEngine([1.0], grad_accum=1)
     step = OptimizerStep(engine, "cpu", grad_accum=1, max_nonfinite_in_row=1, clips_own=False)
