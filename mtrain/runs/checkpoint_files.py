@@ -97,9 +97,14 @@ def damage(ckpt: CheckpointDir) -> list[str] | None:
 def latest_intact(run: RunDir, move_aside: bool) -> tuple[CheckpointDir | None, list[str]]:
     """The newest complete checkpoint whose files match its marker, and what was skipped on
     the way (``name: why``). ``move_aside``: rank 0 renames each damaged one
-    (``step_*.damaged``), so a requeue does not meet it again; collective when there are ranks."""
+    (``step_*.damaged``), so a requeue does not meet it again; collective when there are ranks.
+    Rank 0 lists the checkpoints and the others take its list: a rank's own listing of a shared
+    file system may be stale, and every rank must check the same ones in the same order."""
     skipped = []
-    for ckpt in complete_newest_first(run):
+    names = None
+    if collectives.group_rank() == 0:
+        names = [ckpt.path.name for ckpt in complete_newest_first(run)]
+    for ckpt in (CheckpointDir(run.checkpoints / name) for name in collectives.from_rank_0(names)):
         problems = damage(ckpt)
         if problems is None:
             log.info("%s has no checksums (saved by an older mtrain): not verified", ckpt.path)
@@ -119,10 +124,15 @@ def latest_intact(run: RunDir, move_aside: bool) -> tuple[CheckpointDir | None, 
     return None, skipped
 
 
+def file_names(ckpt: CheckpointDir) -> list[str]:
+    """The checkpoint's files as its marker lists them (the same on every rank, however stale
+    a rank's view of the directory), or as listed for a marker without checksums."""
+    return list(recorded(ckpt) or (p.name for p in ckpt.path.iterdir()))
+
+
 def world_size_of(ckpt: CheckpointDir) -> int:
-    """How many ranks saved the checkpoint: its trainer states (as the marker lists them)."""
-    names = recorded(ckpt) or [p.name for p in ckpt.path.iterdir()]
-    return sum(1 for n in names if n.startswith("trainer_state_rank"))
+    """How many ranks saved the checkpoint: its trainer states."""
+    return sum(1 for n in file_names(ckpt) if n.startswith("trainer_state_rank"))
 
 
 def size_of(ckpt: CheckpointDir) -> int:

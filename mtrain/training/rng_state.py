@@ -28,7 +28,8 @@ def rng_state() -> dict:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This rank's device only: which devices a process sees may change on a requeue.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -40,4 +41,13 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, np.asarray(np_keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(cuda_state_for(state["cuda"], torch.cuda.current_device()))
+
+
+def cuda_state_for(saved: torch.Tensor | list[torch.Tensor], device: int) -> torch.Tensor:
+    """The CUDA RNG state to restore on ``device``: the one saved, or, from the list of every
+    visible device's state that older checkpoints hold, ``device``'s entry (the first when
+    fewer devices were visible then)."""
+    if isinstance(saved, torch.Tensor):
+        return saved
+    return saved[device] if device < len(saved) else saved[0]

@@ -18,13 +18,14 @@ import torch
 from support.scripted_engine import ScriptedEngine, micro_batches
 
 from data_pipeline.errors import InputError
+from mtrain.distributed import collectives
 from mtrain.exported.writing import resolve_checkpoint
 from mtrain.runs.checkpoint_files import checksums, damage, latest_intact
 from mtrain.runs.lock import RunLock
 from mtrain.runs.run_dir import CheckpointDir, RunDir
 from mtrain.training.monitor import StepTimer
 from mtrain.training.resume import check_resumable, load_trainer_state
-from mtrain.training.rng_state import rng_state, set_rng_state
+from mtrain.training.rng_state import cuda_state_for, rng_state, set_rng_state
 from mtrain.training.step_components import drop_metrics_after
 from mtrain.training.trainer import NonFiniteLoss, OptimizerStep, say_log_file_failures_once
 
@@ -112,6 +113,27 @@ def test_a_damaged_checkpoint_is_moved_aside_and_the_one_before_used(tmp_path, c
     assert "moved aside" in caplog.text
 
 
+def test_every_rank_checks_the_checkpoints_rank_0_listed(tmp_path, monkeypatch):
+    """A rank's own listing of a shared file system may be stale: rank 1 sees step 20 complete,
+    rank 0 does not (yet), and both must resume from the same checkpoint."""
+    run = RunDir(tmp_path)
+    save_checkpoint(run, 10)
+    save_checkpoint(run, 20)
+    asked = []
+
+    def rank_0_says(obj):
+        asked.append(obj)
+        return ["step_00000010"]
+
+    monkeypatch.setattr(collectives, "group_rank", lambda: 1)
+    monkeypatch.setattr(collectives, "from_rank_0", rank_0_says)
+    found, skipped = latest_intact(run, move_aside=True)
+    assert found.path == run.checkpoint(10).path and skipped == []
+    assert asked == [None]  # rank 1 listed nothing itself
+    monkeypatch.undo()
+    assert latest_intact(run, move_aside=True)[0].path == run.checkpoint(20).path  # one rank
+
+
 def test_export_falls_back_from_a_run_dir_but_refuses_a_damaged_step_dir(tmp_path):
     run = RunDir(tmp_path)
     save_checkpoint(run, 10)
@@ -187,6 +209,16 @@ def test_trainer_state_loads_as_plain_data_and_restores_every_rng(tmp_path):
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     set_rng_state(state["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_the_cuda_rng_state_restored_is_this_devices():
+    """One device's state is saved; an older checkpoint's list of every visible device's gives
+    this device's entry, or the first once fewer devices are visible (a per-task binding)."""
+    states = [torch.full((8,), i, dtype=torch.uint8) for i in range(4)]
+    assert cuda_state_for(states[2], 0) is states[2]
+    assert cuda_state_for(states, 3) is states[3]
+    assert cuda_state_for(states[:1], 3) is states[0]
+    assert "cuda" not in rng_state() or torch.cuda.is_available()  # the CPU's layout as before
 
 
 def test_a_trainer_state_of_older_mtrain_still_loads(tmp_path):
