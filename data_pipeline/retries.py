@@ -106,7 +106,13 @@ def configure(retry_s: float | None = None) -> None:
 def retry_budget_s() -> float:
     if _budget_s is not None:
         return _budget_s
-    return float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S))
+    return configured_budget_s(None)
+
+
+def configured_budget_s(retry_s: float | None) -> float:
+    """The budget a config's ``storage_retry_s`` gives: its own, else $MTRAIN_STORAGE_RETRY_S,
+    else 600 s."""
+    return retry_s if retry_s is not None else float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S))
 
 
 class StorageUnavailable(RuntimeError):

@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -64,6 +65,8 @@ class Heartbeat:
         self.last_step = 0
         self.last_forward = time.monotonic()
         self.stall_reported = False
+        # Waiting on purpose outside any collective (``no_stall_while``): no stall to report.
+        self.stall_check_off = False
         self.process = psutil.Process()
         self._stop = threading.Event()
         self.beat()
@@ -97,7 +100,9 @@ class Heartbeat:
 
     def _check_stall(self) -> None:
         idle = time.monotonic() - self.last_forward
-        if self.stall_after_s is None or self.stall_reported or idle < self.stall_after_s:
+        if self.stall_after_s is None or self.stall_reported or self.stall_check_off:
+            return
+        if idle < self.stall_after_s:
             return
         self.stall_reported = True
         with contextlib.suppress(Exception):
@@ -135,6 +140,23 @@ def start(
 def record_step(step: int) -> None:
     if _current is not None:
         _current.step(step)
+
+
+@contextlib.contextmanager
+def no_stall_while() -> Iterator[None]:
+    """Work of this rank outside any collective that may outlast the stall limit (a
+    checkpoint's conversion, waiting for it): no stall is reported meanwhile, and the clock
+    starts again after it. The heartbeat keeps beating."""
+    beat = _current
+    if beat is None:
+        yield
+        return
+    beat.stall_check_off = True
+    try:
+        yield
+    finally:
+        beat.stall_check_off = False
+        beat.step(beat.last_step)
 
 
 def read_heartbeats(run_root: Path, world_size: int) -> dict[int, dict | None]:

@@ -83,6 +83,12 @@ class CheckpointDir:
         return self.run.root / "universal" / self.path.name
 
     @property
+    def converted(self) -> Path:
+        """Rank 0's word that the conversion to ``universal`` ended (the attempt, the failure or
+        none), for the ranks that wait for it; removed with it."""
+        return self.universal.with_name(f"{self.path.name}.converted")
+
+    @property
     def run(self) -> "RunDir":
         return RunDir(self.path.parent.parent)
 

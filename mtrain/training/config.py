@@ -10,11 +10,16 @@ from enum import Enum
 from pathlib import Path
 
 from data_pipeline.errors import ConfigError, require
+from data_pipeline.retries import configured_budget_s
+from data_pipeline.storage import is_remote
 from mtrain.data.loader import DataConfig
 from mtrain.model import GPTConfig
 from mtrain.runs.tracking import LoggerConfig
 
 AT_LEAST_1 = "must be at least 1"
+# What a collective's timeout allows beyond the storage retry budget: the step of the rank that
+# retried, once its read came through.
+STEP_ROOM_S = 120
 # Keys of the model's shape that became the trainer's run-time knobs: a config or override
 # still setting one is refused, naming where it is now.
 MOVED_KEYS = {
@@ -73,8 +78,9 @@ class DeepSpeedConfig:
     # Seconds before a collective gives up; then the surviving ranks name the rank that stopped
     # answering (mtrain.distributed.heartbeats). A hung rank otherwise blocks the others (and
     # their GPUs) for torch's 30 minutes. Minutes, not seconds: a checkpoint save of a large
-    # model, or a slow first step, happens between collectives and must not trip it.
-    timeout_s: int = 600
+    # model, or a slow first step, happens between collectives and must not trip it; and with
+    # data in object storage it must outlast data.storage_retry_s and a step (TrainConfig).
+    timeout_s: int = 900
     # Refuse to launch when the memory estimate (mtrain.training.memory_plan) exceeds a rank's
     # device memory.
     check_memory: bool = True
@@ -115,7 +121,8 @@ class TrainerConfig:
     keep_last: int = 2
     max_nonfinite_in_row: int = 5
     seed: int = 1234
-    # Exit code after a checkpoint taken on SIGUSR1/SIGTERM: the sbatch script requeues on it.
+    # Exit code after a checkpoint taken on SIGUSR1/SIGUSR2/SIGTERM: the sbatch script requeues
+    # on it.
     preempt_exit_code: int = 75
     # Every sample_every steps (0: never) rank 0 draws sample_count pieces of sample_tokens
     # tokens and logs their musical metrics, MIDI, piano rolls and audio.
@@ -176,6 +183,29 @@ class TrainConfig:
                     self.optim.warmup_steps <= self.trainer.max_steps,
                     "warmup_steps",
                     f"must be in [0, trainer.max_steps={self.trainer.max_steps}]",
+                )
+            ],
+        )
+        self._check_timeouts()
+
+    def _check_timeouts(self) -> None:
+        """A rank retrying stalled object storage keeps the others waiting in a collective: the
+        collective timeout must outlast the retry budget and a step, or the others give up (and
+        NCCL's watchdog ends the job) just before the retrying rank would have come through."""
+        if not is_remote(self.data.path):
+            return
+        budget = configured_budget_s(self.data.storage_retry_s)
+        need = int(budget) + STEP_ROOM_S + 1
+        require(
+            self.deepspeed,
+            "deepspeed",
+            [
+                (
+                    self.deepspeed.timeout_s >= need,
+                    "timeout_s",
+                    f"must exceed the storage retry budget (data.storage_retry_s / "
+                    f"$MTRAIN_STORAGE_RETRY_S: {budget:g} s) plus {STEP_ROOM_S} s for a step: "
+                    f"set deepspeed.timeout_s={need} or more, or lower data.storage_retry_s",
                 )
             ],
         )

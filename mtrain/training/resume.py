@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import NamedTuple
 
@@ -15,12 +16,16 @@ import numpy as np
 import torch
 
 from data_pipeline.errors import InputError
-from mtrain.distributed import collectives
-from mtrain.runs.checkpoint_files import latest_complete, latest_intact, world_size_of
+from mtrain.distributed import collectives, heartbeats
+from mtrain.runs.checkpoint_files import file_names, latest_complete, latest_intact, world_size_of
 from mtrain.runs.run_dir import CheckpointDir, RunDir, model_shape
 from mtrain.training.rng_state import PICKLED_RNG_TYPES, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
+
+# A rank waiting for rank 0's conversion gives up when rank 0's heartbeat (rewritten every
+# second, by a thread) has not changed for this long: long enough for a file system's caches.
+RANK_0_SILENT_S = 120.0
 
 
 class Resumed(NamedTuple):
@@ -85,18 +90,24 @@ def load_resharded(engine, ckpt: CheckpointDir) -> tuple[dict, str]:
     and every rank loads its new partition from there; ZeRO-0 without it saved the whole state
     once and loads as it is. Collective."""
     saved_by = world_size_of(ckpt)
-    if not any(ckpt.path.glob("*optim_states.pt")):
+    if not any(n.endswith("optim_states.pt") and "/" not in n for n in file_names(ckpt)):
         _, client_state = engine.load_checkpoint(
             str(ckpt.path.parent), tag=ckpt.path.name, load_lr_scheduler_states=True
         )
         return client_state or {}, f"whole ZeRO-0 state of {saved_by} rank(s), nothing to convert"
-    universal, start = ckpt.universal, time.monotonic()
-    failure = None
-    if collectives.group_rank() == 0:
-        failure = convert_to_universal(ckpt, universal)
-    # Also the barrier: every rank waits here for rank 0's conversion.
-    if (failure := collectives.from_rank_0(failure)) is not None:
-        ranks = collectives.world_size()
+    universal, start, ranks = ckpt.universal, time.monotonic(), collectives.world_size()
+    # The conversion of a large model may outlast deepspeed.timeout_s, so no collective waits
+    # on it: the other ranks watch the file system for rank 0's word, which names this attempt
+    # (one an attempt cut short left behind is not it).
+    attempt = collectives.from_rank_0(uuid.uuid4().hex)
+    with heartbeats.no_stall_while():
+        if collectives.group_rank() == 0:
+            log.info("converting %s, saved by %d rank(s), for %d", ckpt.path, saved_by, ranks)
+            failure = convert_to_universal(ckpt, universal)
+            tell_converted(ckpt.converted, attempt, failure)
+        else:
+            failure = wait_for_conversion(ckpt.converted, attempt, ckpt.run.heartbeat(0))
+    if failure is not None:
         raise RuntimeError(f"cannot convert {ckpt.path} for {ranks} ranks: {failure}")
     converted_s = time.monotonic() - start
     # DeepSpeed reads this switch of its config at load time only; it is set for this one load.
@@ -118,6 +129,50 @@ def load_resharded(engine, ckpt: CheckpointDir) -> tuple[dict, str]:
         f"converted ZeRO-{stage} state of {saved_by} rank(s) to the universal layout in "
         f"{converted_s:.1f} s, loaded in {time.monotonic() - start - converted_s:.1f} s"
     )
+
+
+def tell_converted(outcome: Path, attempt: str, failure: str | None) -> None:
+    """Rank 0's word that its conversion ended, written whole (renamed into place)."""
+    outcome.parent.mkdir(parents=True, exist_ok=True)
+    partial = outcome.with_suffix(".partial")
+    partial.write_text(json.dumps({"attempt": attempt, "failure": failure}))
+    partial.replace(outcome)
+
+
+def wait_for_conversion(
+    outcome: Path,
+    attempt: str,
+    rank_0_beat: Path,
+    silent_s: float = RANK_0_SILENT_S,
+    poll_s: float = 1.0,
+) -> str | None:
+    """Waits for rank 0's word on ``attempt`` (``tell_converted``) and returns its failure
+    (None: converted). However long a conversion takes, rank 0 beats every second meanwhile:
+    a heartbeat unchanged for ``silent_s`` is a rank 0 gone or frozen, and the wait ends."""
+    started = heard = said = time.monotonic()
+    last_beat = None
+    while True:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            told = json.loads(outcome.read_text())
+            if told["attempt"] == attempt:
+                return told["failure"]
+        now = time.monotonic()
+        try:
+            beat = rank_0_beat.read_text()
+        except OSError:
+            beat = None
+        if beat is not None and beat != last_beat:
+            last_beat, heard = beat, now
+        elif now - heard > silent_s:
+            raise RuntimeError(
+                f"rank 0 stopped answering while converting the checkpoint: its heartbeat "
+                f"{rank_0_beat} has not changed for {now - heard:.0f} s (waited "
+                f"{now - started:.0f} s); restart the job"
+            )
+        if now - said >= 60:
+            log.info("waiting for rank 0 to convert the checkpoint (%.0f s)", now - started)
+            said = now
+        time.sleep(poll_s)
 
 
 def convert_to_universal(ckpt: CheckpointDir, universal: Path) -> str | None:

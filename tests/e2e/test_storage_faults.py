@@ -168,6 +168,7 @@ def _train(run: Path, env: dict, proxy: FaultProxy | None = None) -> list[dict]:
         "data.num_workers=0",
         "data.shuffle_buffer=4",
         "data.storage_retry_s=120",
+        "deepspeed.timeout_s=300",  # above the retry budget and a step, as the config requires
         "logger.mode=disabled",
     ]
     with (run.parent / f"{run.name}.log").open("w") as log:

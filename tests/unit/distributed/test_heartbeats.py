@@ -59,3 +59,20 @@ def test_only_collective_errors_are_renamed(tmp_path, monkeypatch):
     with pytest.raises(heartbeats.RankStoppedAnswering, match="rank 1 stopped answering") as info:
         heartbeats.raise_naming_suspects(gloo, tmp_path)
     assert info.value.__cause__ is gloo and "no heartbeat file" in str(info.value)
+
+
+def test_no_stall_is_reported_while_a_rank_waits_on_purpose(tmp_path, caplog, monkeypatch):
+    beat = heartbeats.Heartbeat(tmp_path, 0, interval_s=0.05, world_size=1, stall_after_s=0.3)
+    monkeypatch.setattr(heartbeats, "_current", beat)  # this process's heartbeat
+    beat.step(2)
+    with heartbeats.no_stall_while():
+        before = heartbeats.heartbeat_path(tmp_path, 0).read_text()
+        time.sleep(0.6)
+        assert heartbeats.heartbeat_path(tmp_path, 0).read_text() != before  # still beating
+    time.sleep(0.1)  # the clock started again at the end of the wait
+    stalls = [r for r in caplog.records if "no forward for" in r.getMessage()]
+    assert stalls == []
+    time.sleep(0.5)
+    beat.stop()
+    stalls = [r for r in caplog.records if "no forward for" in r.getMessage()]
+    assert len(stalls) == 1  # and a stall after it is reported as before
