@@ -87,7 +87,11 @@ def test_kill_and_restart_resumes_with_identical_losses(bach_dataset, uninterrup
     assert [f"{got[s]:.4f}" for s in steps] == [f"{expected[s]:.4f}" for s in steps]
 
 
-def test_sigusr1_checkpoints_and_exits_with_the_requeue_code(bach_dataset, tmp_path):
+# Slurm's --signal=USR1 (slurm/train.sbatch) and submitit's timeout warning USR2.
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGUSR2], ids=["USR1", "USR2"])
+def test_a_preemption_signal_checkpoints_and_exits_with_the_requeue_code(
+    bach_dataset, tmp_path, sig
+):
     run_dir = tmp_path / "preempted"
     proc = launch(
         train_args(
@@ -103,7 +107,7 @@ def test_sigusr1_checkpoints_and_exits_with_the_requeue_code(bach_dataset, tmp_p
     while not (run_dir / "metrics.jsonl").exists() or max(losses(run_dir)) < 3:
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
         time.sleep(0.2)
-    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 75, out[-3000:]
     saved = sorted((run_dir / "checkpoints").glob("step_*/COMPLETE"))
