@@ -33,9 +33,11 @@ SLACK = 0.10
 BUCKET_COPIES = 2
 
 
-class _NoValues(TorchFunctionMode):
-    """Skips in-place writes (the weights' initialisation): meta tensors hold no values, and
-    torch's first meta ``normal_`` costs seconds of setting up."""
+class NoInitialValues(TorchFunctionMode):
+    """Skips in-place writes (the weights' initialisation), for a model whose values come
+    later or never: meta tensors hold no values, and torch's first meta ``normal_`` costs
+    seconds of setting up; a model about to be filled with given weights needs no random ones
+    (nor draws from the random generators)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
@@ -58,7 +60,7 @@ class ModelShape:
 
     @classmethod
     def of(cls, cfg: GPTConfig) -> "ModelShape":
-        with torch.device("meta"), _NoValues():
+        with torch.device("meta"), NoInitialValues():
             model = GPT(cfg)
         sizes = [p.numel() for p in model.parameters()]
         block = sum(p.numel() for p in model.blocks[0].parameters())
