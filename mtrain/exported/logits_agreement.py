@@ -12,7 +12,7 @@ import torch
 # roundings through every layer, each relative to the values it rounds, so the noise follows
 # the logits' scale and grows with depth: 2^-13 of the largest logit, two thousand times
 # fp32's unit roundoff, leaves room for it at the depth of the largest model shapes
-# (tests/unit/exported/test_logits_agreement.py measures it against fp64), and is still 64
+# (tests/unit/exported/test_precision.py measures it against fp64), and is still 64
 # times finer than bf16's machine epsilon: weights rounded once to bf16 (a bf16 copy in place
 # of the fp32 master weights) fail it. Logits near zero keep an absolute floor.
 FP32_RELATIVE = 2**-13

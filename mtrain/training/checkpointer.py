@@ -35,7 +35,7 @@ class DiskFull(InputError):
 @torch.no_grad()
 def probe_logits(engine, vocab_size: int, seq_len: int) -> dict | None:
     """The reference export checks its merged weights against: fp32 logits on a fixed batch,
-    computed on rank 0's CPU by a plain ``GPT`` (eager attention, fp32) from the weights the
+    computed on rank 0's CPU by a plain ``GPT`` (uncompiled, fp32) from the weights the
     export will merge, gathered from the engine's memory (``export_weights``). Like for like
     with the export's own recomputation whatever the engine computes in (bf16 kernels on a
     GPU, a compiled graph), yet by another path than the export's merge of the files: a
