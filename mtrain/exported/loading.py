@@ -75,7 +75,10 @@ def load_for_data(
 
 
 def load_weights(model: GPT, path: str | Path) -> None:
-    """Fine-tuning: start ``model`` from exported weights of the same shape."""
+    """Fine-tuning: start ``model`` from exported weights of the same shape. A model built
+    partitioned (ZeRO-3's ``deepspeed.zero.Init``: its parameters are empty placeholders,
+    which ``load_state_dict`` cannot fill) is filled one parameter at a time, gathered whole
+    while rank 0 writes it and partitioned again from rank 0's values (collective)."""
     source, meta = load_exported(path)
     if meta["model"]["vocab_size"] != model.config.vocab_size:
         raise ValueError(
@@ -83,4 +86,26 @@ def load_weights(model: GPT, path: str | Path) -> None:
             f"tokenizer has {model.config.vocab_size}; fine-tune on data prepared with the "
             "same tokenizer artifact"
         )
-    model.load_state_dict(source.state_dict(), strict=True)
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        model.load_state_dict(source.state_dict(), strict=True)
+        return
+    import deepspeed
+    import torch.distributed as dist
+
+    weights = dict(source.named_parameters())
+    shapes = {name: tuple(p.ds_shape) for name, p in model.named_parameters()}
+    theirs = {name: tuple(p.shape) for name, p in weights.items()}
+    if shapes != theirs:
+        other = sorted(
+            name for name in shapes.keys() | theirs.keys() if shapes.get(name) != theirs.get(name)
+        )
+        raise ValueError(
+            f"init_from={path} holds another model shape than this run's model "
+            f"(parameters {other[:5]} differ); fine-tune with the exported model's shape"
+        )
+    writer = dist.get_rank() == 0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if writer:
+                    param.copy_(weights[name])

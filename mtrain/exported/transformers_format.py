@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from data_pipeline.tokenizer import MusicTokenizer
-from mtrain.exported.logits_agreement import logits_gap
+from mtrain.exported.logits_agreement import fp32_tolerance, logits_gap
 from mtrain.model import GPT, NORM_EPS, GPTConfig
 
 # Every tokenizer artifact's special ids: generate() then pads and stops as mtrain's does.
@@ -170,10 +170,13 @@ def to_hf(model: GPT):
 
 
 @torch.no_grad()
-def save_hf(model: GPT, output: Path, inputs: torch.Tensor, tolerance: float) -> float:
+def save_hf(
+    model: GPT, output: Path, inputs: torch.Tensor, tolerance: float | None = None
+) -> float:
     """Saves ``model`` as its ``transformers`` class to ``output``, loads it back with
     ``from_pretrained`` and returns how far its logits on ``inputs`` [batch, time] are from the
-    model's own; refused (RuntimeError) beyond ``tolerance``."""
+    model's own; refused (RuntimeError) beyond ``tolerance`` (by default ``fp32_tolerance`` of
+    the model's logits: both compute in fp32, in their own order)."""
     from transformers import AutoModelForCausalLM
 
     to_hf(model).save_pretrained(str(output))
@@ -182,6 +185,8 @@ def save_hf(model: GPT, output: Path, inputs: torch.Tensor, tolerance: float) ->
     ours = model.eval()(inputs).logits
     model.train(was_training)
     theirs = loaded(inputs, attention_mask=torch.ones_like(inputs)).logits
+    if tolerance is None:
+        tolerance = fp32_tolerance(ours)
     gap = logits_gap(theirs, ours, tolerance)
     if not gap.agrees:
         raise RuntimeError(

@@ -1,5 +1,5 @@
 """Exporting a checkpoint: its ZeRO partitions merged into one model directory, checked against
-the training engine's logits, with its tokenizer and a transformers copy."""
+the logits recorded at save time, with its tokenizer and a transformers copy."""
 
 import dataclasses
 import json
@@ -15,7 +15,7 @@ from data_pipeline.errors import InputError
 from data_pipeline.storage import make_readable
 from mtrain.data.fill_in_middle import trained_infill_rate
 from mtrain.exported.transformers_format import hf_architecture, save_hf
-from mtrain.exported.verification import FP32_TOLERANCE, verify_against_probe
+from mtrain.exported.verification import verify_against_probe
 from mtrain.model import GPT, GPTConfig
 from mtrain.runs.checkpoint_files import damage, latest_intact
 from mtrain.runs.run_dir import COMPLETE_CHECKPOINTS, CheckpointDir, RunDir, model_shape
@@ -88,9 +88,8 @@ def export_verified(found: CheckpointDir, output: Path) -> Path:
     ``model.safetensors`` (fp32, tied embeddings stored once), ``config.json`` (the model shape
     and provenance), ``tokenizer/`` (the artifact the model was trained with) and ``hf/`` for
     ``transformers.AutoModelForCausalLM.from_pretrained`` (GPT-2, GPT-NeoX or Llama: see
-    ``mtrain.exported.transformers_format``). The merged weights are checked against logits the
-    training engine saved with the checkpoint, and ``hf/``, loaded back, against the merged
-    weights."""
+    ``mtrain.exported.transformers_format``). The merged weights are checked against logits
+    recorded with the checkpoint, and ``hf/``, loaded back, against the merged weights."""
     ckpt, run = found.path, found.run
     model_cfg = GPTConfig(**model_shape(json.loads(run.model_config.read_text())))
     model = GPT(model_cfg)
@@ -102,7 +101,7 @@ def export_verified(found: CheckpointDir, output: Path) -> Path:
     tmp.replace(output / WEIGHTS)
     verified = verify_against_probe(model, found)
     probe_inputs = torch.load(found.probe, weights_only=True)["inputs"]
-    hf_diff = save_hf(model, output / HF, probe_inputs, FP32_TOLERANCE)
+    hf_diff = save_hf(model, output / HF, probe_inputs)
     make_readable(str(output / HF))
     if (output / TOKENIZER).exists():
         shutil.rmtree(output / TOKENIZER)

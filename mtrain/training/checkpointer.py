@@ -15,8 +15,10 @@ import torch
 
 from data_pipeline.errors import InputError
 from mtrain.distributed import collectives
+from mtrain.model import GPT, GPTConfig
 from mtrain.runs.checkpoint_files import checksums, latest_complete, size_of
 from mtrain.runs.run_dir import CheckpointDir, RunDir
+from mtrain.training.memory_plan import NoInitialValues
 from mtrain.training.resume import Resumed, resume_latest
 from mtrain.training.rng_state import rng_state
 
@@ -31,26 +33,57 @@ class DiskFull(InputError):
 
 
 @torch.no_grad()
-def probe_logits(engine, vocab_size: int, seq_len: int) -> dict:
-    """The model's logits on a fixed batch (a forward on every rank, as ZeRO-3 needs): the
-    reference export checks its consolidated weights against, with the dtype the engine
-    computed them in (bf16/fp16 engines run the module in that dtype; their fp32 master weights
-    give logits about one bf16 ulp away, so export recomputes in the same dtype)."""
+def probe_logits(engine, vocab_size: int, seq_len: int) -> dict | None:
+    """The reference export checks its merged weights against: fp32 logits on a fixed batch,
+    computed on rank 0's CPU by a plain ``GPT`` (uncompiled, fp32) from the weights the
+    export will merge, gathered from the engine's memory (``export_weights``). Like for like
+    with the export's own recomputation whatever the engine computes in (bf16 kernels on a
+    GPU, a compiled graph), yet by another path than the export's merge of the files: a
+    wrong or misplaced partition there still shows. Collective; None on the other ranks.
+    Rank 0 holds the model's fp32 weights in host memory meanwhile."""
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randint(vocab_size, (2, min(64, seq_len)), generator=generator)
-    was_training = engine.training
-    engine.eval()
-    logits = engine(inputs.to(engine.device)).logits.float().cpu()
-    engine.train(was_training)
-    # The dtype the forward ran in: DeepSpeed's precision switches, else the module's
-    # parameters' (ZeRO-3 partitions keep the dtype of the whole parameter).
-    if getattr(engine, "bfloat16_enabled", lambda: False)():
-        dtype = torch.bfloat16
-    elif getattr(engine, "fp16_enabled", lambda: False)():
-        dtype = torch.float16
-    else:
-        dtype = next(engine.module.parameters()).dtype
-    return {"inputs": inputs, "logits": logits, "dtype": str(dtype).removeprefix("torch.")}
+    weights = export_weights(engine)
+    if weights is None:
+        return None
+    logits = reference_logits(engine.module.config, weights, inputs)
+    return {"inputs": inputs, "logits": logits, "dtype": "float32"}
+
+
+def export_weights(engine) -> dict[str, torch.Tensor] | None:
+    """The fp32 weights the export merges from a checkpoint of ``engine``, by parameter name,
+    on rank 0's CPU (None on the others): ZeRO's fp32 master weights where ZeRO-1/2/3 keep
+    them (``zero_to_fp32`` reads those), else (ZeRO-0) the module's own parameters, as the
+    export reads the model file. Collective: one gather of a whole parameter at a time."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    main = engine.global_rank == 0
+    weights = {}
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        if main:
+            weights[name] = (param.detach() if full is None else full).float().cpu()
+    return weights if main else None
+
+
+@torch.no_grad()
+def reference_logits(
+    cfg: GPTConfig, weights: dict[str, torch.Tensor], inputs: torch.Tensor
+) -> torch.Tensor:
+    """The logits a ``GPT(cfg)`` holding ``weights`` (every parameter by name, as
+    ``named_parameters()`` gives them, a tied one once) computes on ``inputs``, on their
+    device in their dtype: on the CPU in fp32, what the export computes. The model is built
+    on the meta device and runs on ``weights`` themselves (no copy of them)."""
+    with torch.device("meta"), NoInitialValues():
+        model = GPT(cfg)
+    names = {name for name, _ in model.named_parameters()}
+    if names != set(weights):
+        raise RuntimeError(
+            f"the engine's parameters are not GPT's: missing {sorted(names - set(weights))}, "
+            f"unexpected {sorted(set(weights) - names)}"
+        )
+    # functional_call ties what the model ties (lm_head to wte), as export's load does.
+    return torch.func.functional_call(model.eval(), weights, (inputs,)).logits
 
 
 class Checkpointer:

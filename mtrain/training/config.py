@@ -101,6 +101,24 @@ class DeepSpeedConfig:
         )
 
     @property
+    def half_precision(self) -> bool:
+        return self.precision != Precision.fp32
+
+    @property
+    def accumulates_in_fp32(self) -> bool:
+        """Whether the micro batches' gradients add up in fp32 (``grad_accum_dtype``; the
+        reasons are at ``deepspeed_config.gradient_precision``): where ZeRO partitions them
+        (ZeRO-2/3), or the model is fp32 anyway."""
+        return not self.half_precision or self.zero_stage >= 2
+
+    def overlaps_reduction(self, on_gpu: bool) -> bool:
+        """Whether ZeRO-1/2 reduce the gradients on a side stream while the backward pass goes
+        on (``overlap_comm``, with a second bucket to fill meanwhile): on GPUs. DeepSpeed turns
+        it on for ZeRO-3 itself; a CPU has no side stream, the reduction would block as before
+        through twice the bucket memory, so CPU runs keep DeepSpeed's default (off)."""
+        return on_gpu and self.zero_stage in (1, 2)
+
+    @property
     def clips_in_trainer(self) -> bool:
         """Whether the trainer clips the gradients instead of DeepSpeed: without ZeRO or a
         mixed-precision optimizer DeepSpeed computes the norm to clip and then drops it, and

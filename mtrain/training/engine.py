@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 
 def engine_config(cfg: TrainConfig, sizes: BatchSizes) -> dict:
     """DeepSpeed's config of the run: its ZeRO stage, precision, optimizer and batch, with
-    buckets sized to the model."""
-    return deepspeed_config(cfg.deepspeed, cfg.optim, sizes, ModelShape.of(cfg.model))
+    buckets sized to the model and communication overlapped on GPUs."""
+    shape = ModelShape.of(cfg.model)
+    return deepspeed_config(cfg.deepspeed, cfg.optim, sizes, shape, collectives.on_gpu())
 
 
 def new_model(cfg: TrainConfig, ds_config: dict) -> GPT:
@@ -73,6 +74,12 @@ def build_engine(cfg: TrainConfig, model: GPT, ds_config: dict, rank: int):
         "activation checkpointing %s, torch.compile %s",
         "on" if model.activation_checkpointing else "off",
         "on" if cfg.trainer.compile else "off",
+    )
+    # What DeepSpeed made of the config's precision fields, read back from the engine.
+    log.info(
+        "gradients accumulated in %s, reduced over ranks in %s",
+        str(engine.get_data_types()[1]).removeprefix("torch."),
+        str(engine.communication_data_type).removeprefix("torch."),
     )
     seed_everything(cfg.trainer.seed + rank)  # different dropout per rank
     # A thread keeps <run>/heartbeat/rank<r> fresh; batch_loss records the step reached. A rank

@@ -11,12 +11,16 @@ if TYPE_CHECKING:
 # Dense bf16 tensor-core peaks in FLOP/s per device, from the vendors' spec sheets: the dense
 # figure, never the 2:4-sparsity one the sheets headline (twice as large). A key matches a
 # whole word (or words) of torch.cuda.get_device_name(); the longest matching key wins, so
-# "H100 PCIe" beats "H100" and "L4" does not match "L40S".
+# "H100 PCIe" beats "H100", "H200 NVL" beats "H200", and "L4" does not match "L40S".
+# Hopper, from NVIDIA's H100 and H200 datasheets ("BF16 Tensor Core", given with sparsity):
+# SXM 1,979 TFLOPS, NVL 1,671, H100 PCIe 1,513; halved here. The NVL boards are PCIe cards
+# of 350-600 W, clocked below the 700 W SXM modules.
 PEAK_BF16_FLOPS: dict[str, float] = {
     "H100": 989e12,  # SXM, which names itself "NVIDIA H100 80GB HBM3"
     "H100 PCIe": 756e12,
     "H100 NVL": 835e12,
-    "H200": 989e12,
+    "H200": 989e12,  # SXM, which names itself "NVIDIA H200"
+    "H200 NVL": 835e12,
     "GH200": 989e12,
     "B200": 2250e12,
     "A100": 312e12,  # SXM and PCIe alike

@@ -34,9 +34,11 @@ SLACK = 0.10
 BUCKET_COPIES = 2
 
 
-class _NoValues(TorchFunctionMode):
-    """Skips in-place writes (the weights' initialisation): meta tensors hold no values, and
-    torch's first meta ``normal_`` costs seconds of setting up."""
+class NoInitialValues(TorchFunctionMode):
+    """Skips in-place writes (the weights' initialisation), for a model whose values come
+    later or never: meta tensors hold no values, and torch's first meta ``normal_`` costs
+    seconds of setting up; a model about to be filled with given weights needs no random ones
+    (nor draws from the random generators)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
@@ -59,7 +61,7 @@ class ModelShape:
 
     @classmethod
     def of(cls, cfg: GPTConfig) -> "ModelShape":
-        with torch.device("meta"), _NoValues():
+        with torch.device("meta"), NoInitialValues():
             model = GPT(cfg)
         sizes = [p.numel() for p in model.parameters()]
         block = sum(p.numel() for p in model.blocks[0].parameters())
@@ -153,15 +155,22 @@ def estimate(layout: Layout, buckets: ZeroBuckets | None = None) -> MemoryEstima
     # flatten the whole partition.
     master = 0 if stage == 0 and p == 4 else 4 if stage == 3 else 8
     step_grad = 4 * min(n * share["optimizer"], buckets.sub_group) if stage == 3 else 0
+    # ZeRO-3 accumulates its gradient partitions in fp32 (ZeRO-2's fp32 partition is the
+    # step's fp32 gradient, counted with the master weights).
+    grad = 4 if stage == 3 and ds.accumulates_in_fp32 else p
+    # A gradient bucket is sent in fp32 (an fp32 copy of a half-precision one); overlapped,
+    # a second bucket fills while the first is reduced.
+    bucket = p * (BUCKET_COPIES + ds.overlaps_reduction(layout.device == "cuda"))
+    bucket += 4 if ds.half_precision else 0
     parts = {
         "parameters": p * n * share["parameters"],
-        "gradients": p * n * share["gradients"],
+        "gradients": grad * n * share["gradients"],
         "Adam moments (fp32)": 8 * n * share["optimizer"],
         "fp32 master weights + gradients": master * n * share["optimizer"] + step_grad,
         "gathered parameters (ZeRO-3)": (
             p * min(n, buckets.max_live + buckets.prefetch) if stage == 3 else 0
         ),
-        "communication buckets": p * BUCKET_COPIES * min(n, buckets.reduce) if world > 1 else 0,
+        "communication buckets": bucket * min(n, buckets.reduce) if world > 1 else 0,
         "activations": activation_bytes(shape, layout, p),
     }
     if ds.offload_optimizer and layout.device != "cpu":

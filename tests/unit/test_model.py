@@ -267,6 +267,8 @@ DEVICE_ENTRIES = {
     "NVIDIA H100 80GB HBM3": "H100",
     "NVIDIA H100 PCIe": "H100 PCIe",
     "NVIDIA H100 NVL": "H100 NVL",
+    "NVIDIA H200": "H200",
+    "NVIDIA H200 NVL": "H200 NVL",
     "NVIDIA GH200 480GB": "GH200",
     "NVIDIA A100-SXM4-80GB": "A100",
     "NVIDIA A100 80GB PCIe": "A100",
@@ -299,7 +301,14 @@ def test_an_unknown_device_has_no_peak_and_so_no_mfu(device_name):
 
 def test_the_peaks_are_dense_never_the_sparsity_headline():
     # The spec sheets headline the 2:4-sparsity figure, twice the dense one MFU is measured on.
-    sparsity_headlines = {"NVIDIA H100 80GB HBM3": 1979e12, "NVIDIA A100-SXM4-80GB": 624e12}
+    sparsity_headlines = {
+        "NVIDIA H100 80GB HBM3": 1979e12,
+        "NVIDIA H100 PCIe": 1513e12,
+        "NVIDIA H100 NVL": 1671e12,
+        "NVIDIA H200": 1979e12,
+        "NVIDIA H200 NVL": 1671e12,
+        "NVIDIA A100-SXM4-80GB": 624e12,
+    }
     for device_name, sparse in sparsity_headlines.items():
         assert flops.peak_flops(device_name) == pytest.approx(sparse / 2, rel=1e-3)
 

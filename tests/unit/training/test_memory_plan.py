@@ -56,6 +56,24 @@ def test_zero3_states_are_partitioned_and_counted_per_byte():
     assert ddp["gathered parameters (ZeRO-3)"] == 0
 
 
+def test_half_precision_gradients_are_counted_in_the_fp32_they_are_summed_in():
+    shape = ModelShape.of(GPT_760M)
+    n, bucket = shape.params, zero_buckets(shape).reduce
+
+    def parts(stage: int, precision: Precision, device: str = "cpu") -> dict:
+        ds = DeepSpeedConfig(zero_stage=stage, precision=precision)
+        return estimate(layout(deepspeed=ds, device=device)).parts
+
+    # ZeRO-3 accumulates a bf16 model's gradient partitions in fp32.
+    assert parts(3, Precision.bf16)["gradients"] == 4 * n / 2
+    # A bucket: its copies in the model's precision, plus the fp32 copy sent over the ranks
+    # for a half-precision one, plus the second bucket overlap_comm fills (ZeRO-1/2 on GPUs).
+    assert parts(2, Precision.fp32)["communication buckets"] == 4 * 2 * bucket
+    assert parts(2, Precision.bf16)["communication buckets"] == (2 * 2 + 4) * bucket
+    assert parts(2, Precision.bf16, "cuda")["communication buckets"] == (2 * 3 + 4) * bucket
+    assert parts(3, Precision.bf16, "cuda")["communication buckets"] == (2 * 2 + 4) * bucket
+
+
 def test_each_zero_stage_needs_less_memory_per_rank():
     totals = [
         estimate(layout(deepspeed=replace(FP32_ZERO3, zero_stage=s), world_size=8)).total

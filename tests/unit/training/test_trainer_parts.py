@@ -72,6 +72,10 @@ def sizes():
     return batch_sizes(TrainConfig(model=GPTConfig(max_seq_len=SEQ_LEN), trainer=trainer), RANKS)
 
 
+# The optimizer, batch and model shape every DeepSpeed config below is generated with.
+CONFIGS = (OptimConfig(), sizes(), SHAPE)
+
+
 @pytest.mark.parametrize("precision", list(Precision))
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_deepspeed_config_takes_stage_batch_and_precision_from_the_typed_configs(stage, precision):
@@ -93,6 +97,33 @@ def test_deepspeed_config_takes_stage_batch_and_precision_from_the_typed_configs
     if stage == 3:
         assert zero["stage3_param_persistence_threshold"] == 7
         assert not zero["stage3_gather_16bit_weights_on_model_save"]
+
+
+@pytest.mark.parametrize("precision", list(Precision))
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_half_precision_gradients_are_summed_in_fp32_where_deepspeed_allows(stage, precision):
+    out = deepspeed_config(DeepSpeedConfig(zero_stage=stage, precision=precision), *CONFIGS)
+    if precision == Precision.fp32:  # nothing to widen: DeepSpeed's defaults are fp32 already
+        assert "communication_data_type" not in out and "data_types" not in out
+        return
+    # Over ranks: fp32 at every stage (DeepSpeed's default would be the model's precision).
+    assert out["communication_data_type"] == "fp32"
+    # Over micro batches: fp32 where ZeRO partitions the gradients. Not under ZeRO-0, which
+    # DeepSpeed refuses ("unsupported mix"), nor ZeRO-1, where bf16 would switch DeepSpeed to
+    # its BF16_Optimizer, whose checkpoints zero_to_fp32 cannot merge ("is not a zero
+    # checkpoint": the export fails).
+    accumulation = out.get("data_types", {}).get("grad_accum_dtype")
+    assert accumulation == ("fp32" if stage >= 2 else None)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_1_and_2_overlap_their_reduction_with_the_backward_pass_on_GPUs_only(stage):
+    for on_gpu in (False, True):
+        ds = DeepSpeedConfig(zero_stage=stage)
+        zero = deepspeed_config(ds, *CONFIGS, on_gpu=on_gpu)["zero_optimization"]
+        # ZeRO-3 overlaps by DeepSpeed's own default; ZeRO-0 has no ZeRO reduction; on a CPU
+        # DeepSpeed's default (off) stays, as CPU runs have always trained.
+        assert zero.get("overlap_comm") is (True if on_gpu and stage in (1, 2) else None)
 
 
 def test_zero_buckets_are_sized_from_the_model_when_its_shape_is_given():
