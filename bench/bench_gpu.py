@@ -13,6 +13,7 @@ script and the wheel set, not the figures.
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -170,6 +171,16 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def save(report: dict, work: Path, out: str | None) -> None:
+    """The report so far and the phases' logs, in ``out``: what a run stopped at the machine's
+    time limit has done still comes back."""
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "gpu-check.json").write_text(json.dumps(report, indent=2))
+        for log in work.glob("*.log"):
+            (Path(out) / log.name).write_text(log.read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dataset")
@@ -181,7 +192,8 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=8)
     a = parser.parse_args()
     work = Path(a.work)
-    work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)  # a run left there would be resumed, not started
+    work.mkdir(parents=True)
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU",
@@ -196,15 +208,11 @@ def main() -> None:
         result["export"] = export(run_dir, work / f"{name}-export") if ok else {}
         report["runs"].append(result)
         print(json.dumps(result), flush=True)
+        save(report, work, a.out)
     if "tokens_per_s" in report["runs"][-1]:
         report["resume"] = resume(a.dataset, work / "z3-compiled", a)
+        save(report, work, a.out)
     print(table(report))
-    if a.out:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "gpu-check.json").write_text(json.dumps(report, indent=2))
-        for log in work.glob("*.log"):
-            (out / log.name).write_text(log.read_text())
     failed = [r["run"] for r in report["runs"] if not r.get("export", {}).get("exported")]
     if failed or not report.get("resume", {}).get("ok"):
         raise SystemExit(f"GPU check incomplete: {failed or 'the resume'} failed")
