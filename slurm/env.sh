@@ -12,10 +12,9 @@ export MTRAIN_CACHE=${MTRAIN_CACHE:-$HOME/.cache/mtrain}
 export WANDB_MODE=${WANDB_MODE:-offline}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-# Nodes without a GPU train on the CPU with gloo (the local test cluster, CPU partitions).
-if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
-  export DS_ACCELERATOR=cpu
-fi
+# A CPU partition: export DS_ACCELERATOR=cpu here (and MTRAIN_PROCS_PER_NODE=<ranks per node>),
+# or before sbatch. Nothing guesses it from the node: train.sbatch refuses a job without GPUs
+# unless a CPU run was asked for, and mtrain uses the CPU (gloo) where torch sees no GPU.
 
 # NCCL: InfiniBand on by default; set NCCL_IB_DISABLE=1 (and NCCL_SOCKET_IFNAME=<iface>) on
 # Ethernet-only clusters. NCCL_DEBUG=INFO when a collective hangs.

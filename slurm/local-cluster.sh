@@ -7,24 +7,39 @@
 # MTRAIN_SLURM_NODES=2 adds a second node, "node2": a slurmd in its own network namespace
 # joined to this host by a veth pair (10.77.0.1 <-> 10.77.0.2, both ends named mtrain0, so
 # GLOO_SOCKET_IFNAME=mtrain0 holds on either node). Needs root and iproute2.
+# MTRAIN_SLURM_GPUS=8 MTRAIN_SLURM_CPUS=64 make each node declare 8 GPUs and 64 CPUs whatever
+# the machine has: Slurm schedules them (a GPU job's request, its environment), but the GPUs
+# are placeholders (links to /dev/null) and the CPUs the machine's own.
 set -euo pipefail
 cmd=${1:?usage: local-cluster.sh start|stop|env [DIR]}
 dir=$(realpath -m "${2:-${MTRAIN_SLURM_DIR:-/tmp/mtrain-slurm}}")
 conf=$dir/slurm.conf
 
 write_conf() {
-  local host cpus mem port
+  local host cpus mem port gres=""
   host=$(hostname -s)
-  cpus=$(nproc)
+  cpus=${MTRAIN_SLURM_CPUS:-$(nproc)}
   mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 512 ))
   port=${MTRAIN_SLURM_PORT:-$(( 20000 + RANDOM % 20000 ))}
   mkdir -p "$dir/state"
+  local gpus=${MTRAIN_SLURM_GPUS:-0} extra=""
+  if [ "$gpus" -gt 0 ]; then
+    for i in $(seq 0 $((gpus - 1))); do ln -sfn /dev/null "$dir/gpu$i"; done
+    echo "Name=gpu File=$dir/gpu[0-$((gpus - 1))]" > "$dir/gres.conf"
+    gres=" Gres=gpu:$gpus"
+    extra="GresTypes=gpu"
+  fi
+  if [ "$gpus" -gt 0 ] || [ -n "${MTRAIN_SLURM_CPUS:-}" ]; then
+    # What the node declares, not what slurmd finds on it (which would mark the node INVALID).
+    extra="$extra
+SlurmdParameters=config_overrides"
+  fi
   ctld_addr=127.0.0.1 nodes=$host
-  node_lines="NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN"
+  node_lines="NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem$gres State=UNKNOWN"
   if [ "$nodes_wanted" = 2 ]; then
     ctld_addr=$HOST_ADDR nodes="$host,node2"
-    node_lines="NodeName=$host NodeAddr=$HOST_ADDR CPUs=$cpus RealMemory=$((mem / 2)) State=UNKNOWN
-NodeName=node2 NodeAddr=$NODE2_ADDR CPUs=$cpus RealMemory=$((mem / 2)) State=UNKNOWN"
+    node_lines="NodeName=$host NodeAddr=$HOST_ADDR CPUs=$cpus RealMemory=$((mem / 2))$gres State=UNKNOWN
+NodeName=node2 NodeAddr=$NODE2_ADDR CPUs=$cpus RealMemory=$((mem / 2))$gres State=UNKNOWN"
   fi
   cat > "$conf" <<CONF
 ClusterName=mtrain-local
@@ -59,6 +74,7 @@ JobCompType=jobcomp/filetxt
 JobCompLoc=$dir/jobcomp.txt
 MinJobAge=3600
 KillWait=10
+$extra
 $node_lines
 PartitionName=debug Nodes=$nodes Default=YES MaxTime=INFINITE State=UP
 CONF

@@ -33,19 +33,26 @@ TRAIN = (
     "optim.warmup_steps=2",
     "trainer.log_every=10",
 )
+# What a CPU partition passes: train.sbatch's header asks each node for 8 GPUs and 64 CPUs
+# (this cluster's environment also says DS_ACCELERATOR=cpu and 2 ranks per node).
+CPU_JOB = ("--gpus-per-node=0", "--cpus-per-task=1")
 
 
 @contextmanager
-def local_cluster(where: Path, nodes: int = 1, ranks_per_node: int = 2, **extra_env: str):
+def local_cluster(
+    where: Path, nodes: int = 1, ranks_per_node: int = 2, gpus: int = 0, **extra_env: str
+):
     """A running loopback cluster; yields the environment a client needs. The daemons (and a
-    second node's network namespace) are stopped by PID afterwards."""
+    second node's network namespace) are stopped by PID afterwards. ``gpus``: each node
+    declares that many placeholder GPUs and 8 CPUs per GPU (slurm/local-cluster.sh)."""
     script = REPO / "slurm" / "local-cluster.sh"
+    declared = {"MTRAIN_SLURM_GPUS": str(gpus), "MTRAIN_SLURM_CPUS": str(8 * gpus)} if gpus else {}
     subprocess.run(
         [str(script), "start", str(where)],
         check=True,
         capture_output=True,
         timeout=60,
-        env={**os.environ, "MTRAIN_SLURM_NODES": str(nodes)},
+        env={**os.environ, "MTRAIN_SLURM_NODES": str(nodes), **declared},
     )
     try:
         yield {
@@ -105,6 +112,7 @@ def test_train_sbatch_runs_two_ranks_to_completion(slurm, bach_dataset, tmp_path
     job = sbatch(
         slurm,
         f"--output={tmp_path}/%j.out",
+        *CPU_JOB,
         "slurm/train.sbatch",
         f"data.path={bach_dataset}",
         f"run_dir={run_dir}",
@@ -113,7 +121,8 @@ def test_train_sbatch_runs_two_ranks_to_completion(slurm, bach_dataset, tmp_path
     )
     assert wait_for(slurm, job, {"COMPLETED"}) == "COMPLETED"
     log = (tmp_path / f"{job}.out").read_text()
-    assert "1 node(s) x 2 rank(s)" in log and "step 12/12" in log
+    assert "1 node(s) x 2 rank(s)" in log and "1 CPU(s) and 0 GPU(s) per node" in log
+    assert "step 12/12" in log
     assert steps(run_dir) == list(range(1, 13))
     assert (run_dir / "checkpoints" / "step_00000012" / "COMPLETE").exists()
     assert (run_dir / "train-rank1.log").exists()
@@ -137,6 +146,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, bach_dataset, tmp
     job = sbatch(
         slurm,
         f"--output={tmp_path}/%j.out",
+        *CPU_JOB,
         "slurm/train.sbatch",
         f"data.path={bach_dataset}",
         f"run_dir={run_dir}",
@@ -241,7 +251,7 @@ def test_prepare_array_at_scale_streams_and_learns_a_bounded_vocabulary(slurm, t
     [
         (
             "slurm/train.sbatch",
-            ["--nodes=1", "model=gpt_350m", "data.path=s3://ds/v1", "trainer.max_steps=20000"],
+            [*CPU_JOB, "model=gpt_350m", "data.path=s3://ds/v1", "trainer.max_steps=20000"],
         ),
         ("slurm/prepare.sbatch", ["--array=0-7", "source=s3://corpus/midi", "output=s3://ds/v1"]),
         ("slurm/merge.sbatch", ["output=s3://ds/v1"]),
@@ -263,13 +273,46 @@ def test_every_script_passes_sbatch_test_only(slurm, script, args):
 
 def test_an_impossible_request_is_refused_not_left_pending(slurm):
     proc = subprocess.run(
-        ["sbatch", "--test-only", "--nodes=2", "slurm/train.sbatch"],
+        ["sbatch", "--test-only", "--nodes=2", *CPU_JOB, "slurm/train.sbatch"],
         cwd=REPO,
         env=slurm,
         capture_output=True,
         text=True,
     )
     assert proc.returncode != 0 and "Node count specification invalid" in proc.stderr
+
+
+LAUNCHER = """#!/usr/bin/env bash
+echo "launcher: $*"
+scontrol show step "$SLURM_JOB_ID.$SLURM_STEP_ID" | grep -o 'Tres[A-Za-z]*=[^ ]*'
+"""
+
+
+def test_train_sbatch_asks_for_gpus_and_refuses_a_job_without_them(tmp_path):
+    """On a node that declares 8 GPUs and 64 CPUs, the header's own request (no option on the
+    sbatch line, no CPU run asked for): 8 ranks, and a launcher step that holds the node's
+    CPUs and GPUs. The launcher is a stand-in that reports the step Slurm gave it; no rank
+    starts. The same job with --gpus-per-node=0 fails at once, in one line, before any step."""
+    stand_in = tmp_path / "python"
+    stand_in.write_text(LAUNCHER)
+    stand_in.chmod(0o755)
+    with local_cluster(tmp_path / "cluster", gpus=8) as cluster:
+        asked_cpu = ("MTRAIN_PROCS_PER_NODE", "DS_ACCELERATOR")
+        env = {k: v for k, v in cluster.items() if k not in asked_cpu}
+        env["MTRAIN_PYTHON"] = str(stand_in)
+        job = sbatch(env, f"--output={tmp_path}/%j.out", "slurm/train.sbatch", "model=gpt_125m")
+        assert wait_for(env, job, {"COMPLETED"}, timeout=60) == "COMPLETED"
+        assert job_field(env, job, "MinMemoryNode") == "0"  # --mem=0: all of the node's memory
+        log = (tmp_path / f"{job}.out").read_text()
+        assert "1 node(s) x 8 rank(s)" in log and "64 CPU(s) and 8 GPU(s) per node" in log
+        assert "--nproc-per-node=8" in log and "-m mtrain.train model=gpt_125m" in log
+        assert "TresPerStep=cpu:64" in log and "TresPerNode=gres:gpu:8" in log
+
+        refused = sbatch(env, f"--output={tmp_path}/%j.out", *CPU_JOB, "slurm/train.sbatch")
+        assert wait_for(env, refused, {"FAILED"}, timeout=60) == "FAILED"
+        assert job_field(env, refused, "ExitCode") == "2:0"
+        lines = (tmp_path / f"{refused}.out").read_text().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"mtrain: job {refused} has no GPU")
 
 
 def test_submitit_sweep_runs_each_job_with_slurm_ranks(slurm, bach_dataset, tmp_path):
@@ -331,6 +374,7 @@ def train_on_two_nodes(env: dict, tmp_path: Path, dataset, run_dir: Path, *extra
         env,
         "--nodes=2",
         f"--output={tmp_path}/%j.out",
+        *CPU_JOB,
         "slurm/train.sbatch",
         f"data.path={dataset}",
         f"run_dir={run_dir}",
