@@ -20,7 +20,10 @@ from mtrain.runs.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 # Keys whose values must never reach wandb, whatever a user puts in the environment.
-_SECRET = re.compile(r"(key|secret|token|password|credential)", re.IGNORECASE)
+# Words of a key name that make its value a secret: ``hf_token``, ``aws_secret_access_key``,
+# ``apiKey``; whole words only, so ``tokenizer``, ``tokens_per_s`` and ``global_batch_tokens``,
+# which runs are compared by, stay readable.
+_SECRET_WORDS = {"key", "secret", "token", "password", "passwd", "credential", "credentials"}
 
 
 class WandbMode(Enum):
@@ -39,13 +42,19 @@ class LoggerConfig:
     tags: list[str] = field(default_factory=list)
 
 
+def names_a_secret(key: str) -> bool:
+    """Whether a config key's name says its value is a credential."""
+    words = re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower())
+    return not _SECRET_WORDS.isdisjoint(words)
+
+
 def scrub(config: dict) -> dict:
     """A copy of the config without anything that looks like a credential."""
     out = {}
     for k, v in config.items():
         if isinstance(v, dict):
             out[k] = scrub(v)
-        elif _SECRET.search(k) and not k.endswith("tokens"):
+        elif names_a_secret(k):
             out[k] = "<redacted>"
         else:
             out[k] = v

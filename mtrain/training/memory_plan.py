@@ -182,13 +182,28 @@ def estimate(layout: Layout, buckets: ZeroBuckets | None = None) -> MemoryEstima
     return MemoryEstimate(parts)
 
 
+def attention_kernel(device: str, precision: Precision) -> str:
+    """The kernel ``scaled_dot_product_attention`` takes for a training step (causal, no mask):
+    on CUDA, flash attention in bf16/fp16 and the memory-efficient kernel in fp32, which keep
+    each head's softmax statistics and never the T x T scores; on the CPU the plan assumes the
+    math kernel, which keeps the scores and probabilities for the backward pass."""
+    if device == "cuda":
+        return "flash" if precision != Precision.fp32 else "memory-efficient"
+    return "math"
+
+
 def activation_bytes(shape: ModelShape, layout: Layout, p: int) -> float:
-    """A micro batch's saved activations: per block ~17 d + 2 h T values per token (norms,
-    q/k/v, attention scores and probabilities, MLP); with checkpointing only each block's
-    input is kept, plus one block being recomputed. The logits and their fp32 softmax and
-    gradient come on top."""
-    tokens = layout.micro_batch_size * layout.model.max_seq_len
-    per_block = tokens * (17 * shape.d_model + 2 * shape.n_head * layout.model.max_seq_len) * p
+    """A micro batch's saved activations: per block ~17 d values per token (norms, q/k/v, the
+    attention output, MLP), plus the attention kernel's own: 2 h T values per token (scores
+    and probabilities) for the math kernel, h fp32 softmax statistics for flash and
+    memory-efficient ones; with checkpointing only each block's input is kept, plus one block
+    being recomputed. The logits and their fp32 softmax and gradient come on top."""
+    tokens, seq = layout.micro_batch_size * layout.model.max_seq_len, layout.model.max_seq_len
+    if attention_kernel(layout.device, layout.deepspeed.precision) == "math":
+        attention = 2 * shape.n_head * seq * p
+    else:
+        attention = 4 * shape.n_head
+    per_block = tokens * (17 * shape.d_model * p + attention)
     if layout.activation_checkpointing:
         blocks = shape.n_layer * tokens * shape.d_model * p + 2 * per_block
     else:
@@ -233,7 +248,8 @@ class Verdict:
             f"{self.estimate.total / GiB:.1f} GiB per rank estimated for a "
             f"{ModelShape.of(m).params / 1e6:.0f}M-parameter model, ZeRO-{ds.zero_stage}, "
             f"{ds.precision.value}, micro batch {self.layout.micro_batch_size} x "
-            f"{m.max_seq_len} tokens, {self.layout.world_size} ranks; each rank has "
+            f"{m.max_seq_len} tokens, {self.layout.world_size} ranks, "
+            f"{attention_kernel(self.layout.device, ds.precision)} attention; each rank has "
             f"{self.device_bytes / GiB:.1f} GiB ({self.where})"
         )
 

@@ -17,7 +17,9 @@ from mtrain.training.memory_plan import (
     GiB,
     Layout,
     ModelShape,
+    activation_bytes,
     advice,
+    attention_kernel,
     estimate,
     fastest_fitting_stage,
     judge,
@@ -141,3 +143,33 @@ def test_a_rank_gone_with_memory_exhausted_is_named_killed_for_memory(tmp_path, 
     monkeypatch.setattr(heartbeats, "_oom_kills_at_start", 0)
     _, lines = heartbeats.suspects(tmp_path, 2, me=0, now=now)
     assert "killed for memory" not in lines[1]
+
+
+# gpt_1b's shape (conf/model/gpt_1b.yaml) at its full context.
+GPT_1B = GPTConfig(vocab_size=521, n_layer=24, n_head=32, d_model=2048, max_seq_len=2048)
+
+
+def test_the_plan_follows_the_attention_kernel_the_run_takes():
+    """Flash (bf16/fp16) and memory-efficient (fp32) kernels on CUDA never store the T x T
+    scores; the CPU's math kernel stores scores and probabilities, 2 h T values per token and
+    block. gpt_1b at micro batch 8 x 2048 on 8 GPUs of 80 GB fits only with the former."""
+    assert attention_kernel("cuda", Precision.bf16) == "flash"
+    assert attention_kernel("cuda", Precision.fp16) == "flash"
+    assert attention_kernel("cuda", Precision.fp32) == "memory-efficient"
+    assert attention_kernel("cpu", Precision.bf16) == "math"
+    bf16 = DeepSpeedConfig(zero_stage=3, precision=Precision.bf16)
+    on = {d: Layout(GPT_1B, bf16, 8, world_size=8, device=d) for d in ("cuda", "cpu")}
+    shape, tokens, p = ModelShape.of(GPT_1B), 8 * 2048, 2
+    scores = shape.n_layer * tokens * 2 * shape.n_head * 2048 * p
+    statistics = shape.n_layer * tokens * 4 * shape.n_head
+    gap = activation_bytes(shape, on["cpu"], p) - activation_bytes(shape, on["cuda"], p)
+    assert gap == pytest.approx(scores - statistics)
+    logits = tokens * shape.vocab_size * (p + 8)
+    flash = activation_bytes(shape, on["cuda"], p)
+    assert flash == pytest.approx(shape.n_layer * tokens * 17 * 2048 * p + statistics + logits)
+    assert judge(on["cuda"], 80 * GiB, "80 GB").fits
+    assert not judge(on["cpu"], 80 * GiB, "80 GB").fits
+    assert "flash attention" in judge(on["cuda"], 80 * GiB, "80 GB").line()
+    # Checkpointing keeps one block's kernel activations either way: the rule applies there too.
+    checkpointed = replace(on["cuda"], activation_checkpointing=True)
+    assert activation_bytes(shape, checkpointed, p) < activation_bytes(shape, on["cuda"], p)

@@ -12,7 +12,9 @@ import pytest
 import torch
 from support.scripted_engine import ScriptedEngine, micro_batches
 
+from data_pipeline.app import config_dict
 from data_pipeline.errors import ConfigError
+from mtrain.data.loader import DataConfig
 from mtrain.model import GPT, GPTConfig
 from mtrain.runs.checkpoint_files import latest_complete
 from mtrain.runs.run_dir import CheckpointDir, RunDir
@@ -246,14 +248,18 @@ def test_scrub_redacts_credentials_at_any_depth_but_keeps_token_counts():
     config = {
         "hf_token": "hf_abc",
         "max_tokens": 5,
-        "trainer": {"global_batch_tokens": 1024, "seed": 1},
+        "apiKey": "k",
+        "trainer": {"global_batch_tokens": 1024, "seed": 1, "tokens_per_s": 9.0},
+        "tokenizer": {"kind": "remi", "tokenizer_from": "runs/base/export"},
         "data": {"path": "s3://b", "storage": {"aws_secret_access_key": "x", "api_key": "y"}},
         "logger": {"password": "p", "Credential_file": "c", "project": "mtrain"},
     }
     assert scrub(config) == {
         "hf_token": "<redacted>",
         "max_tokens": 5,
-        "trainer": {"global_batch_tokens": 1024, "seed": 1},
+        "apiKey": "<redacted>",
+        "trainer": {"global_batch_tokens": 1024, "seed": 1, "tokens_per_s": 9.0},
+        "tokenizer": {"kind": "remi", "tokenizer_from": "runs/base/export"},
         "data": {
             "path": "s3://b",
             "storage": {"aws_secret_access_key": "<redacted>", "api_key": "<redacted>"},
@@ -425,3 +431,11 @@ def test_preemption_is_due_after_a_signal_and_stops_after_saving(own_signal_hand
     with pytest.raises(Preempted) as stop:
         preemption.run(4, {})
     assert stop.value.exit_code == 75 and saved == [4]
+
+
+def test_scrub_keeps_every_key_of_the_training_config_readable():
+    """No key of the trainer's own config names a secret: runs stay comparable by tokenizer,
+    batch tokens and the rest (``data.tokenizer`` was once shown as redacted)."""
+    config = config_dict(TrainConfig(data=DataConfig(path="data/bach", tokenizer="data/tok")))
+    assert scrub(config) == config
+    assert scrub(config)["data"]["tokenizer"] == "data/tok"
