@@ -9,7 +9,6 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,12 +17,10 @@ from mtrain.distributed import collectives
 from mtrain.model import GPT, GPTConfig
 from mtrain.runs.checkpoint_files import checksums, latest_complete, size_of
 from mtrain.runs.run_dir import CheckpointDir, RunDir
+from mtrain.training.config import TrainerConfig
 from mtrain.training.memory_plan import NoInitialValues
 from mtrain.training.resume import Resumed, resume_latest
 from mtrain.training.rng_state import rng_state
-
-if TYPE_CHECKING:
-    from mtrain.training.config import TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +102,7 @@ class Checkpointer:
         self,
         engine,
         run: RunDir,
-        cfg: "TrainerConfig",
+        cfg: TrainerConfig,
         probe_shape: tuple[int, int],
         state: Callable[[], tuple[dict, dict]],
     ):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from data_pipeline.app import config_dict
+from data_pipeline.launch import Placement
 from mtrain.data.loader import StreamingData
 from mtrain.distributed import collectives, heartbeats
 from mtrain.exported.loading import load_weights
@@ -180,7 +181,7 @@ class Trainer:
     def __init__(
         self,
         cfg: TrainConfig,
-        place: collectives.Placement,
+        place: Placement,
         data: StreamingData,
         overrides: list[str],
     ):
