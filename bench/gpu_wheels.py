@@ -28,6 +28,10 @@ LEFT_OUT = {
     "wandb": "logger.mode=disabled",
     "s3fs": "object storage: the dataset is a local directory",
     "soundfile": "wandb.Audio's reader; wandb is left out",
+    "scipy": "the scaling-law fit, run where the sweep's run directories are",
+    "scikit-learn": "embedding probes (mtrain.embed), not part of the GPU check",
+    "faiss-cpu": "similarity search (mtrain.search), not part of the GPU check",
+    "peft": "LoRA fine-tuning, not part of the GPU check",
 }
 # Packages the GPU image ships (its package list of 2026-11) that mtrain's requirements reach:
 # used as they are there, with their own dependencies; anything else is carried.
