@@ -150,7 +150,7 @@ def close() -> None:
     # Through DeepSpeed where it started the group: it then drops the groups it cached (world,
     # data parallel), which a process that trains again (each point of a multirun) must not
     # meet. A DeepSpeed never imported started nothing.
-    ds_comm = sys.modules.get("deepspeed.comm")
+    ds_comm = sys.modules.get("deepspeed.comm.comm")  # the module whose cdb is live
     if ds_comm is not None and ds_comm.cdb is not None:
         ds_comm.destroy_process_group()
     else:
