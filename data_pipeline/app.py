@@ -71,8 +71,8 @@ def entry_point(
 
     In a Hydra multirun (``-m``) one point's input error, non-zero exit code or
     ``point_failures`` exception is said in one line and the sweep goes on to the next point;
-    the process then exits with the highest of their codes. A body
-    that must end the whole sweep (a preemption) calls ``sys.exit`` itself."""
+    the process then exits with the highest of their codes. A body that must end the whole
+    sweep (a preemption) calls ``sys.exit`` itself."""
     ConfigStore.instance().store(name=f"{config_name}_schema", node=schema)
     moved = moved or {}
     started = False
@@ -103,7 +103,6 @@ def entry_point(
         except point_failures as exc:
             if not in_multirun():
                 raise
-            log.exception("this point failed")
             code = point_failed(failed, f"{type(exc).__name__}: {exc}", 1)
         else:
             if code and in_multirun():
