@@ -41,6 +41,9 @@ class ScalingConfig:
     huber_delta: float = HUBER_DELTA
     # L-BFGS starts, the grid's best (mtrain.scaling_laws.chinchilla).
     starts: int = STARTS
+    # Points of fewer optimizer steps are left out of the fit (0: none is): a large model on a
+    # small budget takes a handful of steps, and its loss measures the warmup, not its size.
+    min_steps: int = 0
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
     def __post_init__(self):
@@ -50,6 +53,7 @@ class ScalingConfig:
             [
                 (self.huber_delta > 0, "huber_delta", "must be above 0"),
                 (self.starts >= 1, "starts", "must be at least 1"),
+                (self.min_steps >= 0, "min_steps", "must be at least 0"),
             ],
         )
 
@@ -93,7 +97,7 @@ def holdout(points: list[SweepPoint], cfg: ScalingConfig) -> tuple[dict, object 
 def scale(cfg: ScalingConfig, overrides: list[str]) -> dict:
     """Reads the sweep, fits, writes the report and figures into ``cfg.output``; returns the
     report (law.json's content)."""
-    sweep = read_sweep(cfg.sweep_dir)
+    sweep = read_sweep(cfg.sweep_dir, cfg.min_steps)
     points = sweep.points
     if len(points) < MIN_POINTS:
         raise InputError(
@@ -112,6 +116,7 @@ def scale(cfg: ScalingConfig, overrides: list[str]) -> dict:
     a, b = fit.law.compute_optimal_exponents
     report = {
         "sweep_dir": str(cfg.sweep_dir),
+        "min_steps": cfg.min_steps,
         "definitions": DEFINITIONS,
         "law": fit.law.as_dict()
         | {"objective": fit.objective, "starts": fit.starts, "converged": fit.converged}

@@ -35,6 +35,7 @@ class SweepPoint:
     tokens: int  # D
     flops: float  # C, within half a step of the budget
     loss: float  # the validation loss after the last step
+    steps: int  # optimizer steps taken
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,10 @@ def run_dirs(root: Path) -> list[Path]:
     return sorted(d for d in found if RunDir(d).train_config.exists())
 
 
-def read_sweep(root: str | Path) -> Sweep:
+def read_sweep(root: str | Path, min_steps: int = 0) -> Sweep:
     """Every point under ``root``; an absent, empty or foreign folder is refused in one line
-    naming what is missing."""
+    naming what is missing. A point of fewer than ``min_steps`` optimizer steps is set aside:
+    its loss says more about the warmup than about the size."""
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"sweep_dir={root} is not a directory")
@@ -76,6 +78,10 @@ def read_sweep(root: str | Path) -> Sweep:
     points, set_aside = [], []
     for d in dirs:
         found = read_point(RunDir(d))
+        if isinstance(found, SweepPoint) and found.steps < min_steps:
+            found = SetAside(
+                found.run_dir, f"{found.steps} steps, fewer than min_steps={min_steps}"
+            )
         (points if isinstance(found, SweepPoint) else set_aside).append(found)
     return Sweep(points, set_aside)
 
@@ -119,7 +125,9 @@ def read_point(run: RunDir) -> SweepPoint | SetAside:
         return SetAside(
             where, f"diverged: final validation loss {final:.3f} is no lower than at the start"
         )
-    return SweepPoint(where, model.depth, budget, found.params, found.tokens, found.flops, final)
+    return SweepPoint(
+        where, model.depth, budget, found.params, found.tokens, found.flops, final, found.steps
+    )
 
 
 def losses(row: dict) -> list[float]:

@@ -48,7 +48,8 @@ def test_fewer_points_than_parameters_are_refused():
 
 
 def point(budget: float, params: float, loss: float) -> SweepPoint:
-    return SweepPoint("run", None, budget, int(params), int(budget / (6 * params)), budget, loss)
+    tokens = int(budget / (6 * params))
+    return SweepPoint("run", None, budget, int(params), tokens, budget, loss, tokens // 256)
 
 
 def test_the_isoflop_vertex_is_the_parabola_minimum_and_the_power_laws_go_through_it():

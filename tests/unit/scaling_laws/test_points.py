@@ -95,3 +95,11 @@ def test_an_absent_empty_or_foreign_folder_is_refused_in_one_line(tmp_path, make
         read_sweep(make(tmp_path))
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_a_point_of_too_few_steps_is_set_aside_when_asked(tmp_path):
+    write_run(tmp_path / "0", [5.0] + [2.0] * (steps() - 1))
+    assert read_sweep(tmp_path, min_steps=steps()).points
+    sweep = read_sweep(tmp_path, min_steps=steps() + 1)
+    assert not sweep.points
+    assert sweep.set_aside[0].reason == f"{steps()} steps, fewer than min_steps={steps() + 1}"
