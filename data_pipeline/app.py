@@ -17,6 +17,7 @@ from typing import Any
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -60,15 +61,22 @@ def entry_point(
     schema: type,
     body: Callable[[Any, list[str]], int | None],
     moved: dict[str, str] | None = None,
+    point_failures: tuple[type[Exception], ...] = (),
 ) -> Callable[[], None]:
     """The ``main`` of an app: composes ``conf/<config_name>.yaml`` onto ``schema``, builds the
     typed config (its ``__post_init__`` checks run here) and calls ``body(cfg, overrides)``,
     whose return value is the exit code. An input error ends the process with one line and
     ``EXIT_INPUT``; only rank 0 says it. ``moved`` maps keys the schema no longer has to where
-    they are now: a config or override still setting one is refused naming the new key."""
+    they are now: a config or override still setting one is refused naming the new key.
+
+    In a Hydra multirun (``-m``) one point's input error, non-zero exit code or
+    ``point_failures`` exception is said in one line and the sweep goes on to the next point;
+    the process then exits with the highest of their codes. A body that must end the whole
+    sweep (a preemption) calls ``sys.exit`` itself."""
     ConfigStore.instance().store(name=f"{config_name}_schema", node=schema)
     moved = moved or {}
     started = False
+    failed: list[tuple[str, int]] = []  # (the point, its exit code) in a multirun
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
     def run(raw: DictConfig) -> None:
@@ -89,8 +97,18 @@ def entry_point(
             cfg = OmegaConf.to_object(raw)
             code = body(cfg, list(HydraConfig.get().overrides.task))
         except (*INPUT_ERRORS, OmegaConfBaseException) as exc:
-            refuse(str(exc))
-        sys.exit(code or 0)
+            if not in_multirun():
+                refuse(str(exc))
+            code = point_failed(failed, str(exc), EXIT_INPUT)
+        except point_failures as exc:
+            if not in_multirun():
+                raise
+            code = point_failed(failed, f"{type(exc).__name__}: {exc}", 1)
+        else:
+            if code and in_multirun():
+                point_failed(failed, f"exited with code {code}", code)
+        if not in_multirun():
+            sys.exit(code or 0)
 
     def main() -> None:
         quiet_third_parties()
@@ -99,6 +117,15 @@ def entry_point(
         held = sys.stderr = io.StringIO()
         try:
             run()
+            if failed:
+                if placement_from_env().rank == 0:
+                    print(
+                        f"error: {len(failed)} point(s) of the sweep failed: "
+                        + "; ".join(f"{point} (exit {code})" for point, code in failed),
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                sys.exit(max(code for _, code in failed))
         except SystemExit as exc:
             sys.stderr = sys.__stderr__
             if not started and exc.code not in (0, None):
@@ -109,6 +136,21 @@ def entry_point(
             raise
 
     return main
+
+
+def in_multirun() -> bool:
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def point_failed(failed: list[tuple[str, int]], message: str, code: int) -> int:
+    """Notes a failed point of a multirun, saying why in one line (rank 0), and returns its
+    exit code."""
+    hydra_cfg = HydraConfig.get()
+    point = f"point {hydra_cfg.job.num} ({hydra_cfg.runtime.output_dir})"
+    failed.append((point, code))
+    if placement_from_env().rank == 0:
+        print(f"error: {point}: {one_line(message)}", file=sys.stderr, flush=True)
+    return code
 
 
 def moved_keys_said(report: str, moved: dict[str, str]) -> str:

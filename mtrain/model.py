@@ -23,6 +23,8 @@ BLOCKS = ("gpt2", "llama")
 NORM_EPS = 1e-5
 # A SwiGLU hidden width is rounded up to a multiple of this, as Llama's is (whole GPU tiles).
 SWIGLU_MULTIPLE = 64
+# The size dial's (``model.depth``) default width per layer: nanochat's aspect ratio.
+ASPECT_RATIO = 64
 
 
 @dataclass
@@ -47,6 +49,13 @@ class GPTConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     init_std: float = 0.02
+    # One dial for a family of shapes (model=scaling): depth sets n_layer = n_head = depth and
+    # d_model = aspect_ratio * depth, so heads are aspect_ratio wide (nanochat's rule, whose
+    # heads are 128 wide where ours keep one head per layer). None: the shape is n_layer,
+    # n_head and d_model as given.
+    depth: int | None = None
+    # Width per layer of the depth family (None: ASPECT_RATIO); only with depth.
+    aspect_ratio: int | None = None
 
     @property
     def head_dim(self) -> int:
@@ -63,6 +72,13 @@ class GPTConfig:
     def __post_init__(self):
         """Plain ValueErrors naming ``model.<key>``: the app runner reports them as input
         errors. The first problem found is said."""
+        if self.depth is not None:
+            self._derive_from_depth()
+        elif self.aspect_ratio is not None:
+            raise ValueError(
+                f"model.aspect_ratio={self.aspect_ratio} shapes the depth family only: set "
+                "model.depth too (model=scaling), or drop it"
+            )
         if self.vocab_size < 0:
             raise ValueError(
                 f"model.vocab_size={self.vocab_size} must be 0 (set from the tokenizer) or more"
@@ -90,6 +106,26 @@ class GPTConfig:
                 "model.positional='rope' rotates pairs of channels: the head size "
                 f"d_model/n_head={self.head_dim} must be even"
             )
+
+    def _derive_from_depth(self) -> None:
+        """Sets the shape ``depth`` implies. A key given beside it with another value is
+        refused; a key left at the class default counts as not given."""
+        if self.depth < 1:
+            raise ValueError(f"model.depth={self.depth} must be at least 1 (or null)")
+        aspect = ASPECT_RATIO if self.aspect_ratio is None else self.aspect_ratio
+        if aspect < 1:
+            raise ValueError(f"model.aspect_ratio={aspect} must be at least 1")
+        derived = {"n_layer": self.depth, "n_head": self.depth, "d_model": aspect * self.depth}
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        said = ", ".join(f"{k}={v}" for k, v in derived.items())
+        for key, value in derived.items():
+            given = getattr(self, key)
+            if given not in (value, defaults[key]):
+                raise ValueError(
+                    f"model.{key}={given} conflicts with model.depth={self.depth}, which sets "
+                    f"{said}: drop model.{key}, or set model.depth=null"
+                )
+            setattr(self, key, value)
 
     def with_vocab(self, vocab_size: int) -> "GPTConfig":
         """This shape with the tokenizer's vocabulary size (checked again)."""

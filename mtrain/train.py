@@ -4,12 +4,18 @@ Launch it with ``torchrun``, the ``deepspeed`` launcher or ``srun``; the config 
 before any process group starts. The loop is ``mtrain.training.trainer.Trainer``.
 """
 
-from data_pipeline.app import entry_point
+import sys
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+
+from data_pipeline.app import entry_point, in_multirun
 from data_pipeline.launch import placement_from_env
 from mtrain.data.loader import StreamingData
 from mtrain.distributed import collectives, host_memory
 from mtrain.runs.lock import RunDirTaken, RunLock, refuse_on_every_rank
 from mtrain.training.checkpointer import DiskFull
+from mtrain.training.compute_budget import apply_budget
 from mtrain.training.config import MOVED_KEYS, TrainConfig
 from mtrain.training.memory_plan import check_fits, training_layout
 from mtrain.training.trainer import NonFiniteLoss, Trainer
@@ -18,16 +24,32 @@ from mtrain.training.trainer import NonFiniteLoss, Trainer
 # with it. Another error may leave one in flight (an asynchronous gradient all-reduce, a
 # collective that failed), and ending the group could wait on it.
 RAISED_TOGETHER = (RunDirTaken, DiskFull, NonFiniteLoss)
+# What ends one point of a multirun and not the sweep: the next point may well train.
+POINT_FAILURES = (RunDirTaken, NonFiniteLoss)
+
+
+def place_sweep_point(cfg: TrainConfig) -> None:
+    """In a multirun, each point trains in its own run directory, ``<run_dir>/<job number>``
+    (conf/train.yaml's hydra.sweep), named ``<sweep>-<number>``; the sweep is its wandb group.
+    The same command again resumes every point where it stopped."""
+    if not in_multirun():
+        return
+    sweep = Path(cfg.run_dir).name
+    cfg.run_dir = HydraConfig.get().runtime.output_dir
+    cfg.run_name = f"{sweep}-{HydraConfig.get().job.num}"
+    cfg.logger.group = cfg.logger.group or sweep
 
 
 def run(cfg: TrainConfig, overrides: list[str]) -> int:
     place = placement_from_env()
+    place_sweep_point(cfg)
     # Before any process group exists: every rank fails fast on the same input error.
     collectives.refuse_cpu_with_gpus()
     data = StreamingData(
         cfg.data, cfg.model.max_seq_len, cfg.trainer.micro_batch_size, place.rank, place.world_size
     )
     cfg.model = cfg.model.with_vocab(data.tokenizer.vocab_size)
+    apply_budget(cfg)
     if cfg.deepspeed.check_memory:
         check_fits(training_layout(cfg, place.world_size))
     trainer = Trainer(cfg, place, data, overrides)
@@ -50,12 +72,14 @@ def run(cfg: TrainConfig, overrides: list[str]) -> int:
             collectives.close()
             raise
         collectives.close()
+        if code == cfg.trainer.preempt_exit_code:
+            sys.exit(code)  # every point of a sweep waits for the requeue, not only this one
         return code
     finally:
         lock.release()
 
 
-main = entry_point("train", TrainConfig, run, moved=MOVED_KEYS)
+main = entry_point("train", TrainConfig, run, moved=MOVED_KEYS, point_failures=POINT_FAILURES)
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,9 @@ and the few collectives the trainer calls itself; each works without a group as 
 
 import os
 import re
+import socket
 import subprocess
+import sys
 from collections.abc import Mapping
 from datetime import timedelta
 
@@ -31,6 +33,12 @@ def _first_node() -> str | None:
         ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=False
     )
     return out.stdout.split()[0] if out.returncode == 0 and out.stdout.strip() else None
+
+
+def _free_port() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
 
 
 def launched() -> bool:
@@ -98,6 +106,10 @@ def init(place: Placement, timeout_s: int) -> torch.device:
     os.environ.setdefault("MASTER_ADDR", _first_node() or "127.0.0.1")
     # Under srun/submitit every task of a job derives the same port from the job id.
     job = os.environ.get("SLURM_JOB_ID")
+    if place.world_size == 1 and not launched():
+        # A lone process (plain `python`, each point of a local multirun) meets no one: any
+        # free port, never a fixed one that another run on the machine may hold.
+        os.environ["MASTER_PORT"] = _free_port()
     os.environ.setdefault("MASTER_PORT", str(20000 + int(job) % 20000) if job else "29500")
     for key, value in (
         ("RANK", place.rank),
@@ -133,7 +145,15 @@ def init(place: Placement, timeout_s: int) -> torch.device:
 def close() -> None:
     """Ends the process group (NCCL warns at exit about one left open); only where every rank
     ends it together, with no collective pending."""
-    if dist.is_initialized():
+    if not dist.is_initialized():
+        return
+    # Through DeepSpeed where it started the group: it then drops the groups it cached (world,
+    # data parallel), which a process that trains again (each point of a multirun) must not
+    # meet. A DeepSpeed never imported started nothing.
+    ds_comm = sys.modules.get("deepspeed.comm.comm")  # the module whose cdb is live
+    if ds_comm is not None and ds_comm.cdb is not None:
+        ds_comm.destroy_process_group()
+    else:
         dist.destroy_process_group()
 
 

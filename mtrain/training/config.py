@@ -5,6 +5,7 @@ before any process group starts, each dataclass rejects impossible values in ``_
 naming ``section.key``, and ``batch_sizes`` rejects impossible batch arithmetic with a fix.
 """
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -17,6 +18,8 @@ from mtrain.model import GPTConfig
 from mtrain.runs.tracking import LoggerConfig
 
 AT_LEAST_1 = "must be at least 1"
+DEFAULT_MAX_STEPS = 1000
+DEFAULT_WARMUP_STEPS = 100
 # What a collective's timeout allows beyond the storage retry budget: the step of the rank that
 # retried, once its read came through.
 STEP_ROOM_S = 120
@@ -49,18 +52,39 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     schedule: Schedule = Schedule.cosine
-    warmup_steps: int = 100
+    # Steps of linear warmup: DEFAULT_WARMUP_STEPS unless given, or warmup_fraction instead.
+    warmup_steps: int | None = None
+    # Warmup as a share of the run's steps, for runs whose length a compute budget sets
+    # (trainer.flops_budget): warmup_steps = ceil(warmup_fraction * trainer.max_steps).
+    warmup_fraction: float | None = None
     decay_fraction: float = 0.2
 
     def __post_init__(self):
+        if self.warmup_steps is not None and self.warmup_fraction is not None:
+            raise ConfigError(
+                f"optim.warmup_steps={self.warmup_steps} and optim.warmup_fraction="
+                f"{self.warmup_fraction} both set the warmup: drop one"
+            )
+        fraction = self.warmup_fraction
         require(
             self,
             "optim",
             [
-                (self.warmup_steps >= 0, "warmup_steps", "must be at least 0"),
+                (
+                    self.warmup_steps is None or self.warmup_steps >= 0,
+                    "warmup_steps",
+                    "must be at least 0",
+                ),
+                (fraction is None or 0 <= fraction < 1, "warmup_fraction", "must be in [0, 1)"),
                 (0 < self.decay_fraction <= 1, "decay_fraction", "must be in (0, 1]"),
             ],
         )
+
+    def warmup_for(self, max_steps: int) -> int:
+        """Steps of warmup in a run of ``max_steps``."""
+        if self.warmup_fraction is not None:
+            return math.ceil(self.warmup_fraction * max_steps)
+        return DEFAULT_WARMUP_STEPS if self.warmup_steps is None else self.warmup_steps
 
 
 @dataclass
@@ -128,7 +152,12 @@ class DeepSpeedConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 1000
+    # Optimizer steps: DEFAULT_MAX_STEPS unless given or set by a compute budget.
+    max_steps: int | None = None
+    # Training FLOPs (flops.flops_per_token times the tokens trained) that fix the number of
+    # steps instead of max_steps: mtrain.training.compute_budget derives them once the
+    # vocabulary is known. For compute-matched runs, as a scaling-law grid needs.
+    flops_budget: float | None = None
     # Tokens per optimizer step over all ranks; the gradient accumulation is derived from it.
     global_batch_tokens: int = 524_288
     micro_batch_size: int = 8
@@ -159,11 +188,21 @@ class TrainerConfig:
     compile: bool = False
 
     def __post_init__(self):
+        if self.flops_budget is not None and self.max_steps is not None:
+            raise ConfigError(
+                f"trainer.max_steps={self.max_steps} conflicts with trainer.flops_budget="
+                f"{self.flops_budget:g}, which derives the steps: drop one"
+            )
         require(
             self,
             "trainer",
             [
-                (self.max_steps >= 1, "max_steps", AT_LEAST_1),
+                (self.max_steps is None or self.max_steps >= 1, "max_steps", AT_LEAST_1),
+                (
+                    self.flops_budget is None or self.flops_budget > 0,
+                    "flops_budget",
+                    "must be above 0 (FLOPs)",
+                ),
                 (self.keep_last >= 1, "keep_last", AT_LEAST_1),
                 (self.save_every >= 1, "save_every", AT_LEAST_1),
                 (self.log_every >= 1, "log_every", AT_LEAST_1),
@@ -193,18 +232,22 @@ class TrainConfig:
     def __post_init__(self):
         """What spans two sections."""
         self.run_name = self.run_name or Path(self.run_dir).name
-        require(
-            self.optim,
-            "optim",
-            [
-                (
-                    self.optim.warmup_steps <= self.trainer.max_steps,
-                    "warmup_steps",
-                    f"must be in [0, trainer.max_steps={self.trainer.max_steps}]",
-                )
-            ],
-        )
+        # Not in TrainerConfig's own check: OmegaConf builds the schema's defaults from an
+        # instance, whose max_steps would then look given.
+        if self.trainer.max_steps is None and self.trainer.flops_budget is None:
+            self.trainer.max_steps = DEFAULT_MAX_STEPS
+        if self.trainer.max_steps is not None:  # else once a budget has set them
+            self.check_schedule()
         self._check_timeouts()
+
+    def check_schedule(self) -> None:
+        """The warmup fits in the run (checked again once a budget has set its length)."""
+        max_steps = self.trainer.max_steps
+        if self.optim.warmup_for(max_steps) > max_steps:
+            raise ConfigError(
+                f"optim.warmup_steps={self.optim.warmup_for(max_steps)} must be in [0, "
+                f"trainer.max_steps={max_steps}]"
+            )
 
     def _check_timeouts(self) -> None:
         """A rank retrying stalled object storage keeps the others waiting in a collective: the

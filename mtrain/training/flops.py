@@ -59,16 +59,22 @@ def flops_per_token(cfg: "GPTConfig", seq_len: int) -> float:
     """Training (forward + backward) FLOPs per token, PaLM (Chowdhery et al. 2022, appendix B):
     6N + 12·L·H·Q·T for L layers of H heads of size Q over a context of T tokens.
 
-    N counts every weight a token is multiplied by: the non-embedding parameters plus the
-    output projection onto the vocabulary, also when it is tied to the token embedding. A
+    N counts every weight a token is multiplied by (``matmul_params``): the non-embedding
+    parameters plus the output projection onto the vocabulary, also when it is tied. A
     lookup costs no FLOPs but the projection does (2·V·d per token forward), and with a music
     vocabulary and a small model it is no rounding error. SwiGLU's gate is one more matrix in
     N; its elementwise product, like GELU, is left out as PaLM leaves nonlinearities out.
     """
+    return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+
+
+def matmul_params(cfg: "GPTConfig") -> int:
+    """The weights a token is multiplied by: the non-embedding parameters plus the output
+    projection onto the vocabulary, tied to the token embedding or not (the N of 6N)."""
     n = param_count(cfg, include_embeddings=False)
     if cfg.tie_embeddings:
         n += cfg.vocab_size * cfg.d_model
-    return 6.0 * n + 12.0 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+    return n
 
 
 def peak_flops(device_name: str) -> float | None:

@@ -332,8 +332,7 @@ def test_submitit_sweep_runs_each_job_with_slurm_ranks(slurm, bach_dataset, tmp_
             "hydra.launcher.tasks_per_node=2",
             "hydra.launcher.cpus_per_task=1",
             "hydra.launcher.timeout_min=10",
-            f"hydra.sweep.dir={sweep}",
-            f"run_dir={sweep}/run-${{hydra:job.num}}",
+            f"run_dir={sweep}",
             f"data.path={bach_dataset}",
             "trainer.max_steps=5",
             "optim.lr=1e-3,3e-4",
@@ -346,17 +345,16 @@ def test_submitit_sweep_runs_each_job_with_slurm_ranks(slurm, bach_dataset, tmp_
     )
     try:
         deadline = time.monotonic() + 300
-        runs = [sweep / "run-0", sweep / "run-1"]
+        runs = [sweep / "0", sweep / "1"]  # each point's run directory, <run_dir>/<job number>
         while not all((r / "checkpoints" / "step_00000005" / "COMPLETE").exists() for r in runs):
             assert time.monotonic() < deadline, "sweep jobs did not finish"
             time.sleep(1)
     finally:
         client.terminate()
         client.wait(timeout=30)
-    for num, run in enumerate(runs):
+    for run in runs:
         assert steps(run) == [1, 2, 3, 4, 5]
-        logs = sweep / str(num)  # the sweep job's Hydra output directory
-        assert (logs / "train-rank1.log").exists()  # two ranks, from SLURM_PROCID
+        assert (run / "train-rank1.log").exists()  # two ranks, from SLURM_PROCID
     overrides = [(sweep / str(n) / "hydra" / "overrides.yaml").read_text() for n in (0, 1)]
     assert any("optim.lr=0.001" in o for o in overrides)
     assert any("optim.lr=0.0003" in o for o in overrides)
