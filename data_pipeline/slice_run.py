@@ -30,7 +30,7 @@ from data_pipeline.piece import (
 from data_pipeline.pool import ResilientPool, TaskFailure
 from data_pipeline.shards import ShardWriter
 from data_pipeline.sources import SourceFile, discover
-from data_pipeline.tokenizer import base_fingerprint, build_base_tokenizer
+from data_pipeline.tokenizer import base_fingerprint, base_tokenizer_of
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,8 @@ def _record(file, result, cfg, writers, tally) -> None:
 
 def run_slice(cfg: PrepareConfig) -> dict:
     """Processes this slice and writes its shards, manifest, failures and card."""
+    # Before any file is read: a tokenizer_from that names no artifact is refused here.
+    base = base_tokenizer_of(cfg.tokenizer, cfg.tokenizer_from)
     listing = discover(cfg)
     files = listing.files
     log.info(
@@ -177,7 +179,9 @@ def run_slice(cfg: PrepareConfig) -> dict:
                     detail=reason,
                 )
             )
-    setup = WorkerSetup(cfg.tokenizer, cfg.limits, cfg.num_slices, cfg.slice_index)
+    setup = WorkerSetup(
+        cfg.tokenizer, cfg.limits, cfg.num_slices, cfg.slice_index, cfg.tokenizer_from
+    )
     start = time.monotonic()
     startup = 0.0
     # Redrawn once a second: on a slow console every redraw is a blocking write in the one
@@ -205,7 +209,7 @@ def run_slice(cfg: PrepareConfig) -> dict:
     bar.close()
     elapsed = time.monotonic() - start
     shards = {s: w.close() for s, w in writers.items()}
-    card = _slice_card(cfg, tally, shards, elapsed, startup, restarts)
+    card = _slice_card(cfg, tally, shards, elapsed, startup, restarts, base_fingerprint(base))
     log.info(
         "slice %d: %d files in %.1f s (%.1f files/s, %.0f tokens/s), %d quarantined",
         cfg.slice_index,
@@ -220,7 +224,13 @@ def run_slice(cfg: PrepareConfig) -> dict:
 
 
 def _slice_card(
-    cfg, tally: SliceTally, shards: dict, elapsed: float, startup: float, restarts: int
+    cfg,
+    tally: SliceTally,
+    shards: dict,
+    elapsed: float,
+    startup: float,
+    restarts: int,
+    base_tokenizer: str,
 ) -> dict:
     splits = {}
     for split in SPLITS:
@@ -236,7 +246,7 @@ def _slice_card(
     files = tally.files
     return {
         "slice": {"index": cfg.slice_index, "count": cfg.num_slices},
-        "base_tokenizer": base_fingerprint(build_base_tokenizer(cfg.tokenizer)),
+        "base_tokenizer": base_tokenizer,
         "splits": splits,
         "files": {k: files[k] for k in ("total", "ok", "duplicates", "quarantined")},
         "failures": {

@@ -10,6 +10,7 @@ from safetensors.torch import load_model
 
 from data_pipeline.reader import load_card
 from data_pipeline.tokenizer import MusicTokenizer
+from mtrain.exported.vocab_growth import added_labels, grown_rows
 from mtrain.exported.writing import CONFIG, TOKENIZER, WEIGHTS, exported_model_dir
 from mtrain.model import GPT, GPTConfig
 from mtrain.runs.run_dir import model_shape
@@ -74,27 +75,40 @@ def load_for_data(
     return ModelAndData(model, meta, tokenizer, card, model_dir)
 
 
-def load_weights(model: GPT, path: str | Path) -> None:
-    """Fine-tuning: start ``model`` from exported weights of the same shape. A model built
-    partitioned (ZeRO-3's ``deepspeed.zero.Init``: its parameters are empty placeholders,
-    which ``load_state_dict`` cannot fill) is filled one parameter at a time, gathered whole
-    while rank 0 writes it and partitioned again from rank 0's values (collective)."""
-    source, meta = load_exported(path)
-    if meta["model"]["vocab_size"] != model.config.vocab_size:
-        raise ValueError(
-            f"init_from={path} has vocab_size {meta['model']['vocab_size']} but this run's "
-            f"tokenizer has {model.config.vocab_size}; fine-tune on data prepared with the "
-            "same tokenizer artifact"
+def exported_tokenizer(path: str | Path) -> MusicTokenizer:
+    """The tokenizer artifact an exported model was trained with."""
+    return MusicTokenizer.load(str(Path(path) / TOKENIZER))
+
+
+def check_init_from(path: str, tokenizer: MusicTokenizer) -> list[str]:
+    """Before a fine-tuning run starts: the label tokens its data's ``tokenizer`` adds to the
+    exported model's (refused when it is another tokenizer altogether)."""
+    if not (Path(path) / WEIGHTS).exists():
+        raise FileNotFoundError(
+            f"init_from={path}: no {WEIGHTS} there; give a directory `python -m mtrain.export` "
+            "wrote"
         )
+    return added_labels(path, exported_tokenizer(path), tokenizer)
+
+
+def load_weights(model: GPT, path: str | Path, tokenizer: MusicTokenizer) -> None:
+    """Fine-tuning: start ``model`` from exported weights of the same shape, with rows for the
+    label tokens the run's ``tokenizer`` adds (``vocab_growth``). A model built partitioned
+    (ZeRO-3's ``deepspeed.zero.Init``: its parameters are empty placeholders, which
+    ``load_state_dict`` cannot fill) is filled one parameter at a time, gathered whole while
+    rank 0 writes it and partitioned again from rank 0's values (collective)."""
+    source, _ = load_exported(path)
+    parent = exported_tokenizer(path)
+    added_labels(str(path), parent, tokenizer)
+    weights = grown_rows(source.state_dict(), parent, tokenizer)
     if not any(hasattr(p, "ds_id") for p in model.parameters()):
-        model.load_state_dict(source.state_dict(), strict=True)
+        model.load_state_dict(weights, strict=True)
         return
     import deepspeed
     import torch.distributed as dist
 
-    weights = dict(source.named_parameters())
     shapes = {name: tuple(p.ds_shape) for name, p in model.named_parameters()}
-    theirs = {name: tuple(p.shape) for name, p in weights.items()}
+    theirs = {name: tuple(weights[name].shape) for name in shapes if name in weights}
     if shapes != theirs:
         other = sorted(
             name for name in shapes.keys() | theirs.keys() if shapes.get(name) != theirs.get(name)

@@ -106,11 +106,14 @@ def export_verified(found: CheckpointDir, output: Path) -> Path:
     if (output / TOKENIZER).exists():
         shutil.rmtree(output / TOKENIZER)
     shutil.copytree(run.tokenizer, output / TOKENIZER)
+    artifact = json.loads((run.tokenizer / "artifact.json").read_text())
     meta = {
         "model": dataclasses.asdict(model_cfg),
         "checkpoint": str(ckpt.resolve()),
         "step": json.loads(found.marker.read_text())["step"],
-        "tokenizer_hash": json.loads((run.tokenizer / "artifact.json").read_text())["hash"],
+        "tokenizer_hash": artifact["hash"],
+        # A tokenizer extended for fine-tuning: the hash of the one it extends, the labels added.
+        **({"tokenizer_lineage": artifact["lineage"]} if "lineage" in artifact else {}),
         "verified_logits_max_abs_diff": verified.max_abs_diff,
         "verified_logits_dtype": verified.dtype,
         "verified_logits_tolerance": verified.tolerance,

@@ -243,7 +243,7 @@ class Trainer:
         ds_config = engine_config(cfg, self.batch_sizes)
         model = new_model(cfg, ds_config)
         if cfg.init_from:  # fine-tuning: the exported weights replace the fresh ones
-            load_weights(model, cfg.init_from)
+            load_weights(model, cfg.init_from, self.data.tokenizer)
         engine, self.scheduler = build_engine(cfg, model, ds_config, self.place.rank)
         self.stepper = OptimizerStep(
             engine,
