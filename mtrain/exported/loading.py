@@ -1,33 +1,17 @@
 """Loading an exported model: for inference, with a dataset it must match, or as the start of
 a fine-tuning run."""
 
-import json
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import load_model
 
 from data_pipeline.reader import load_card
 from data_pipeline.tokenizer import MusicTokenizer
+from mtrain.exported.model_dir import TOKENIZER, WEIGHTS, load_exported
 from mtrain.exported.vocab_growth import added_labels, grown_rows
-from mtrain.exported.writing import CONFIG, TOKENIZER, WEIGHTS, exported_model_dir
-from mtrain.model import GPT, GPTConfig
-from mtrain.runs.run_dir import model_shape
-
-
-def load_exported(path: str | Path) -> tuple[GPT, dict]:
-    """The exported model (eval mode, CPU) and its config.json."""
-    path = Path(path)
-    if not (path / WEIGHTS).exists():
-        raise FileNotFoundError(
-            f"{path / WEIGHTS} not found: export a checkpoint first with "
-            f"`python -m mtrain.export checkpoint=<run_dir> output={path}`"
-        )
-    meta = json.loads((path / CONFIG).read_text())
-    model = GPT(GPTConfig(**model_shape(meta["model"])))
-    load_model(model, str(path / WEIGHTS))
-    return model.eval(), meta
+from mtrain.exported.writing import exported_model_dir
+from mtrain.model import GPT
 
 
 class ModelAndData(NamedTuple):

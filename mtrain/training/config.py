@@ -15,6 +15,7 @@ from data_pipeline.storage import is_remote
 from mtrain.data.loader import DataConfig
 from mtrain.model import GPTConfig
 from mtrain.runs.tracking import LoggerConfig
+from mtrain.training.adapters import FinetuneConfig, check_finetune
 
 AT_LEAST_1 = "must be at least 1"
 # What a collective's timeout allows beyond the storage retry budget: the step of the rank that
@@ -189,10 +190,12 @@ class TrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self):
         """What spans two sections."""
         self.run_name = self.run_name or Path(self.run_dir).name
+        check_finetune(self.finetune, self.model, self.init_from)
         require(
             self.optim,
             "optim",

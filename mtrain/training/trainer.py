@@ -9,6 +9,7 @@ import math
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -16,9 +17,12 @@ from data_pipeline.app import config_dict
 from data_pipeline.launch import Placement
 from mtrain.data.loader import StreamingData
 from mtrain.distributed import collectives, heartbeats
+from mtrain.exported.adapter import check_base, record_base
 from mtrain.exported.loading import load_weights
+from mtrain.exported.model_dir import WEIGHTS
 from mtrain.runs.run_dir import RunDir
 from mtrain.runs.tracking import Tracker
+from mtrain.training.adapters import add_adapters
 from mtrain.training.checkpointer import Checkpointer
 from mtrain.training.config import TrainConfig, batch_sizes
 from mtrain.training.engine import as_float, batch_loss, build_engine, engine_config, new_model
@@ -199,6 +203,9 @@ class Trainer:
         self.resuming = check_resumable(
             self.run_dir, dataclasses.asdict(self.cfg.model), self.data.tokenizer.hash
         )
+        if self.resuming and self.cfg.finetune.adapters:
+            init_from = self.cfg.init_from
+            check_base(self.run_dir, init_from, Path(init_from) / WEIGHTS)
 
     def fit(self, device: torch.device) -> int:
         """Trains to ``trainer.max_steps``; returns the exit code (0, or the requeue code after
@@ -244,6 +251,10 @@ class Trainer:
         model = new_model(cfg, ds_config)
         if cfg.init_from:  # fine-tuning: the exported weights replace the fresh ones
             load_weights(model, cfg.init_from, self.data.tokenizer)
+        if cfg.finetune.adapters:
+            add_adapters(model, cfg.finetune, t.seed)
+            if main and not self.resuming:
+                record_base(self.run_dir, cfg.init_from, Path(cfg.init_from) / WEIGHTS)
         engine, self.scheduler = build_engine(cfg, model, ds_config, self.place.rank)
         self.stepper = OptimizerStep(
             engine,
