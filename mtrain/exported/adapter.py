@@ -189,7 +189,8 @@ def write_peft_adapter(
     inputs: torch.Tensor,
 ) -> float:
     """Writes the adapters in PEFT's format to ``output`` and checks them: the base's
-    ``transformers`` copy (``<init_from>/hf``, its vocabulary grown for new labels) with
+    ``transformers`` copy (``<init_from>/hf``, its vocabulary grown for new labels, its weights
+    rounded to the dtype the run held them in) with
     ``PeftModel.from_pretrained(output)`` must give ``model``'s (the merged one's) logits on
     ``inputs``; returns how far they are."""
     from peft import PeftModel
@@ -203,6 +204,9 @@ def write_peft_adapter(
     config.save_pretrained(str(output))
     save_file(tensors, str(output / "adapter_model.safetensors"), metadata={"format": "pt"})
     base = AutoModelForCausalLM.from_pretrained(config.base_model_name_or_path)
+    with torch.no_grad():  # held as the run held it (a bf16 run trained over a bf16 base)
+        for param in base.parameters():
+            param.copy_(param.to(spec.base_dtype).float())
     if new_rows:
         base.resize_token_embeddings(child.vocab_size, mean_resizing=False)
     peft_model = PeftModel.from_pretrained(base, str(output)).eval()
