@@ -164,7 +164,7 @@ def peft_adapter(
             a, b = adapters[ours.format("A")], adapters[ours.format("B")]
             for their, b_rows in zip(theirs, rows(b, cfg), strict=True):
                 key = f"base_model.model.{prefix}.{i}.{their}"
-                tensors[f"{key}.lora_A.weight"] = a.contiguous()
+                tensors[f"{key}.lora_A.weight"] = a.clone()  # q, k, v: one A each
                 tensors[f"{key}.lora_B.weight"] = b_rows.contiguous()
                 targets.add(their.split(".")[-1])
     config = lora_config(spec.finetune, cfg)
