@@ -31,15 +31,16 @@ from mtrain.model import GPT, GPTConfig
 from mtrain.runs.checkpoint_files import damage, latest_intact
 from mtrain.runs.run_dir import COMPLETE_CHECKPOINTS, CheckpointDir, RunDir, model_shape
 from mtrain.training.flops import param_count
+from mtrain.training.small_data import best_step
 
 log = logging.getLogger(__name__)
 
 
 def resolve_checkpoint(path: Path) -> CheckpointDir:
     """``path`` itself when it is a complete checkpoint whose files match its marker (refused,
-    naming the file, when they do not), else a run directory's newest intact one (damaged
-    newer ones skipped with a warning). A checkpoint's files are checked against the sizes and
-    CRC-32s of its marker first."""
+    naming the file, when they do not), else a run directory's best one where early stopping
+    recorded it, or its newest intact one (damaged newer ones skipped with a warning). A
+    checkpoint's files are checked against the sizes and CRC-32s of its marker first."""
     given = CheckpointDir(path)
     if given.complete:
         problems = damage(given)
@@ -50,6 +51,12 @@ def resolve_checkpoint(path: Path) -> CheckpointDir:
             )
         return given
     if path.is_dir() and not given.named_as_step:
+        best = best_step(RunDir(path))  # a run that stopped early: its best, if intact
+        if best is not None and RunDir(path).checkpoint(best).complete:
+            best_dir = RunDir(path).checkpoint(best)
+            if not damage(best_dir):
+                log.info("exporting the best checkpoint of %s: step %d", path, best)
+                return best_dir
         found, skipped = latest_intact(RunDir(path), move_aside=False)
         if found is not None:
             if skipped:

@@ -22,6 +22,7 @@ from mtrain.training.config import TrainerConfig
 from mtrain.training.memory_plan import NoInitialValues
 from mtrain.training.resume import Resumed, resume_latest
 from mtrain.training.rng_state import rng_state
+from mtrain.training.small_data import best_step
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +232,9 @@ def _prune(run: RunDir, keep_last: int) -> None:
     if not complete:
         return
     keep = set(complete[-keep_last:])
+    best = best_step(run)  # early stopping's best checkpoint outlives the newer ones
+    if best is not None:
+        keep.add(run.checkpoint(best).path)
     newest = complete[-1]
     for ckpt in run.checkpoint_dirs():
         if ckpt.path not in keep and ckpt.path.name < newest.name:

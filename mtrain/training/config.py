@@ -158,6 +158,9 @@ class TrainerConfig:
     # the compiler, minutes on a CPU).
     activation_checkpointing: bool = False
     compile: bool = False
+    # Stop once this many validations in a row did not lower the val loss, keeping the best
+    # checkpoint (saved when it was reached); 0: never stop early. Needs trainer.eval_every.
+    early_stop_patience: int = 0
 
     def __post_init__(self):
         require(
@@ -172,6 +175,12 @@ class TrainerConfig:
                 (self.sample_every >= 0, "sample_every", "must be at least 0 (0: never)"),
                 (self.max_nonfinite_in_row >= 1, "max_nonfinite_in_row", AT_LEAST_1),
                 (self.lock_stale_s > 0, "lock_stale_s", "must be above 0"),
+                (self.early_stop_patience >= 0, "early_stop_patience", "must be at least 0"),
+                (
+                    self.early_stop_patience == 0 or self.eval_every > 0,
+                    "early_stop_patience",
+                    "needs validations: set trainer.eval_every",
+                ),
             ],
         )
 

@@ -30,6 +30,11 @@ from mtrain.training.grad_sync import OverlappedAllReduce, take_gradient_reducti
 from mtrain.training.monitor import StepTimer, ThroughputMonitor
 from mtrain.training.resume import check_resumable
 from mtrain.training.samples import TrainingSamples
+from mtrain.training.small_data import (
+    StoppedEarly,
+    ValidationWatch,
+    warn_if_smaller_than_a_batch,
+)
 from mtrain.training.step_components import (
     Preempted,
     Preemption,
@@ -226,6 +231,8 @@ class Trainer:
                             metrics |= component.run(self.step, metrics)
         except Preempted as stop:
             return stop.exit_code
+        except StoppedEarly as stop:
+            log.info("%s", stop)
         except RuntimeError as error:  # a failed collective: name the rank that stopped answering
             heartbeats.raise_naming_suspects(error, self.run_dir.root)
             raise
@@ -279,6 +286,7 @@ class Trainer:
         return [
             StateSizeReport(engine, self.place.rank),
             Validator(t, engine, self.data, device),
+            ValidationWatch(t, checkpointer, self.run_dir, main),
             TrainingSamples(t, engine.module, self.data.tokenizer, self.run_dir, tracker, main),
             Reporter(t, self.run_dir, self.monitor, tracker, main),
             Preemption(checkpointer, t.preempt_exit_code),
@@ -287,6 +295,8 @@ class Trainer:
 
     def _log_batch_sizes(self) -> None:
         sizes = self.batch_sizes
+        train = self.data.card["splits"]["train"]
+        warn_if_smaller_than_a_batch(train["tokens"], train["pieces"], sizes.tokens_per_step)
         log.info(
             "training %s for %d steps: %d tokens/step = %d micro x %d seq x %d accum x %d ranks",
             self.cfg.run_name,
