@@ -8,7 +8,7 @@ from data_pipeline.app import entry_point
 from data_pipeline.launch import placement_from_env
 from mtrain.data.loader import StreamingData
 from mtrain.distributed import collectives, host_memory
-from mtrain.exported.loading import check_init_from
+from mtrain.exported.loading import check_init_from, init_from_shape
 from mtrain.runs.lock import RunDirTaken, RunLock, refuse_on_every_rank
 from mtrain.training.checkpointer import DiskFull
 from mtrain.training.config import MOVED_KEYS, TrainConfig
@@ -28,9 +28,10 @@ def run(cfg: TrainConfig, overrides: list[str]) -> int:
     data = StreamingData(
         cfg.data, cfg.model.max_seq_len, cfg.trainer.micro_batch_size, place.rank, place.world_size
     )
-    cfg.model = cfg.model.with_vocab(data.tokenizer.vocab_size)
-    if cfg.init_from:
+    if cfg.init_from:  # fine-tuning: the export's shape, and data in its tokenizer's ids
+        cfg.model = init_from_shape(cfg.init_from, cfg.model, overrides)
         check_init_from(cfg.init_from, data.tokenizer)
+    cfg.model = cfg.model.with_vocab(data.tokenizer.vocab_size)
     if cfg.deepspeed.check_memory:
         check_fits(training_layout(cfg, place.world_size))
     trainer = Trainer(cfg, place, data, overrides)

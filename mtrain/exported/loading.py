@@ -1,17 +1,21 @@
 """Loading an exported model: for inference, with a dataset it must match, or as the start of
 a fine-tuning run."""
 
+import dataclasses
+import json
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
+from data_pipeline.errors import InputError
 from data_pipeline.reader import load_card
 from data_pipeline.tokenizer import MusicTokenizer
-from mtrain.exported.model_dir import TOKENIZER, WEIGHTS, load_exported
+from mtrain.exported.model_dir import CONFIG, TOKENIZER, WEIGHTS, load_exported
 from mtrain.exported.vocab_growth import added_labels, grown_rows
 from mtrain.exported.writing import exported_model_dir
-from mtrain.model import GPT
+from mtrain.model import GPT, GPTConfig
+from mtrain.runs.run_dir import model_shape
 
 
 class ModelAndData(NamedTuple):
@@ -62,6 +66,31 @@ def load_for_data(
 def exported_tokenizer(path: str | Path) -> MusicTokenizer:
     """The tokenizer artifact an exported model was trained with."""
     return MusicTokenizer.load(str(Path(path) / TOKENIZER))
+
+
+def init_from_shape(path: str, model: GPTConfig, overrides: list[str]) -> GPTConfig:
+    """The model shape of a fine-tuning run: the exported model's (its vocabulary set from
+    the data later; dropout the run's own), whatever ``model=`` the config defaults to; model
+    overrides that ask for another shape are refused, naming the keys."""
+    if not (Path(path) / CONFIG).exists():
+        raise FileNotFoundError(
+            f"init_from={path}: no {CONFIG} there; give a directory `python -m mtrain.export` wrote"
+        )
+    recorded = model_shape(json.loads((Path(path) / CONFIG).read_text())["model"])
+    theirs = dataclasses.replace(GPTConfig(**recorded), dropout=model.dropout)
+    ours = dataclasses.asdict(dataclasses.replace(model, vocab_size=theirs.vocab_size))
+    differ = [
+        f"model.{k}={ours[k]!r} vs {v!r}"
+        for k, v in dataclasses.asdict(theirs).items()
+        if ours[k] != v and k != "dropout"
+    ]
+    given = [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] == "model"]
+    if given and differ:
+        raise InputError(
+            f"init_from={path} has another model shape than the overrides {' '.join(given)} "
+            f"ask for ({', '.join(differ)}): drop them, the export's shape is taken"
+        )
+    return theirs
 
 
 def check_init_from(path: str, tokenizer: MusicTokenizer) -> list[str]:
