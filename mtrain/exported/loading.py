@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import torch
 
+from data_pipeline import storage
 from data_pipeline.errors import InputError
 from data_pipeline.reader import load_card
 from data_pipeline.tokenizer import MusicTokenizer
@@ -48,11 +49,11 @@ def load_for_data(
     checkpoint_path: str, data_path: str, split: str, device: str = "auto"
 ) -> ModelAndData:
     """``load_for_inference``, and the card of the dataset the model is to read; refused when the
-    dataset was tokenized with another tokenizer (its ids would mean other tokens) or lacks
-    ``split``."""
+    dataset was tokenized with another tokenizer than the model's or one it extends (its ids
+    would mean other tokens), or lacks ``split``."""
     model, meta, tokenizer, model_dir = load_for_inference(checkpoint_path, device)
     card = load_card(data_path)
-    if card["tokenizer"]["hash"] != tokenizer.hash:
+    if card["tokenizer"]["hash"] != tokenizer.hash and not _reads(tokenizer, data_path, card):
         raise ValueError(
             f"data_path={data_path} was tokenized with tokenizer "
             f"{card['tokenizer']['hash'][:12]}, the model (checkpoint={checkpoint_path}) with "
@@ -102,6 +103,14 @@ def check_init_from(path: str, tokenizer: MusicTokenizer) -> list[str]:
             "wrote"
         )
     return added_labels(path, exported_tokenizer(path), tokenizer)
+
+
+def _reads(tokenizer: MusicTokenizer, data_path: str, card: dict) -> bool:
+    """Whether a model with ``tokenizer`` reads the dataset's ids as they were meant: its
+    tokenizer is the dataset's, or extends it with labels (a fine-tuned model reading its
+    base's data)."""
+    data_tokenizer = MusicTokenizer.load(storage.join(data_path, card["tokenizer"]["path"]))
+    return tokenizer.added_labels_over(data_tokenizer) is not None
 
 
 def load_weights(model: GPT, path: str | Path, tokenizer: MusicTokenizer) -> None:
