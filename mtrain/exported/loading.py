@@ -80,13 +80,16 @@ def init_from_shape(path: str, model: GPTConfig, overrides: list[str]) -> GPTCon
     recorded = model_shape(json.loads((Path(path) / CONFIG).read_text())["model"])
     theirs = dataclasses.replace(GPTConfig(**recorded), dropout=model.dropout)
     ours = dataclasses.asdict(dataclasses.replace(model, vocab_size=theirs.vocab_size))
+    given = [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] == "model"]
+    # A model group (model=...) asks for a whole shape, model.<key>=... for that key alone.
+    keys = {o.lstrip("+~").split("=")[0].partition(".")[2] for o in given}
+    asked = set(ours) if "" in keys else keys
     differ = [
         f"model.{k}={ours[k]!r} vs {v!r}"
         for k, v in dataclasses.asdict(theirs).items()
-        if ours[k] != v and k != "dropout"
+        if k in asked and k != "dropout" and ours[k] != v
     ]
-    given = [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] == "model"]
-    if given and differ:
+    if differ:
         raise InputError(
             f"init_from={path} has another model shape than the overrides {' '.join(given)} "
             f"ask for ({', '.join(differ)}): drop them, the export's shape is taken"

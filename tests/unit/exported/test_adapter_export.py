@@ -125,3 +125,18 @@ def test_an_adapter_run_refuses_another_base(tmp_path):
     with pytest.raises(InputError, match="is not the base the adapters") as err:
         check_base(run, str(tmp_path), tmp_path / "base.safetensors")
     assert "\n" not in str(err.value)
+
+
+def test_init_from_gives_its_shape_and_refuses_overrides_asking_for_another(tmp_path):
+    import dataclasses
+    import json
+
+    from mtrain.exported.loading import init_from_shape
+
+    theirs = GPTConfig(vocab_size=61, n_layer=3, n_head=4, d_model=96, max_seq_len=256)
+    (tmp_path / "config.json").write_text(json.dumps({"model": dataclasses.asdict(theirs)}))
+    default = GPTConfig(dropout=0.1)  # the config's model group: tiny
+    assert init_from_shape(str(tmp_path), default, []) == dataclasses.replace(theirs, dropout=0.1)
+    assert init_from_shape(str(tmp_path), default, ["model.dropout=0.1"]).n_layer == 3
+    with pytest.raises(InputError, match=r"overrides model=tiny ask for \(model.n_layer=2 vs 3"):
+        init_from_shape(str(tmp_path), default, ["model=tiny"])
