@@ -150,7 +150,9 @@ def has_frozen(module: torch.nn.Module) -> bool:
 def plain_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> dict:
     """``weights`` (by ``module``'s parameter names) as the plain GPT's: each adapted layer's
     base weight plus its low-rank update, W + (alpha / r) B A, under the base layer's name.
-    Unchanged for a module without adapters."""
+    Unchanged for a module without adapters (PEFT not even imported)."""
+    if not any(ADAPTER_MARK in name for name in weights):
+        return weights
     from peft.tuners.lora import LoraLayer
 
     plain = dict(weights)
