@@ -196,8 +196,10 @@ def run_slice(cfg: PrepareConfig) -> dict:
         for s in SPLITS
     }
     val_hash = None
-    # Every slice of a small source hashes all of it: they all choose the same piece.
-    if cfg.split.val > 0 and listing.count <= SMALL_SOURCE:
+    # Every slice of a small local source hashes all of it: they all choose the same piece
+    # (object storage is read once, by the workers).
+    small = listing.count <= SMALL_SOURCE and not storage.is_remote(cfg.source)
+    if cfg.split.val > 0 and small:
         files = list(files)
         val_hash = nearest_val(files, cfg)
     tally = SliceTally(val_hash)
