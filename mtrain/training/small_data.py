@@ -32,8 +32,10 @@ def warn_if_smaller_than_a_batch(train_tokens: int, train_pieces: int, tokens_pe
 class ValidationWatch:
     """After each validation: a warning when the loss is above the first validation's, and with
     ``trainer.early_stop_patience`` > 0 a checkpoint at each new best (kept from pruning) and a
-    stop once that many validations in a row brought none. What it tracks is in the run
-    directory (``best.json``), so that a resumed run goes on from the same record."""
+    stop once that many validations in a row brought none. With early stopping what it tracks
+    is in the run directory (``best.json``), so that a resumed run goes on from the same
+    record; without, the run directory is as it was and a resumed run warns from its own
+    first validation."""
 
     def __init__(self, cfg: TrainerConfig, checkpointer, run: RunDir, main: bool):
         self.cfg, self.checkpointer, self.run_dir, self.main = cfg, checkpointer, run, main
@@ -60,8 +62,6 @@ class ValidationWatch:
             )
         if self.cfg.early_stop_patience:
             self._early_stop(step, loss)
-        else:
-            self._write()
         return {"val/best_loss": self.record.get("best", first)["loss"]}
 
     def _early_stop(self, step: int, loss: float) -> None:

@@ -52,6 +52,7 @@ def test_without_patience_it_warns_and_saves_nothing(tmp_path, caplog):
         watch.run(10, {"val/loss": 2.0})
         watch.run(20, {"val/loss": 2.2})
     assert ckpt.saved == [] and "set trainer.early_stop_patience" in caplog.text
+    assert not RunDir(tmp_path).best.exists()  # the run directory as without the watch
 
 
 def test_a_train_split_smaller_than_a_step_is_said(caplog):
