@@ -10,6 +10,7 @@ from mtrain.data.loader import StreamingData
 from mtrain.distributed import collectives, host_memory
 from mtrain.exported.loading import check_init_from, init_from_shape
 from mtrain.runs.lock import RunDirTaken, RunLock, refuse_on_every_rank
+from mtrain.training.adapters import target_layers
 from mtrain.training.checkpointer import DiskFull
 from mtrain.training.config import MOVED_KEYS, TrainConfig
 from mtrain.training.memory_plan import check_fits, training_layout
@@ -31,6 +32,8 @@ def run(cfg: TrainConfig, overrides: list[str]) -> int:
     if cfg.init_from:  # fine-tuning: the export's shape, and data in its tokenizer's ids
         cfg.model = init_from_shape(cfg.init_from, cfg.model, overrides)
         check_init_from(cfg.init_from, data.tokenizer)
+        if cfg.finetune.adapters:
+            target_layers(cfg.finetune, cfg.model)  # refused, listing the layers there are
     cfg.model = cfg.model.with_vocab(data.tokenizer.vocab_size)
     if cfg.deepspeed.check_memory:
         check_fits(training_layout(cfg, place.world_size))

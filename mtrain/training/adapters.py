@@ -73,17 +73,14 @@ def target_layers(cfg: FinetuneConfig, model: GPTConfig) -> list[str]:
     return chosen
 
 
-def check_finetune(cfg: FinetuneConfig, model: GPTConfig, init_from: str | None) -> None:
-    """What a fine-tuning config needs beyond its own section: adapters need a trained model
-    to adapt, and targets that exist."""
-    if not cfg.adapters:
-        return
-    if init_from is None:
+def check_finetune(cfg: FinetuneConfig, init_from: str | None) -> None:
+    """Adapters need a trained model to adapt (its shape, hence the targets' check,
+    ``target_layers``, comes with it)."""
+    if cfg.adapters and init_from is None:
         raise ConfigError(
             "finetune.method=lora trains adapters over a trained model: set "
             "init_from=<exported model dir> (python -m mtrain.export writes one)"
         )
-    target_layers(cfg, model)
 
 
 def lora_config(cfg: FinetuneConfig, model: GPTConfig):

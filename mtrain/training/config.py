@@ -204,7 +204,7 @@ class TrainConfig:
     def __post_init__(self):
         """What spans two sections."""
         self.run_name = self.run_name or Path(self.run_dir).name
-        check_finetune(self.finetune, self.model, self.init_from)
+        check_finetune(self.finetune, self.init_from)
         require(
             self.optim,
             "optim",
