@@ -18,6 +18,13 @@ def format_card(card: dict, output: str) -> str:
         + (f", learned vocab {learned}" if learned else "")
         + f", model vocab {tok['vocab_size']} ({len(tok['labels'])} label tokens), "
         f"hash {tok['hash'][:12]}",
+    ]
+    if "lineage" in tok:
+        lineage = tok["lineage"]
+        lines.append(
+            f"tokenizer extends {lineage['parent'][:12]} with {', '.join(lineage['added_labels'])}"
+        )
+    lines += [
         "",
         f"{'split':<6} {'pieces':>8} {'tokens':>9} {'notes':>9} {'hours':>7} {'shards':>6}",
     ]

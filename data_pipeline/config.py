@@ -134,6 +134,10 @@ class PrepareConfig:
     # With one slice the run merges itself; set false to leave merging to a later step.
     merge: bool = True
     seed: int = 0
+    # Tokenize with the vocabulary of an exported model, a dataset or a tokenizer artifact
+    # (its base config and learned vocabulary as stored), to fine-tune that model on this
+    # source: label values it lacks become new label tokens after its ids.
+    tokenizer_from: str | None = None
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -151,6 +155,11 @@ class PrepareConfig:
                     0 <= self.slice_index < self.num_slices,
                     "slice_index",
                     f"must be in [0, num_slices={self.num_slices})",
+                ),
+                (
+                    self.tokenizer_from is None or self.tokenizer == TokenizerConfig(),
+                    "tokenizer_from",
+                    "brings its own tokenizer: drop the tokenizer.* overrides",
                 ),
             ],
         )

@@ -14,7 +14,7 @@ from data_pipeline.manifest import content_hash, slice_of
 from data_pipeline.midi_file import MidiFileError, read_score
 from data_pipeline.shards import sample_bytes
 from data_pipeline.sources import SourceFile
-from data_pipeline.tokenizer import build_base_tokenizer
+from data_pipeline.tokenizer import base_tokenizer_of
 
 
 @dataclass
@@ -51,6 +51,7 @@ class WorkerSetup:
     limits: LimitsConfig
     num_slices: int
     slice_index: int
+    tokenizer_from: str | None = None
 
 
 _state: dict = {}
@@ -58,7 +59,7 @@ _state: dict = {}
 
 def init_worker(setup: WorkerSetup) -> None:
     _state["setup"] = setup
-    _state["tokenizer"] = build_base_tokenizer(setup.tokenizer)
+    _state["tokenizer"] = base_tokenizer_of(setup.tokenizer, setup.tokenizer_from)
 
 
 def process_file(file: SourceFile) -> TokenizedFile | Rejection | OtherSlice:

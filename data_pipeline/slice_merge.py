@@ -23,7 +23,7 @@ from data_pipeline.learned_vocab import LearnedVocab
 from data_pipeline.manifest import SPLITS
 from data_pipeline.reader import CARD_NAME, ShardReader, shard_shares
 from data_pipeline.slice_run import peak_rss_mb, slice_dir
-from data_pipeline.tokenizer import MusicTokenizer, build_base_tokenizer
+from data_pipeline.tokenizer import MusicTokenizer, artifact_of, build_base_tokenizer
 
 log = logging.getLogger(__name__)
 CARD_FORMAT = 1
@@ -140,6 +140,22 @@ def _warn_if_too_large(cfg: LearnedVocabConfig, pieces: list) -> None:
     )
 
 
+def _extend(parent: MusicTokenizer, labels: list[str], cfg: PrepareConfig) -> MusicTokenizer:
+    """``parent``'s ids, and a new label token after them for each label value it lacks."""
+    tokenizer = parent.extended(labels)
+    added = tokenizer.lineage["added_labels"]
+    log.info(
+        "tokenized with %s (tokenizer %s); %s",
+        cfg.tokenizer_from,
+        parent.hash[:12],
+        f"new label tokens {', '.join(added)} (ids {parent.vocab_size}.."
+        f"{tokenizer.vocab_size - 1}), tokenizer {tokenizer.hash[:12]}"
+        if added
+        else "every label already has a token: the same tokenizer",
+    )
+    return tokenizer if added else parent
+
+
 def merge_slices(output: str) -> dict:
     start = time.monotonic()
     cards = _load_slice_cards(output)
@@ -152,13 +168,16 @@ def merge_slices(output: str) -> dict:
         label_counts.update(card["labels"])
     labels = sorted(n for n, c in label_counts.items() if c >= cfg.labels.min_count)
 
-    base = build_base_tokenizer(cfg.tokenizer)
     learn_start = time.monotonic()
-    learned = None
-    if cfg.tokenizer.learned.kind.value != "none":
-        learned = _learn_vocab(cfg, output, splits, base)
+    if cfg.tokenizer_from is not None:
+        tokenizer = _extend(MusicTokenizer.load(artifact_of(cfg.tokenizer_from)), labels, cfg)
+    else:
+        base = build_base_tokenizer(cfg.tokenizer)
+        learned = None
+        if cfg.tokenizer.learned.kind.value != "none":
+            learned = _learn_vocab(cfg, output, splits, base)
+        tokenizer = MusicTokenizer(base, labels, learned)
     learned_s = time.monotonic() - learn_start
-    tokenizer = MusicTokenizer(base, labels, learned)
     tokenizer.save(storage.join(output, "tokenizer"))
 
     _join_jsonl(output, cards, "manifest.jsonl")

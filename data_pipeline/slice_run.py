@@ -5,6 +5,7 @@ Results come back from the workers in listing order, so the shards and manifest 
 on the number of workers, and "first of a duplicate set" means first in sorted name order.
 """
 
+import contextlib
 import itertools
 import json
 import logging
@@ -30,9 +31,12 @@ from data_pipeline.piece import (
 from data_pipeline.pool import ResilientPool, TaskFailure
 from data_pipeline.shards import ShardWriter
 from data_pipeline.sources import SourceFile, discover
-from data_pipeline.tokenizer import base_fingerprint, build_base_tokenizer
+from data_pipeline.tokenizer import base_fingerprint, base_tokenizer_of
 
 log = logging.getLogger(__name__)
+# A source of at most this many files is hashed up front when its val split would be empty by
+# the fractions alone: a folder of one's own (tens of pieces) still gets a validation piece.
+SMALL_SOURCE = 1000
 
 
 def slice_dir(output: str, index: int, count: int) -> str:
@@ -48,7 +52,9 @@ class SliceTally:
     to local files (manifest and failures), so a task's memory does not grow with its files
     beyond one content hash per kept piece (for finding duplicates)."""
 
-    def __init__(self):
+    def __init__(self, val_hash: str | None = None):
+        # A piece sent to val whatever its hash's fraction (``nearest_val``).
+        self.val_hash = val_hash
         self.by_hash: dict[str, str] = {}
         self.tokens = 0
         self.files: Counter = Counter()
@@ -141,14 +147,39 @@ def _record(file, result, cfg, writers, tally) -> None:
         tally.add(row)
         return
     tally.by_hash[result.hash] = file.name
-    row.split = split_of(result.hash, cfg.split)
+    row.split = "val" if result.hash == tally.val_hash else split_of(result.hash, cfg.split)
     row.shard = writers[row.split].append(result.sample, result.tokens)
     tally.tokens += row.tokens
     tally.add(row)
 
 
+def nearest_val(files: list, cfg: PrepareConfig) -> str | None:
+    """The content hash of the piece sent to val when the fractions alone would send none
+    there (a small source): the one whose hash falls nearest above the val range, so that the
+    choice is by content, the same on every machine. None when some piece falls in val already
+    or the source has fewer than three files (one to train on, one to validate, one spare)."""
+    digests = set()
+    for file in files:
+        with contextlib.suppress(Exception):  # unreadable: quarantined later, by the workers
+            digests.add(content_hash(storage.read_bytes(file.url)))
+    if len(digests) < 3 or any(split_of(d, cfg.split) == "val" for d in digests):
+        return None
+    train = [d for d in digests if split_of(d, cfg.split) == "train"]
+    chosen = min(train, key=lambda d: int(d[:12], 16), default=None)
+    if chosen is not None:
+        log.info(
+            "%d files and split.val=%g would leave val empty: the piece %s goes to val",
+            len(files),
+            cfg.split.val,
+            chosen[:12],
+        )
+    return chosen
+
+
 def run_slice(cfg: PrepareConfig) -> dict:
     """Processes this slice and writes its shards, manifest, failures and card."""
+    # Before any file is read: a tokenizer_from that names no artifact is refused here.
+    base = base_tokenizer_of(cfg.tokenizer, cfg.tokenizer_from)
     listing = discover(cfg)
     files = listing.files
     log.info(
@@ -164,7 +195,14 @@ def run_slice(cfg: PrepareConfig) -> dict:
         )
         for s in SPLITS
     }
-    tally = SliceTally()
+    val_hash = None
+    # Every slice of a small local source hashes all of it: they all choose the same piece
+    # (object storage is read once, by the workers).
+    small = listing.count <= SMALL_SOURCE and not storage.is_remote(cfg.source)
+    if cfg.split.val > 0 and small:
+        files = list(files)
+        val_hash = nearest_val(files, cfg)
+    tally = SliceTally(val_hash)
     for name, reason in listing.unconverted:
         if _owned(None, name, cfg):
             tally.add(
@@ -177,7 +215,9 @@ def run_slice(cfg: PrepareConfig) -> dict:
                     detail=reason,
                 )
             )
-    setup = WorkerSetup(cfg.tokenizer, cfg.limits, cfg.num_slices, cfg.slice_index)
+    setup = WorkerSetup(
+        cfg.tokenizer, cfg.limits, cfg.num_slices, cfg.slice_index, cfg.tokenizer_from
+    )
     start = time.monotonic()
     startup = 0.0
     # Redrawn once a second: on a slow console every redraw is a blocking write in the one
@@ -205,7 +245,7 @@ def run_slice(cfg: PrepareConfig) -> dict:
     bar.close()
     elapsed = time.monotonic() - start
     shards = {s: w.close() for s, w in writers.items()}
-    card = _slice_card(cfg, tally, shards, elapsed, startup, restarts)
+    card = _slice_card(cfg, tally, shards, elapsed, startup, restarts, base_fingerprint(base))
     log.info(
         "slice %d: %d files in %.1f s (%.1f files/s, %.0f tokens/s), %d quarantined",
         cfg.slice_index,
@@ -220,7 +260,13 @@ def run_slice(cfg: PrepareConfig) -> dict:
 
 
 def _slice_card(
-    cfg, tally: SliceTally, shards: dict, elapsed: float, startup: float, restarts: int
+    cfg,
+    tally: SliceTally,
+    shards: dict,
+    elapsed: float,
+    startup: float,
+    restarts: int,
+    base_tokenizer: str,
 ) -> dict:
     splits = {}
     for split in SPLITS:
@@ -236,7 +282,7 @@ def _slice_card(
     files = tally.files
     return {
         "slice": {"index": cfg.slice_index, "count": cfg.num_slices},
-        "base_tokenizer": base_fingerprint(build_base_tokenizer(cfg.tokenizer)),
+        "base_tokenizer": base_tokenizer,
         "splits": splits,
         "files": {k: files[k] for k in ("total", "ok", "duplicates", "quarantined")},
         "failures": {

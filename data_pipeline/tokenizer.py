@@ -28,6 +28,7 @@ import symusic
 
 from data_pipeline import storage
 from data_pipeline.config import TokenizerConfig
+from data_pipeline.errors import InputError
 from data_pipeline.learned_vocab import LearnedVocab
 
 SPECIAL_TOKENS = ("PAD", "BOS", "EOS", "MASK")
@@ -53,6 +54,14 @@ def build_base_tokenizer(cfg: TokenizerConfig) -> miditok.MusicTokenizer:
         one_token_stream_for_programs=True,
     )
     return getattr(miditok, cfg.kind.value)(config)
+
+
+def base_tokenizer_of(cfg: TokenizerConfig, tokenizer_from: str | None) -> miditok.MusicTokenizer:
+    """The base vocabulary a prepare run encodes with: the configured one, or the one stored in
+    the artifact ``tokenizer_from`` names (its MidiTok config as saved, whatever the defaults)."""
+    if tokenizer_from is None:
+        return build_base_tokenizer(cfg)
+    return MusicTokenizer.load(artifact_of(tokenizer_from)).base
 
 
 def base_fingerprint(base: miditok.MusicTokenizer) -> str:
@@ -91,6 +100,9 @@ class MusicTokenizer:
     learned: LearnedVocab | None = None
     # Whether the infilling tokens are reserved: always in new artifacts, never in older ones.
     infill: bool = True
+    # Where the artifact comes from when it extends another (``extended``): the other's hash
+    # and the label tokens added after its own. Recorded, not hashed: the ids are the content.
+    lineage: dict | None = None
 
     # ---- id layout -------------------------------------------------------------------
     @property
@@ -212,6 +224,28 @@ class MusicTokenizer:
     def base_ids_to_midi(self, base_ids: np.ndarray) -> symusic.Score:
         return self.base.decode([int(i) for i in base_ids])
 
+    # ---- lineage: a fine-tuning corpus read with a trained model's ids ----------------------
+    def extended(self, labels: list[str]) -> "MusicTokenizer":
+        """This artifact with the label tokens of ``labels`` it lacks appended after its own
+        (sorted), so that every id it has keeps its meaning; the lineage names this one."""
+        added = sorted(set(labels) - set(self.labels))
+        lineage = {"parent": self.hash, "added_labels": added}
+        return MusicTokenizer(self.base, self.labels + added, self.learned, self.infill, lineage)
+
+    def added_labels_over(self, parent: "MusicTokenizer") -> list[str] | None:
+        """The label tokens this artifact appends to ``parent``'s ids (empty when it is the
+        same artifact), or None when the two differ otherwise: another base vocabulary,
+        learned vocabulary or infilling layout, or labels not appended at the end."""
+        same_units = (
+            base_fingerprint(self.base) == base_fingerprint(parent.base)
+            and (self.learned is None) == (parent.learned is None)
+            and (self.learned is None or self.learned.model == parent.learned.model)
+            and self.infill == parent.infill
+        )
+        if not same_units or self.labels[: len(parent.labels)] != parent.labels:
+            return None
+        return self.labels[len(parent.labels) :]
+
     # ---- persistence ---------------------------------------------------------------------
     @property
     def hash(self) -> str:
@@ -235,6 +269,7 @@ class MusicTokenizer:
             "special_ids": {name: i for i, name in enumerate(SPECIAL_TOKENS)},
             "labels": {name: self.label_offset + i for i, name in enumerate(self.labels)},
             **({"infill_ids": self.infill_ids._asdict()} if self.infill else {}),
+            **({"lineage": self.lineage} if self.lineage else {}),
         }
 
     def save(self, url: str) -> None:
@@ -263,13 +298,28 @@ class MusicTokenizer:
         if meta["learned_vocab_size"] is not None:
             learned = LearnedVocab(storage.read_bytes(storage.join(url, "learned.model")))
         labels = sorted(meta["labels"], key=meta["labels"].get)
-        tok = cls(base, labels, learned, infill="infill_ids" in meta)
+        tok = cls(base, labels, learned, infill="infill_ids" in meta, lineage=meta.get("lineage"))
         if tok.hash != meta["hash"]:
             raise ValueError(
                 f"tokenizer artifact {url} is damaged: its files hash to {tok.hash[:12]} but "
                 f"artifact.json records {meta['hash'][:12]}; rebuild it with prepare"
             )
         return tok
+
+
+def artifact_of(path: str) -> str:
+    """The tokenizer artifact an exported model, a dataset or an artifact directory holds (an
+    export and a dataset both keep theirs in ``tokenizer/``); refused, naming what was looked
+    for, when ``path`` is none of these."""
+    for url in (path, storage.join(path, "tokenizer")):
+        if storage.exists(storage.join(url, "artifact.json")):
+            return url
+    raise InputError(
+        f"tokenizer_from={path} is not an exported model, a dataset or a tokenizer artifact: "
+        f"neither {storage.join(path, 'tokenizer/artifact.json')} nor "
+        f"{storage.join(path, 'artifact.json')} exists; give the directory `python -m "
+        "mtrain.export` or `python -m data_pipeline.prepare` wrote"
+    )
 
 
 def _base_params(base: miditok.MusicTokenizer) -> bytes:

@@ -13,7 +13,9 @@ from data_pipeline.app import entry_point, in_multirun
 from data_pipeline.launch import placement_from_env
 from mtrain.data.loader import StreamingData
 from mtrain.distributed import collectives, host_memory
+from mtrain.exported.loading import check_init_from, init_from_shape
 from mtrain.runs.lock import RunDirTaken, RunLock, refuse_on_every_rank
+from mtrain.training.adapters import target_layers
 from mtrain.training.checkpointer import DiskFull
 from mtrain.training.compute_budget import apply_budget
 from mtrain.training.config import MOVED_KEYS, TrainConfig
@@ -48,6 +50,11 @@ def run(cfg: TrainConfig, overrides: list[str]) -> int:
     data = StreamingData(
         cfg.data, cfg.model.max_seq_len, cfg.trainer.micro_batch_size, place.rank, place.world_size
     )
+    if cfg.init_from:  # fine-tuning: the export's shape, and data in its tokenizer's ids
+        cfg.model = init_from_shape(cfg.init_from, cfg.model, overrides)
+        check_init_from(cfg.init_from, data.tokenizer)
+        if cfg.finetune.adapters:
+            target_layers(cfg.finetune, cfg.model)  # refused, listing the layers there are
     cfg.model = cfg.model.with_vocab(data.tokenizer.vocab_size)
     apply_budget(cfg)
     if cfg.deepspeed.check_memory:

@@ -1,32 +1,22 @@
 """Loading an exported model: for inference, with a dataset it must match, or as the start of
 a fine-tuning run."""
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import load_model
 
+from data_pipeline import storage
+from data_pipeline.errors import InputError
 from data_pipeline.reader import load_card
 from data_pipeline.tokenizer import MusicTokenizer
-from mtrain.exported.writing import CONFIG, TOKENIZER, WEIGHTS, exported_model_dir
+from mtrain.exported.model_dir import CONFIG, TOKENIZER, WEIGHTS, load_exported
+from mtrain.exported.vocab_growth import added_labels, grown_rows
+from mtrain.exported.writing import exported_model_dir
 from mtrain.model import GPT, GPTConfig
 from mtrain.runs.run_dir import model_shape
-
-
-def load_exported(path: str | Path) -> tuple[GPT, dict]:
-    """The exported model (eval mode, CPU) and its config.json."""
-    path = Path(path)
-    if not (path / WEIGHTS).exists():
-        raise FileNotFoundError(
-            f"{path / WEIGHTS} not found: export a checkpoint first with "
-            f"`python -m mtrain.export checkpoint=<run_dir> output={path}`"
-        )
-    meta = json.loads((path / CONFIG).read_text())
-    model = GPT(GPTConfig(**model_shape(meta["model"])))
-    load_model(model, str(path / WEIGHTS))
-    return model.eval(), meta
 
 
 class ModelAndData(NamedTuple):
@@ -59,11 +49,11 @@ def load_for_data(
     checkpoint_path: str, data_path: str, split: str, device: str = "auto"
 ) -> ModelAndData:
     """``load_for_inference``, and the card of the dataset the model is to read; refused when the
-    dataset was tokenized with another tokenizer (its ids would mean other tokens) or lacks
-    ``split``."""
+    dataset was tokenized with another tokenizer than the model's or one it extends (its ids
+    would mean other tokens), or lacks ``split``."""
     model, meta, tokenizer, model_dir = load_for_inference(checkpoint_path, device)
     card = load_card(data_path)
-    if card["tokenizer"]["hash"] != tokenizer.hash:
+    if card["tokenizer"]["hash"] != tokenizer.hash and not _reads(tokenizer, data_path, card):
         raise ValueError(
             f"data_path={data_path} was tokenized with tokenizer "
             f"{card['tokenizer']['hash'][:12]}, the model (checkpoint={checkpoint_path}) with "
@@ -74,27 +64,76 @@ def load_for_data(
     return ModelAndData(model, meta, tokenizer, card, model_dir)
 
 
-def load_weights(model: GPT, path: str | Path) -> None:
-    """Fine-tuning: start ``model`` from exported weights of the same shape. A model built
-    partitioned (ZeRO-3's ``deepspeed.zero.Init``: its parameters are empty placeholders,
-    which ``load_state_dict`` cannot fill) is filled one parameter at a time, gathered whole
-    while rank 0 writes it and partitioned again from rank 0's values (collective)."""
-    source, meta = load_exported(path)
-    if meta["model"]["vocab_size"] != model.config.vocab_size:
-        raise ValueError(
-            f"init_from={path} has vocab_size {meta['model']['vocab_size']} but this run's "
-            f"tokenizer has {model.config.vocab_size}; fine-tune on data prepared with the "
-            "same tokenizer artifact"
+def exported_tokenizer(path: str | Path) -> MusicTokenizer:
+    """The tokenizer artifact an exported model was trained with."""
+    return MusicTokenizer.load(str(Path(path) / TOKENIZER))
+
+
+def init_from_shape(path: str, model: GPTConfig, overrides: list[str]) -> GPTConfig:
+    """The model shape of a fine-tuning run: the exported model's (its vocabulary set from
+    the data later; dropout the run's own), whatever ``model=`` the config defaults to; model
+    overrides that ask for another shape are refused, naming the keys."""
+    if not (Path(path) / CONFIG).exists():
+        raise FileNotFoundError(
+            f"init_from={path}: no {CONFIG} there; give a directory `python -m mtrain.export` wrote"
         )
+    recorded = model_shape(json.loads((Path(path) / CONFIG).read_text())["model"])
+    theirs = dataclasses.replace(GPTConfig(**recorded), dropout=model.dropout)
+    ours = dataclasses.asdict(dataclasses.replace(model, vocab_size=theirs.vocab_size))
+    given = [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] == "model"]
+    # A model group (model=...) asks for a whole shape, model.<key>=... for that key alone.
+    keys = {o.lstrip("+~").split("=")[0].partition(".")[2] for o in given}
+    asked = set(ours) if "" in keys else keys
+    differ = [
+        f"model.{k}={ours[k]!r} vs {v!r}"
+        for k, v in dataclasses.asdict(theirs).items()
+        if k in asked and k != "dropout" and ours[k] != v
+    ]
+    if differ:
+        raise InputError(
+            f"init_from={path} has another model shape than the overrides {' '.join(given)} "
+            f"ask for ({', '.join(differ)}): drop them, the export's shape is taken"
+        )
+    return theirs
+
+
+def check_init_from(path: str, tokenizer: MusicTokenizer) -> list[str]:
+    """Before a fine-tuning run starts: the label tokens its data's ``tokenizer`` adds to the
+    exported model's (refused when it is another tokenizer altogether)."""
+    if not (Path(path) / WEIGHTS).exists():
+        raise FileNotFoundError(
+            f"init_from={path}: no {WEIGHTS} there; give a directory `python -m mtrain.export` "
+            "wrote"
+        )
+    return added_labels(path, exported_tokenizer(path), tokenizer)
+
+
+def _reads(tokenizer: MusicTokenizer, data_path: str, card: dict) -> bool:
+    """Whether a model with ``tokenizer`` reads the dataset's ids as they were meant: its
+    tokenizer is the dataset's, or extends it with labels (a fine-tuned model reading its
+    base's data)."""
+    data_tokenizer = MusicTokenizer.load(storage.join(data_path, card["tokenizer"]["path"]))
+    return tokenizer.added_labels_over(data_tokenizer) is not None
+
+
+def load_weights(model: GPT, path: str | Path, tokenizer: MusicTokenizer) -> None:
+    """Fine-tuning: start ``model`` from exported weights of the same shape, with rows for the
+    label tokens the run's ``tokenizer`` adds (``vocab_growth``). A model built partitioned
+    (ZeRO-3's ``deepspeed.zero.Init``: its parameters are empty placeholders, which
+    ``load_state_dict`` cannot fill) is filled one parameter at a time, gathered whole while
+    rank 0 writes it and partitioned again from rank 0's values (collective)."""
+    source, _ = load_exported(path)
+    parent = exported_tokenizer(path)
+    added_labels(str(path), parent, tokenizer)
+    weights = grown_rows(source.state_dict(), parent, tokenizer)
     if not any(hasattr(p, "ds_id") for p in model.parameters()):
-        model.load_state_dict(source.state_dict(), strict=True)
+        model.load_state_dict(weights, strict=True)
         return
     import deepspeed
     import torch.distributed as dist
 
-    weights = dict(source.named_parameters())
     shapes = {name: tuple(p.ds_shape) for name, p in model.named_parameters()}
-    theirs = {name: tuple(p.shape) for name, p in weights.items()}
+    theirs = {name: tuple(weights[name].shape) for name in shapes if name in weights}
     if shapes != theirs:
         other = sorted(
             name for name in shapes.keys() | theirs.keys() if shapes.get(name) != theirs.get(name)

@@ -76,6 +76,12 @@ def gpt2(model: GPT):
     return config, out | _output_layer(model, "lm_head.weight")
 
 
+def neox_by_head(t: torch.Tensor, cfg: GPTConfig) -> torch.Tensor:
+    """Rows of mtrain's fused qkv ([all q, all k, all v]) in GPT-NeoX's order ([q_h, k_h, v_h]
+    for each head h)."""
+    return t.unflatten(0, (3, cfg.n_head, cfg.head_dim)).transpose(0, 1).flatten(0, 2)
+
+
 def gpt_neox(model: GPT):
     """GPT-NeoX: a fused qkv laid out head by head ([q_h, k_h, v_h] for each head h, where
     mtrain has [all q, all k, all v]), GELU, biases in every MLP and LayerNorm."""
@@ -85,7 +91,7 @@ def gpt_neox(model: GPT):
     d = cfg.d_model
 
     def by_head(t: torch.Tensor) -> torch.Tensor:
-        return t.unflatten(0, (3, cfg.n_head, cfg.head_dim)).transpose(0, 1).flatten(0, 2)
+        return neox_by_head(t, cfg)
 
     out = {"gpt_neox.embed_in.weight": sd["wte.weight"],
            "gpt_neox.final_layer_norm.weight": sd["ln_f.weight"],

@@ -13,24 +13,34 @@ from safetensors.torch import save_model
 
 from data_pipeline.errors import InputError
 from data_pipeline.storage import make_readable
+from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.data.fill_in_middle import trained_infill_rate
+from mtrain.exported.adapter import (
+    ADAPTER,
+    AdapterRun,
+    adapter_run,
+    check_base,
+    merged,
+    write_peft_adapter,
+)
+from mtrain.exported.model_dir import CONFIG, HF, TOKENIZER, WEIGHTS, load_exported
 from mtrain.exported.transformers_format import hf_architecture, save_hf
 from mtrain.exported.verification import verify_against_probe
+from mtrain.exported.vocab_growth import grown_rows
 from mtrain.model import GPT, GPTConfig
 from mtrain.runs.checkpoint_files import damage, latest_intact
 from mtrain.runs.run_dir import COMPLETE_CHECKPOINTS, CheckpointDir, RunDir, model_shape
 from mtrain.training.flops import param_count
+from mtrain.training.small_data import best_step
 
 log = logging.getLogger(__name__)
-# An exported model directory's contents.
-WEIGHTS, CONFIG, TOKENIZER, HF = "model.safetensors", "config.json", "tokenizer", "hf"
 
 
 def resolve_checkpoint(path: Path) -> CheckpointDir:
     """``path`` itself when it is a complete checkpoint whose files match its marker (refused,
-    naming the file, when they do not), else a run directory's newest intact one (damaged
-    newer ones skipped with a warning). A checkpoint's files are checked against the sizes and
-    CRC-32s of its marker first."""
+    naming the file, when they do not), else a run directory's best one where early stopping
+    recorded it, or its newest intact one (damaged newer ones skipped with a warning). A
+    checkpoint's files are checked against the sizes and CRC-32s of its marker first."""
     given = CheckpointDir(path)
     if given.complete:
         problems = damage(given)
@@ -41,6 +51,12 @@ def resolve_checkpoint(path: Path) -> CheckpointDir:
             )
         return given
     if path.is_dir() and not given.named_as_step:
+        best = best_step(RunDir(path))  # a run that stopped early: its best, if intact
+        if best is not None and RunDir(path).checkpoint(best).complete:
+            best_dir = RunDir(path).checkpoint(best)
+            if not damage(best_dir):
+                log.info("exporting the best checkpoint of %s: step %d", path, best)
+                return best_dir
         found, skipped = latest_intact(RunDir(path), move_aside=False)
         if found is not None:
             if skipped:
@@ -92,8 +108,17 @@ def export_verified(found: CheckpointDir, output: Path) -> Path:
     recorded with the checkpoint, and ``hf/``, loaded back, against the merged weights."""
     ckpt, run = found.path, found.run
     model_cfg = GPTConfig(**model_shape(json.loads(run.model_config.read_text())))
-    model = GPT(model_cfg)
-    model.load_state_dict(consolidated_state_dict(ckpt), strict=True)
+    state = consolidated_state_dict(ckpt)
+    spec = adapter_run(run)
+    if spec is None:
+        model = GPT(model_cfg)
+        model.load_state_dict(state, strict=True)
+    else:
+        tokenizers = (
+            MusicTokenizer.load(str(Path(spec.init_from) / TOKENIZER)),
+            MusicTokenizer.load(str(run.tokenizer)),
+        )
+        model = merged(_grown_base(run, spec, tokenizers), state, spec)
     output.mkdir(parents=True, exist_ok=True)
     tmp = output / f"{WEIGHTS}.partial"
     save_model(model, str(tmp))  # stores tied tensors once
@@ -103,19 +128,29 @@ def export_verified(found: CheckpointDir, output: Path) -> Path:
     probe_inputs = torch.load(found.probe, weights_only=True)["inputs"]
     hf_diff = save_hf(model, output / HF, probe_inputs)
     make_readable(str(output / HF))
+    peft_diff = None
+    if spec is not None:
+        peft_diff = write_peft_adapter(
+            model, spec, state, tokenizers, output / ADAPTER, probe_inputs
+        )
+        make_readable(str(output / ADAPTER))
     if (output / TOKENIZER).exists():
         shutil.rmtree(output / TOKENIZER)
     shutil.copytree(run.tokenizer, output / TOKENIZER)
+    artifact = json.loads((run.tokenizer / "artifact.json").read_text())
     meta = {
         "model": dataclasses.asdict(model_cfg),
         "checkpoint": str(ckpt.resolve()),
         "step": json.loads(found.marker.read_text())["step"],
-        "tokenizer_hash": json.loads((run.tokenizer / "artifact.json").read_text())["hash"],
+        "tokenizer_hash": artifact["hash"],
+        # A tokenizer extended for fine-tuning: the hash of the one it extends, the labels added.
+        **({"tokenizer_lineage": artifact["lineage"]} if "lineage" in artifact else {}),
         "verified_logits_max_abs_diff": verified.max_abs_diff,
         "verified_logits_dtype": verified.dtype,
         "verified_logits_tolerance": verified.tolerance,
         "hf_architecture": hf_architecture(model_cfg),
         "hf_logits_max_abs_diff": hf_diff,
+        **({} if spec is None else {"adapter": _adapter_meta(spec, peft_diff)}),
         # Checked before filling bars: an export may be used where its run directory is not.
         "data": {"infill_rate": trained_infill_rate(run.train_config)},
     }
@@ -128,6 +163,29 @@ def export_verified(found: CheckpointDir, output: Path) -> Path:
         output,
     )
     return output
+
+
+def _grown_base(
+    run: RunDir, spec: AdapterRun, tokenizers: tuple[MusicTokenizer, MusicTokenizer]
+) -> GPT:
+    """The base an adapter run trained over, checked to be it, its rows grown for the labels
+    the run's tokenizer adds."""
+    check_base(run, spec.init_from, Path(spec.init_from) / WEIGHTS)
+    base, _ = load_exported(spec.init_from)
+    grown = GPT(GPTConfig(**model_shape(json.loads(run.model_config.read_text()))))
+    grown.load_state_dict(grown_rows(base.state_dict(), *tokenizers), strict=True)
+    return grown
+
+
+def _adapter_meta(spec: AdapterRun, peft_diff: float) -> dict:
+    return {
+        "dir": ADAPTER,
+        "method": spec.finetune.method.value,
+        "rank": spec.finetune.rank,
+        "alpha": spec.finetune.alpha,
+        "base": str(Path(spec.init_from).resolve()),
+        "peft_logits_max_abs_diff": peft_diff,
+    }
 
 
 def exported_model_dir(checkpoint_path: str | Path) -> Path:

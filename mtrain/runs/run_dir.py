@@ -110,6 +110,16 @@ class RunDir:
         return self.root / "tokenizer"
 
     @property
+    def best(self) -> Path:
+        """The validation record of the run: its first and best val loss, as JSON."""
+        return self.root / "best.json"
+
+    @property
+    def adapter_base(self) -> Path:
+        """The exported model an adapter run trains over (path and weights digest), as JSON."""
+        return self.root / "adapter_base.json"
+
+    @property
     def train_config(self) -> Path:
         """The training config as Hydra composed it (conf/train.yaml's hydra.output_subdir)."""
         return self.root / "hydra" / "config.yaml"

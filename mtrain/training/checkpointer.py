@@ -17,10 +17,12 @@ from mtrain.distributed import collectives
 from mtrain.model import GPT, GPTConfig
 from mtrain.runs.checkpoint_files import checksums, latest_complete, size_of
 from mtrain.runs.run_dir import CheckpointDir, RunDir
+from mtrain.training.adapters import has_frozen, plain_weights
 from mtrain.training.config import TrainerConfig
 from mtrain.training.memory_plan import NoInitialValues
 from mtrain.training.resume import Resumed, resume_latest
 from mtrain.training.rng_state import rng_state
+from mtrain.training.small_data import best_step
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ def probe_logits(engine, vocab_size: int, seq_len: int) -> dict | None:
     weights = export_weights(engine)
     if weights is None:
         return None
-    logits = reference_logits(engine.module.config, weights, inputs)
+    logits = reference_logits(engine.module.config, plain_weights(engine.module, weights), inputs)
     return {"inputs": inputs, "logits": logits, "dtype": "float32"}
 
 
@@ -57,10 +59,26 @@ def export_weights(engine) -> dict[str, torch.Tensor] | None:
     main = engine.global_rank == 0
     weights = {}
     for name, param in engine.module.named_parameters():
+        if not param.requires_grad:  # a frozen base (adapters): no fp32 master, only itself
+            whole = gathered_param(param)  # on every rank: a collective under ZeRO-3
+            if main:
+                weights[name] = whole
+            continue
         full = safe_get_full_fp32_param(param)
         if main:
             weights[name] = (param.detach() if full is None else full).float().cpu()
     return weights if main else None
+
+
+def gathered_param(param: torch.Tensor) -> torch.Tensor:
+    """A whole parameter as fp32 on the CPU, gathered where ZeRO-3 partitions it
+    (collective)."""
+    if not hasattr(param, "ds_id"):
+        return param.detach().float().cpu()
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([param]):
+        return param.detach().float().cpu().clone()
 
 
 @torch.no_grad()
@@ -127,7 +145,11 @@ class Checkpointer:
 
         def write_files():
             engine.save_checkpoint(
-                str(self.run_dir.checkpoints), tag=ckpt.path.name, client_state=client_state
+                str(self.run_dir.checkpoints),
+                tag=ckpt.path.name,
+                client_state=client_state,
+                # A frozen base (adapters) is not saved: init_from holds it.
+                exclude_frozen_parameters=has_frozen(engine.module),
             )
             if main:
                 torch.save(probe, ckpt.probe)
@@ -210,6 +232,9 @@ def _prune(run: RunDir, keep_last: int) -> None:
     if not complete:
         return
     keep = set(complete[-keep_last:])
+    best = best_step(run)  # early stopping's best checkpoint outlives the newer ones
+    if best is not None:
+        keep.add(run.checkpoint(best).path)
     newest = complete[-1]
     for ckpt in run.checkpoint_dirs():
         if ckpt.path not in keep and ckpt.path.name < newest.name:

@@ -16,6 +16,7 @@ from data_pipeline.storage import is_remote
 from mtrain.data.loader import DataConfig
 from mtrain.model import GPTConfig
 from mtrain.runs.tracking import LoggerConfig
+from mtrain.training.adapters import FinetuneConfig, check_finetune
 
 AT_LEAST_1 = "must be at least 1"
 DEFAULT_MAX_STEPS = 1000
@@ -186,6 +187,9 @@ class TrainerConfig:
     # the compiler, minutes on a CPU).
     activation_checkpointing: bool = False
     compile: bool = False
+    # Stop once this many validations in a row did not lower the val loss, keeping the best
+    # checkpoint (saved when it was reached); 0: never stop early. Needs trainer.eval_every.
+    early_stop_patience: int = 0
 
     def __post_init__(self):
         if self.flops_budget is not None and self.max_steps is not None:
@@ -210,6 +214,12 @@ class TrainerConfig:
                 (self.sample_every >= 0, "sample_every", "must be at least 0 (0: never)"),
                 (self.max_nonfinite_in_row >= 1, "max_nonfinite_in_row", AT_LEAST_1),
                 (self.lock_stale_s > 0, "lock_stale_s", "must be above 0"),
+                (self.early_stop_patience >= 0, "early_stop_patience", "must be at least 0"),
+                (
+                    self.early_stop_patience == 0 or self.eval_every > 0,
+                    "early_stop_patience",
+                    "needs validations: set trainer.eval_every",
+                ),
             ],
         )
 
@@ -228,10 +238,12 @@ class TrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self):
         """What spans two sections."""
         self.run_name = self.run_name or Path(self.run_dir).name
+        check_finetune(self.finetune, self.init_from)
         # Not in TrainerConfig's own check: OmegaConf builds the schema's defaults from an
         # instance, whose max_steps would then look given.
         if self.trainer.max_steps is None and self.trainer.flops_budget is None:

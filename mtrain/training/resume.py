@@ -19,6 +19,7 @@ from data_pipeline.errors import InputError
 from mtrain.distributed import collectives, heartbeats
 from mtrain.runs.checkpoint_files import file_names, latest_complete, latest_intact, world_size_of
 from mtrain.runs.run_dir import CheckpointDir, RunDir, model_shape
+from mtrain.training.adapters import has_frozen
 from mtrain.training.rng_state import PICKLED_RNG_TYPES, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ def load(engine, ckpt: CheckpointDir) -> tuple[dict, dict]:
         tag=ckpt.path.name,
         load_optimizer_states=True,
         load_lr_scheduler_states=True,
+        load_module_strict=not has_frozen(engine.module),  # a frozen base was not saved
     )
     rank_state = load_trainer_state(ckpt.trainer_state(engine.global_rank))
     set_rng_state(rank_state.pop("rng"))
@@ -92,7 +94,10 @@ def load_resharded(engine, ckpt: CheckpointDir) -> tuple[dict, str]:
     saved_by = world_size_of(ckpt)
     if not any(n.endswith("optim_states.pt") and "/" not in n for n in file_names(ckpt)):
         _, client_state = engine.load_checkpoint(
-            str(ckpt.path.parent), tag=ckpt.path.name, load_lr_scheduler_states=True
+            str(ckpt.path.parent),
+            tag=ckpt.path.name,
+            load_lr_scheduler_states=True,
+            load_module_strict=not has_frozen(engine.module),
         )
         return client_state or {}, f"whole ZeRO-0 state of {saved_by} rank(s), nothing to convert"
     universal, start, ranks = ckpt.universal, time.monotonic(), collectives.world_size()
@@ -118,6 +123,7 @@ def load_resharded(engine, ckpt: CheckpointDir) -> tuple[dict, str]:
             tag=universal.name,
             load_optimizer_states=True,
             load_lr_scheduler_states=True,
+            load_module_strict=not has_frozen(engine.module),
         )
     finally:
         engine._config.load_universal_checkpoint = False

@@ -9,6 +9,7 @@ import math
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -16,9 +17,12 @@ from data_pipeline.app import config_dict
 from data_pipeline.launch import Placement
 from mtrain.data.loader import StreamingData
 from mtrain.distributed import collectives, heartbeats
+from mtrain.exported.adapter import check_base, record_base
 from mtrain.exported.loading import load_weights
+from mtrain.exported.model_dir import WEIGHTS
 from mtrain.runs.run_dir import RunDir
 from mtrain.runs.tracking import Tracker
+from mtrain.training.adapters import add_adapters
 from mtrain.training.checkpointer import Checkpointer
 from mtrain.training.config import TrainConfig, batch_sizes
 from mtrain.training.engine import as_float, batch_loss, build_engine, engine_config, new_model
@@ -26,6 +30,11 @@ from mtrain.training.grad_sync import OverlappedAllReduce, take_gradient_reducti
 from mtrain.training.monitor import StepTimer, ThroughputMonitor
 from mtrain.training.resume import check_resumable
 from mtrain.training.samples import TrainingSamples
+from mtrain.training.small_data import (
+    StoppedEarly,
+    ValidationWatch,
+    warn_if_smaller_than_a_batch,
+)
 from mtrain.training.step_components import (
     Preempted,
     Preemption,
@@ -199,6 +208,9 @@ class Trainer:
         self.resuming = check_resumable(
             self.run_dir, dataclasses.asdict(self.cfg.model), self.data.tokenizer.hash
         )
+        if self.resuming and self.cfg.finetune.adapters:
+            init_from = self.cfg.init_from
+            check_base(self.run_dir, init_from, Path(init_from) / WEIGHTS)
 
     def fit(self, device: torch.device) -> int:
         """Trains to ``trainer.max_steps``; returns the exit code (0, or the requeue code after
@@ -219,6 +231,8 @@ class Trainer:
                             metrics |= component.run(self.step, metrics)
         except Preempted as stop:
             return stop.exit_code
+        except StoppedEarly as stop:
+            log.info("%s", stop)
         except RuntimeError as error:  # a failed collective: name the rank that stopped answering
             heartbeats.raise_naming_suspects(error, self.run_dir.root)
             raise
@@ -243,7 +257,11 @@ class Trainer:
         ds_config = engine_config(cfg, self.batch_sizes)
         model = new_model(cfg, ds_config)
         if cfg.init_from:  # fine-tuning: the exported weights replace the fresh ones
-            load_weights(model, cfg.init_from)
+            load_weights(model, cfg.init_from, self.data.tokenizer)
+        if cfg.finetune.adapters:
+            add_adapters(model, cfg.finetune, t.seed)
+            if main and not self.resuming:
+                record_base(self.run_dir, cfg.init_from, Path(cfg.init_from) / WEIGHTS)
         engine, self.scheduler = build_engine(cfg, model, ds_config, self.place.rank)
         self.stepper = OptimizerStep(
             engine,
@@ -268,6 +286,7 @@ class Trainer:
         return [
             StateSizeReport(engine, self.place.rank),
             Validator(t, engine, self.data, device),
+            ValidationWatch(t, checkpointer, self.run_dir, main),
             TrainingSamples(t, engine.module, self.data.tokenizer, self.run_dir, tracker, main),
             Reporter(t, self.run_dir, self.monitor, tracker, main),
             Preemption(checkpointer, t.preempt_exit_code),
@@ -276,6 +295,8 @@ class Trainer:
 
     def _log_batch_sizes(self) -> None:
         sizes = self.batch_sizes
+        train = self.data.card["splits"]["train"]
+        warn_if_smaller_than_a_batch(train["tokens"], train["pieces"], sizes.tokens_per_step)
         log.info(
             "training %s for %d steps: %d tokens/step = %d micro x %d seq x %d accum x %d ranks",
             self.cfg.run_name,

@@ -12,7 +12,9 @@ import torch
 from safetensors.torch import save_model
 
 from data_pipeline.app import moved_keys_said, one_line
+from data_pipeline.config import TokenizerConfig
 from data_pipeline.errors import InputError
+from data_pipeline.tokenizer import MusicTokenizer, build_base_tokenizer
 from mtrain.exported.loading import load_exported, load_weights
 from mtrain.exported.writing import CONFIG, WEIGHTS
 from mtrain.model import GPT, GPTConfig
@@ -62,8 +64,10 @@ def test_an_export_that_recorded_the_knobs_with_its_shape_loads(tmp_path):
     assert loaded.config == SHAPE
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
-    fine_tuned = GPT(SHAPE)  # init_from= an old export
-    load_weights(fine_tuned, tmp_path)
+    tokenizer = MusicTokenizer(build_base_tokenizer(TokenizerConfig()), [])
+    tokenizer.save(str(tmp_path / "tokenizer"))
+    fine_tuned = GPT(SHAPE)  # init_from= an old export, on data in its tokenizer's ids
+    load_weights(fine_tuned, tmp_path, tokenizer)
     assert torch.equal(fine_tuned.wte.weight, model.wte.weight)
 
 

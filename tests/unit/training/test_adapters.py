@@ -1,0 +1,90 @@
+"""The fine-tuning config: LoRA through Hydra's config group, refused in one line without a
+model to adapt or with a layer that does not exist; adapters injected by PEFT train alone and
+a checkpoint's state holds them alone; tokenizer_from refused when it names no artifact."""
+
+import dataclasses
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from data_pipeline.app import CONF_DIR
+from data_pipeline.config import PrepareConfig, TokenizerConfig
+from data_pipeline.errors import ConfigError, InputError
+from data_pipeline.tokenizer import artifact_of
+from mtrain import train as train_app  # noqa: F401  (registers the train schema with Hydra)
+from mtrain.model import GPT, GPTConfig
+from mtrain.training.adapters import (
+    FinetuneConfig,
+    FinetuneMethod,
+    add_adapters,
+    has_frozen,
+    target_layers,
+    trainable_share,
+)
+
+
+def train_config(*overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        raw = compose("train", ["data.path=/data", *overrides])
+    return OmegaConf.to_object(raw)
+
+
+def test_finetune_lora_is_a_config_group_with_its_knobs():
+    cfg = train_config("finetune=lora", "init_from=/export", "finetune.rank=16")
+    assert cfg.finetune.method == FinetuneMethod.lora and cfg.finetune.rank == 16
+    assert train_config().finetune.method == FinetuneMethod.none
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["finetune=lora"],
+            "finetune.method=lora trains adapters over a trained model: set init_from=",
+        ),
+        (
+            ["finetune=lora", "init_from=/x", "finetune.rank=0"],
+            "finetune.rank=0 must be at least 1",
+        ),
+    ],
+)
+def test_a_bad_fine_tuning_config_is_refused_in_one_line(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        train_config(*overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_target_that_matches_no_layer_is_refused_listing_them():
+    lora = train_config("finetune=lora", "init_from=/x", "finetune.targets=[attn,mlp.gate]")
+    with pytest.raises(ConfigError) as err:
+        target_layers(lora.finetune, lora.model)  # the model: init_from's shape, here tiny
+    assert str(err.value) == (
+        "finetune.targets: 'mlp.gate' matches no layer of a gpt2 block; its layers are "
+        "attn.qkv, attn.proj, mlp.up, mlp.down (or attn / mlp for every one of a kind)"
+    )
+    llama = dataclasses.replace(lora.model, block="llama")
+    assert target_layers(lora.finetune, llama) == ["attn.qkv", "attn.proj", "mlp.gate"]
+
+
+def test_adapters_train_alone_and_the_state_dict_holds_them_alone():
+    model = GPT(GPTConfig(vocab_size=50, n_layer=2, n_head=2, d_model=32, max_seq_len=16))
+    lora = FinetuneConfig(method=FinetuneMethod.lora, rank=4, targets=["attn"])
+    add_adapters(model, lora, seed=0)
+    trainable, _ = trainable_share(model)
+    # q, k, v fused (32 -> 96) and the output projection (32 -> 32), per block: r (in + out).
+    assert trainable == 2 * 4 * ((32 + 96) + (32 + 32)) and has_frozen(model)
+    assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters())
+    state = model.state_dict()
+    assert state and all("lora_" in k for k in state)  # not even the tied lm_head alias
+    loss = model(torch.randint(50, (2, 8)), targets=torch.randint(50, (2, 8))).loss
+    loss.backward()
+    assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
+
+
+def test_tokenizer_from_must_name_an_artifact(tmp_path):
+    with pytest.raises(InputError, match="is not an exported model, a dataset or a tokenizer"):
+        artifact_of(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"tokenizer_from=.* drop the tokenizer"):
+        PrepareConfig(tokenizer_from=str(tmp_path), tokenizer=TokenizerConfig(num_velocities=8))
