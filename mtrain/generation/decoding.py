@@ -130,6 +130,8 @@ def decode(
             logits = cursor.constrain(logits)
         seen = window.tokens(t) if sampler.reads_history else None
         drawn = sampler.draw(logits, seen)
+        if cursor is not None:
+            drawn = cursor.settle(drawn)
         if t >= longest:
             tokens[:, t] = drawn
         else:  # rows still reading their prompt keep its token

@@ -273,6 +273,14 @@ class GrammarTable:
         self.states: list[tuple] = []
         self.successors: list[dict[int, tuple]] = []
         self.closable: list[bool] = []  # whether the music may end in each state
+        # Ids drawn in a state that close the music instead (``Cursor.settle``).
+        self.closers: list[set[int]] = []
+        bar = tokenizer.bar_id
+        self.bar_openers = [
+            i
+            for i in range(tokenizer.num_specials, tokenizer.infill_offset)
+            if bar is not None and tokenizer.decode_base(np.array([i]))[:1].tolist() == [bar]
+        ]
         self._masks = torch.zeros(0, self.vocab, dtype=torch.bool, device=device)
         self.device = device
 
@@ -317,13 +325,20 @@ class GrammarTable:
             allowed[self.labels] = True
             successors.update((int(i), state) for i in self.labels)
         closes = grammar.can_end(state) and (ending.rests or grammar.noted(state))
-        if closes and (ending.bars is None or grammar.bars(state) == ending.bars):
+        last_bar = ending.bars is not None and grammar.bars(state) == ending.bars
+        if closes and (ending.bars is None or last_bar):
             allowed[ending.token] = True
             successors[ending.token] = state
+        closers = set()
+        if closes and last_bar:
+            # The model opening a bar past the gap's last says the gap is over: it closes.
+            closers = {i for i in self.bar_openers if not allowed[i]}
+            allowed[list(closers)] = True
         if not allowed.any():  # nothing fits: let the model choose, the repair counts it
             log.warning("the token grammar allows nothing after %s: sampling unmasked", state)
             allowed[:] = True
         self.successors.append(successors)
+        self.closers.append(closers)
         self.closable.append(bool(self.grammar.can_end(state)))
         if sid == len(self._masks):  # room doubles, so that a new state rarely copies
             grown = torch.zeros(max(16, 2 * sid), self.vocab, dtype=torch.bool)
@@ -360,7 +375,8 @@ def middle_grammar(
     tokenizer: MusicTokenizer, bars: int, rests: bool = False, device="cpu"
 ) -> GrammarTable:
     """The grammar of an infilling middle of ``bars`` bars: it opens with a Bar, holds that
-    many, and FIM_END closes it after the last (once it holds a note, unless ``rests``)."""
+    many, and FIM_END closes it after the last (once it holds a note, unless ``rests``); a
+    Bar drawn there, the model ending the last bar, closes it too."""
     ending = Ending(tokenizer.infill_ids.end, bars, rests)
     return GrammarTable(tokenizer, base_grammar(tokenizer, bars), ending, device)
 
@@ -386,6 +402,23 @@ class Cursor:
         if any(self.done):  # ended rows draw what they like: nothing of theirs is kept
             allowed[torch.tensor(self.done, device=allowed.device)] = True
         return logits.masked_fill(~allowed, float("-inf"))
+
+    def settle(self, drawn: torch.Tensor) -> torch.Tensor:
+        """``drawn`` [rows] with each id that closes the music where it was drawn (a bar
+        opened past a middle's last) replaced by the ending token."""
+        if self.table.ending.bars is None:  # only a middle closes so
+            return drawn
+        ids = drawn.tolist()
+        closing = [
+            row
+            for row, token in enumerate(ids)
+            if not self.done[row] and token in self.table.closers[self.sids[row]]
+        ]
+        if not closing:
+            return drawn
+        drawn = drawn.clone()
+        drawn[closing] = self.table.ending.token
+        return drawn
 
     def read(self, row: int, model_id: int) -> None:
         """Row ``row``'s next token, drawn (allowed by construction) or the prompt's."""

@@ -21,7 +21,7 @@ from data_pipeline.reader import StoredPiece
 from data_pipeline.tokenizer import MusicTokenizer, build_base_tokenizer
 from mtrain.evaluation.likelihood import evaluate_pieces
 from mtrain.generation.compose import compose
-from mtrain.generation.grammar import piece_grammar
+from mtrain.generation.grammar import Cursor, middle_grammar, piece_grammar
 from mtrain.generation.repair import repair
 from mtrain.generation.sampling import SamplingConfig
 from mtrain.model import GPT, GPTConfig
@@ -116,3 +116,28 @@ def test_likelihood_evaluation_never_masks(remi):
     logits = model(doc[None, :-1]).logits[0]
     nats = F.cross_entropy(logits, doc[1:], reduction="sum").item()
     assert math.isclose(report["nll_per_token_nats"] * report["tokens"], nats, rel_tol=1e-5)
+
+
+def test_a_middle_closes_at_its_gaps_bar_count_and_not_before(remi):
+    """Two bars to fill: FIM_END is forbidden in the first bar and before a note, allowed in
+    the second once it holds one, where a third Bar drawn closes the middle instead."""
+    table = middle_grammar(remi, bars=2)
+    end, bar = remi.infill_ids.end, remi.bar_id
+    bars = remi.split_bars(remi.midi_to_base_ids(piece(2)))
+    cursor = Cursor(table, 1)
+    allowed = []
+    for token in remi.encode_base(np.concatenate(bars[:2])).tolist():
+        allowed.append((table.states[cursor.sids[0]].bars, bool(table.mask(cursor.sids)[0, end])))
+        cursor.read(0, token)
+    assert not any(ok for bars_read, ok in allowed if bars_read < 2)
+    assert any(ok for bars_read, ok in allowed if bars_read == 2)
+    assert table.mask(cursor.sids)[0, [end, bar]].all()
+    assert cursor.settle(torch.tensor([bar])).tolist() == [end]
+    assert cursor.settle(torch.tensor([remi.base.vocab["Position_31"]])).tolist() != [end]
+    for rests in (False, True):
+        table = middle_grammar(remi, bars=1, rests=rests)
+        sid = table.start()
+        for token in (bar, remi.base.vocab["TimeSig_4/4"]):
+            sid = table.read(sid, token)
+        # An empty bar closes only when rests are asked for; else a note comes first.
+        assert bool(table.mask([sid])[0, end]) == rests
