@@ -3,9 +3,12 @@ sampling without it, in the same run.
 
 1. Outcome: ``--samples`` pieces of ``--tokens`` new tokens at temperature ``--temperature``
    (no top-k/p, no min-p: the model's whole distribution) from ``--checkpoint`` (an exported
-   model, e.g. one barely trained), masked and unmasked: tokens repaired after the fact, and
-   pieces that came out without a note.
-2. Cost: milliseconds per new token at batch ``--batch`` for the ``--model`` shape (seeded
+   model, e.g. one barely trained) or, without one, an untrained GPT (2 blocks of 32, wide
+   initialisation, REMI), masked and unmasked: tokens repaired after the fact, and pieces that
+   came out without a note.
+2. The mask alone: CPU time per step of ``Cursor.constrain``, ``settle`` and ``read`` around
+   random logits over REMI's vocabulary, 400 steps, a fresh table (states built as met).
+3. Cost: milliseconds per new token at batch ``--batch`` for the ``--model`` shape (seeded
    random weights, REMI vocabulary), ``--cost-tokens`` new tokens per run, masked vs
    unmasked, ``--repeats`` runs each, interleaved, best kept. Every state's mask is worked out
    the first time it is met, inside the timed run (a fresh table each run).
@@ -27,7 +30,7 @@ from data_pipeline.tokenizer import MusicTokenizer, build_base_tokenizer
 from mtrain.exported.loading import load_for_inference
 from mtrain.generation.compose import compose
 from mtrain.generation.decoding import decode
-from mtrain.generation.grammar import piece_grammar
+from mtrain.generation.grammar import Cursor, piece_grammar
 from mtrain.generation.sampling import SamplingConfig
 from mtrain.model import GPT, GPTConfig
 
@@ -35,7 +38,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def outcome(args) -> dict:
-    model, _, tokenizer, _ = load_for_inference(args.checkpoint, "cpu")
+    if args.checkpoint:
+        model, _, tokenizer, _ = load_for_inference(args.checkpoint, "cpu")
+    else:
+        tokenizer = MusicTokenizer(build_base_tokenizer(TokenizerConfig()), [])
+        torch.manual_seed(0)
+        shape = GPTConfig(tokenizer.vocab_size, n_layer=2, n_head=2, d_model=32, init_std=0.2)
+        model = GPT(shape).eval()
     found = {}
     for masked in (False, True):
         sampling = SamplingConfig(
@@ -49,6 +58,28 @@ def outcome(args) -> dict:
             "notes_per_sample": [p.score.note_num() for p in pieces],
             "stopped_by": [str(p.stop) for p in pieces],
         }
+    return found
+
+
+def mask_alone(steps: int = 400) -> dict:
+    tokenizer = MusicTokenizer(build_base_tokenizer(TokenizerConfig()), [])
+    generator = torch.Generator().manual_seed(0)
+    found = {}
+    for rows in (1, 4):
+        table = piece_grammar(tokenizer)
+        cursor = Cursor(table, rows)
+        spent = 0
+        for _ in range(steps):
+            logits = torch.randn(rows, tokenizer.vocab_size, generator=generator)
+            started = time.process_time_ns()
+            logits = cursor.constrain(logits)
+            spent += time.process_time_ns() - started
+            drawn = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+            started = time.process_time_ns()
+            for row, token in enumerate(cursor.settle(drawn).tolist()):
+                cursor.read(row, token)
+            spent += time.process_time_ns() - started
+        found[f"batch_{rows}"] = {"us_per_step": spent / steps / 1e3, "states": len(table.states)}
     return found
 
 
@@ -78,7 +109,8 @@ def cost(args) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", help="exported model for the outcome (skipped without)")
+    parser.add_argument("--checkpoint", help="exported model for the outcome (else untrained)")
+    parser.add_argument("--skip-cost", action="store_true", help="outcome and mask alone only")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=400)
     parser.add_argument("--temperature", type=float, default=1.2)
@@ -89,9 +121,9 @@ def main():
     parser.add_argument("--json", help="write the figures here too")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    report = {"cost": cost(args)}
-    if args.checkpoint:
-        report["outcome"] = outcome(args)
+    report = {"outcome": outcome(args), "mask_alone": mask_alone()}
+    if not args.skip_cost:
+        report["cost"] = cost(args)
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
