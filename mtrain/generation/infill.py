@@ -4,6 +4,8 @@ starts outside those bars kept note-for-note.
 The model reads the nearest bars on either side that fit its context (as it was trained, see
 ``mtrain.data.fill_in_middle``) and writes the middle bars; the new notes are then spliced into a
 copy of the input score, so nothing outside the gap passes through the tokenizer's quantization.
+The middle closes itself (FIM_END) where its last bar ends, as training taught it; the sampling
+grammar holds it to the gap's bars. A gap too long for the context is filled in steps.
 """
 
 import dataclasses

@@ -3,9 +3,10 @@
 Four modes, from what is given: unconditional (neither), conditioned on label tokens
 (``label=<kind>:<value>``, as the dataset card lists them), continuation of the first bars
 or seconds of a prompt MIDI file (with or without labels), and infilling of a prompt's bars
-(``infill=bars:9-12``, ``mtrain.generation.infill``). Every sample is written as a valid
-``.mid`` (token orders the decoder would refuse are repaired, and counted), a piano-roll
-``.png`` and, where a General MIDI SoundFont is installed, a ``.wav``; ``samples.json`` holds
+(``infill=bars:9-12``, ``mtrain.generation.infill``). Sampling follows the token grammar
+(``sampling.grammar``); every sample is written as a valid ``.mid`` (anything the decoder
+would still refuse is repaired, and counted), a piano-roll ``.png`` with what the model wrote
+shaded and, where a General MIDI SoundFont is installed, a ``.wav``; ``samples.json`` holds
 each sample's tokens, repairs and musical metrics.
 """
 
