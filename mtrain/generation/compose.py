@@ -9,6 +9,7 @@ from data_pipeline.midi_file import barline_ticks
 from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.evaluation.music_metrics import compute_all
 from mtrain.generation.decoding import Stop, decode
+from mtrain.generation.grammar import piece_grammar
 from mtrain.generation.prompts import banned_for, clip_score
 from mtrain.generation.repair import to_midi
 from mtrain.generation.sampling import SamplingConfig, seeded_batches
@@ -87,6 +88,7 @@ def compose(
     banned = banned_for(tokenizer, prompt)
     limited = max_bars is not None or max_seconds is not None
     events = time_events(tokenizer) if limited else {}
+    grammar = piece_grammar(tokenizer, model.device) if sampling.grammar else None
     pieces = []
     for rows, seeded in batches:
         meters = [Timeline(tokenizer, events, max_bars, max_seconds) for _ in range(rows)]
@@ -98,8 +100,9 @@ def compose(
             banned_ids=banned,
             head=head_length(tokenizer, prompt),
             meters=meters if limited else (),
+            grammar=grammar,
         ):
-            ids = prompt + new.tokens
+            ids = prompt + new.complete
             score, repairs = to_midi(tokenizer, ids)
             piece = clip_score(clip_score(score, max_bars), seconds=max_seconds)
             pieces.append(GeneratedPiece(ids, len(prompt), piece, repairs, new.stop))

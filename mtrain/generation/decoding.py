@@ -9,6 +9,7 @@ from typing import Protocol
 import torch
 
 from mtrain.generation.few_rows import use_few_row_linears
+from mtrain.generation.grammar import Cursor, GrammarTable
 from mtrain.generation.sampling import Sampler, SamplingConfig
 from mtrain.model import GPT
 
@@ -35,6 +36,16 @@ class Continuation:
 
     tokens: list[int]
     stop: Stop
+    # The new tokens up to the last place the grammar let the music end (all without one):
+    # a row cut by a length limit keeps these, whole events only.
+    whole: int | None = None
+
+    @property
+    def complete(self) -> list[int]:
+        """The tokens, cut back to whole events when a limit (not a stop token) ended them."""
+        if self.stop == Stop.stop_token or self.whole is None:
+            return self.tokens
+        return self.tokens[: self.whole]
 
 
 @torch.inference_mode()
@@ -48,11 +59,14 @@ def decode(
     head: int = 1,
     meters: Sequence[LengthMeter] = (),
     use_cache: bool = True,
+    grammar: GrammarTable | None = None,
+    grammar_from: Sequence[int] | None = None,
 ) -> list[Continuation]:
     """Continues each prompt (id lists, or a LongTensor [batch, time]) until it draws
     ``stop_id``, its meter (one per row, if given) reports a length reached, or it has
-    ``sampling.max_new_tokens`` new tokens. ``banned_ids`` are never drawn. The model should
-    be in eval mode.
+    ``sampling.max_new_tokens`` new tokens. ``banned_ids`` are never drawn, nor what
+    ``grammar`` forbids after the tokens of each row from its ``grammar_from`` on (0 each:
+    the whole prompt). The model should be in eval mode.
 
     Sequences may grow past ``model.config.max_seq_len``: the model then reads a window, the
     first ``head`` tokens (BOS and the labels: what the piece is) followed by the latest
@@ -96,6 +110,13 @@ def decode(
     window = Window(tokens, head, context)
     cache = model.new_kv_cache(len(prompts), min(context, max(ends))) if use_cache else None
     sampler = Sampler(sampling, banned_ids, device)
+    cursor = None
+    if grammar is not None:
+        cursor = Cursor(grammar, len(prompts))
+        reads_from = list(grammar_from) if grammar_from is not None else [0] * len(prompts)
+        for row, prompt in enumerate(prompts):
+            for token in prompt[reads_from[row] : min(lengths)]:
+                cursor.read(row, token)
     watch = stop_id is not None or bool(meters)  # else no row ends before its budget
     longest = max(lengths)
     for t in range(min(lengths), max(ends)):
@@ -105,13 +126,24 @@ def decode(
             cache.pos = 0
         fed = window.tokens(t) if cache is None else window.unseen(t, cache.pos)
         logits = model(fed, kv_cache=cache).logits[:, -1]
+        if cursor is not None:
+            logits = cursor.constrain(logits)
         seen = window.tokens(t) if sampler.reads_history else None
         drawn = sampler.draw(logits, seen)
+        if cursor is not None:
+            drawn = cursor.settle(drawn)
         if t >= longest:
             tokens[:, t] = drawn
         else:  # rows still reading their prompt keep its token
             in_prompt = torch.tensor([t < n for n in lengths], device=device)
             tokens[:, t] = torch.where(in_prompt, tokens[:, t], drawn)
+        if cursor is not None:
+            written = tokens[:, t].tolist()
+            for row, token in enumerate(written):
+                if t >= ends[row]:
+                    cursor.end(row)
+                elif t >= reads_from[row]:
+                    cursor.read(row, token)
         if watch:
             for row, token in enumerate(drawn.tolist()):
                 if not lengths[row] <= t < ends[row]:
@@ -121,10 +153,14 @@ def decode(
                     reached = meters[row].read(token)
                 if reached:
                     ends[row], stops[row] = t + 1, reached
-    return [
-        Continuation(row[start:end], stop)
-        for row, start, end, stop in zip(tokens.tolist(), lengths, ends, stops, strict=True)
-    ]
+    rows = zip(tokens.tolist(), lengths, ends, stops, strict=True)
+    continued = [Continuation(row[start:end], stop) for row, start, end, stop in rows]
+    if cursor is not None:
+        for row, new in enumerate(continued):
+            # Tokens read that were the prompt's: the row's own from reads_from on.
+            given = max(0, lengths[row] - reads_from[row])
+            new.whole = min(len(new.tokens), max(0, cursor.whole[row] - given))
+    return continued
 
 
 class Window:

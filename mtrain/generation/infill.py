@@ -4,9 +4,12 @@ starts outside those bars kept note-for-note.
 The model reads the nearest bars on either side that fit its context (as it was trained, see
 ``mtrain.data.fill_in_middle``) and writes the middle bars; the new notes are then spliced into a
 copy of the input score, so nothing outside the gap passes through the tokenizer's quantization.
+The middle closes itself (FIM_END) where its last bar ends, as training taught it; the sampling
+grammar holds it to the gap's bars. A gap too long for the context is filled in steps.
 """
 
 import dataclasses
+import logging
 import re
 from dataclasses import dataclass
 from itertools import islice
@@ -18,10 +21,13 @@ from data_pipeline.errors import InputError
 from data_pipeline.midi_file import barline_ticks
 from data_pipeline.tokenizer import FRAME_TOKENS, MusicTokenizer, join_bars
 from mtrain.generation.compose import GeneratedPiece
-from mtrain.generation.decoding import decode
+from mtrain.generation.decoding import Continuation, Stop, decode
+from mtrain.generation.grammar import middle_grammar
 from mtrain.generation.repair import to_midi
 from mtrain.generation.sampling import SamplingConfig, seeded_batches
 from mtrain.model import GPT
+
+log = logging.getLogger(__name__)
 
 BAR_RANGE = re.compile(r"bars:(\d+)(?:-(\d+))?")
 BAR_RANGE_FORMAT = "bars:FIRST-LAST, counted from 1 (e.g. bars:9-12)"
@@ -91,6 +97,17 @@ class InfillRequest:
     prompt: list[int]
     context: tuple[int, int]  # the bars the model reads, [start, end) counted from 0
     room: int  # tokens left for the middle: half as many again as the bars it replaces
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    max_seq_len: int = 0
+    # The gap's bars as they are filled, one range after the other: the whole gap when it fits
+    # the context, else a bar or a few at a time, each step reading the bars around it.
+    steps: list[BarRange] = dataclasses.field(default_factory=list)
+
+
+def middle_room(lengths: list[int]) -> int:
+    """Tokens left for a middle replacing bars ``lengths`` tokens long: half as many again,
+    and room for a note in each bar (a gap of rests gets one)."""
+    return 3 * sum(lengths) // 2 + 8 * len(lengths)
 
 
 def infill_request(
@@ -99,28 +116,56 @@ def infill_request(
     gap: BarRange,
     labels: dict[str, str],
     max_seq_len: int,
+    in_steps: bool = False,
 ) -> InfillRequest:
     """The prompt to fill ``gap`` of ``score``: the nearest bars around it that fit the context
-    next to room for the middle (half as much again as the bars it replaces); refused in one line
-    when the gap lies outside the piece or the room alone exceeds the context."""
+    next to room for the middle (``middle_room``). A gap whose room exceeds the context is
+    refused in one line, or, ``in_steps``, filled a few bars at a time (``gap_steps``): the
+    prompt is then the first step's. A gap outside the piece is refused."""
     bars = tokenizer.split_bars(tokenizer.midi_to_base_ids(score.copy()))
     if gap.last > len(bars):
         raise InputError(
             f"infill={gap}: the prompt has {len(bars)} bars; give a range within bars:1-{len(bars)}"
         )
     lengths = [len(tokenizer.encode_base(bar)) for bar in bars]
-    room = 3 * sum(lengths[gap.first - 1 : gap.last]) // 2 + 8
-    budget = max_seq_len - len(tokenizer.head(labels)) - FRAME_TOKENS - room
-    if budget < 0:
-        raise InputError(
-            f"infill={gap}: the bars to fill need about {room} tokens, more than the model's "
-            f"context of {max_seq_len} leaves beside them; fill fewer bars"
-        )
-    start, end = nearest_context(lengths, gap.first - 1, gap.last, budget)
+    space = max_seq_len - len(tokenizer.head(labels)) - FRAME_TOKENS
+    steps = [gap]
+    if middle_room(lengths[gap.first - 1 : gap.last]) > space:
+        if not in_steps:
+            raise InputError(
+                f"infill={gap}: the bars to fill need about "
+                f"{middle_room(lengths[gap.first - 1 : gap.last])} tokens, more than the "
+                f"model's context of {max_seq_len} leaves beside them; fill fewer bars"
+            )
+        steps = gap_steps(lengths, gap, space)
+    room = middle_room(lengths[steps[0].first - 1 : steps[0].last])
+    start, end = nearest_context(lengths, steps[0].first - 1, steps[0].last, space - room)
     prompt = tokenizer.infill_document(
-        labels, join_bars(bars[start : gap.first - 1]), join_bars(bars[gap.last : end])
+        labels, join_bars(bars[start : steps[0].first - 1]), join_bars(bars[steps[0].last : end])
     )
-    return InfillRequest(score, bars, gap, prompt.tolist(), (start, end), room)
+    return InfillRequest(
+        score, bars, steps[0], prompt.tolist(), (start, end), room, labels, max_seq_len, steps
+    )
+
+
+def gap_steps(lengths: list[int], gap: BarRange, space: int) -> list[BarRange]:
+    """``gap`` cut into runs of bars whose middles take half the ``space`` at most (the other
+    half for the bars around them), one bar at least; refused when one bar's middle alone
+    exceeds the space."""
+    steps, first = [], gap.first
+    while first <= gap.last:
+        last = first
+        while last < gap.last and middle_room(lengths[first - 1 : last + 1]) <= space // 2:
+            last += 1
+        if middle_room(lengths[first - 1 : last]) > space:
+            raise InputError(
+                f"infill={gap}: bar {first} alone needs about "
+                f"{middle_room(lengths[first - 1 : last])} tokens, more than the model's "
+                "context leaves beside it; a model with a longer context can fill it"
+            )
+        steps.append(BarRange(first, last))
+        first = last + 1
+    return steps
 
 
 def banned_while_filling(tokenizer: MusicTokenizer) -> list[int]:
@@ -174,21 +219,76 @@ def infill(
     count: int,
     sampling: SamplingConfig,
     batch_size: int = 4,
+    rests: bool = False,
 ) -> list[GeneratedPiece]:
     """``count`` fillings of ``request``'s gap, drawn ``batch_size`` at a time, seeded as
-    ``seeded_batches`` says."""
-    banned, stop = banned_while_filling(tokenizer), tokenizer.infill_ids.end
-    # A middle twice the room is far past the gap's end, where notes are dropped: stop there.
-    sampling = dataclasses.replace(
-        sampling, max_new_tokens=min(sampling.max_new_tokens, 2 * request.room)
-    )
+    ``seeded_batches`` says, step after step when the gap is filled in steps (each step reads
+    the bars already filled before it). With ``sampling.grammar`` each middle holds exactly
+    its bars and, unless ``rests``, a note."""
+    steps = request.steps or [request.gap]
     pieces = []
     for rows, seeded in seeded_batches(count, batch_size, sampling):
-        # The whole prompt is the head: past the context the window slides over the middle
-        # and keeps both sides of the gap.
-        prompts, head = [request.prompt] * rows, len(request.prompt)
-        for new in decode(model, prompts, seeded, stop, banned_ids=banned, head=head):
-            score, repairs = splice(tokenizer, request, new.tokens)
-            ids = request.prompt + new.tokens
-            pieces.append(GeneratedPiece(ids, len(request.prompt), score, repairs, new.stop))
+        scores, new_ids = [request.score] * rows, [[] for _ in range(rows)]
+        repairs, stops = [0] * rows, [Stop.stop_token] * rows
+        for k, step in enumerate(steps):
+            requests = [request] * rows
+            if len(steps) > 1:
+                requests = [
+                    infill_request(tokenizer, s, step, request.labels, request.max_seq_len)
+                    for s in scores
+                ]
+            # Another seed per step, the same as before for a gap filled at once.
+            step_sampling = dataclasses.replace(seeded, seed=seeded.seed + 100_003 * k)
+            for row, new in enumerate(fill_step(model, tokenizer, requests, step_sampling, rests)):
+                scores[row], repaired = splice(tokenizer, requests[row], new.complete)
+                new_ids[row] += new.complete
+                repairs[row] += repaired
+                if stops[row] == Stop.stop_token:
+                    stops[row] = new.stop
+        for row in range(rows):
+            ids = request.prompt + new_ids[row]
+            piece = GeneratedPiece(ids, len(request.prompt), scores[row], repairs[row], stops[row])
+            pieces.append(piece)
+            if not rests and not gap_notes(piece.score, tokenizer, request):
+                log.warning("a filling of %s holds no note: the gap is silent", request.gap)
     return pieces
+
+
+def fill_step(
+    model: GPT,
+    tokenizer: MusicTokenizer,
+    requests: list[InfillRequest],
+    sampling: SamplingConfig,
+    rests: bool,
+) -> list[Continuation]:
+    """One middle per request (one gap, or one step of it, each row its own prompt)."""
+    banned, stop = banned_while_filling(tokenizer), tokenizer.infill_ids.end
+    # A middle twice the room is far past the gap's end, where notes are dropped: stop there.
+    room = max(r.room for r in requests)
+    sampling = dataclasses.replace(sampling, max_new_tokens=min(sampling.max_new_tokens, 2 * room))
+    gap = requests[0].gap
+    grammar = None
+    if sampling.grammar:
+        grammar = middle_grammar(tokenizer, gap.last - gap.first + 1, rests, model.device)
+    prompts = [r.prompt for r in requests]
+    # The whole prompt is the head: past the context the window slides over the middle and
+    # keeps both sides of the gap.
+    head = min(map(len, prompts))
+    return decode(
+        model,
+        prompts,
+        sampling,
+        stop,
+        banned_ids=banned,
+        head=head,
+        grammar=grammar,
+        grammar_from=[len(p) for p in prompts],
+    )
+
+
+def gap_notes(score: symusic.Score, tokenizer: MusicTokenizer, request: InfillRequest) -> int:
+    """Notes of ``score`` that start in the whole gap of ``request``."""
+    steps = request.steps or [request.gap]
+    start, end = gap_ticks(request.score, tokenizer, BarRange(steps[0].first, steps[-1].last))
+    onsets = [t.notes.numpy()["time"] for t in score.tracks]
+    return sum(int(((times >= start) & (times < end)).sum()) for times in onsets)

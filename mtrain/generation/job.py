@@ -3,9 +3,10 @@
 Four modes, from what is given: unconditional (neither), conditioned on label tokens
 (``label=<kind>:<value>``, as the dataset card lists them), continuation of the first bars
 or seconds of a prompt MIDI file (with or without labels), and infilling of a prompt's bars
-(``infill=bars:9-12``, ``mtrain.generation.infill``). Every sample is written as a valid
-``.mid`` (token orders the decoder would refuse are repaired, and counted), a piano-roll
-``.png`` and, where a General MIDI SoundFont is installed, a ``.wav``; ``samples.json`` holds
+(``infill=bars:9-12``, ``mtrain.generation.infill``). Sampling follows the token grammar
+(``sampling.grammar``); every sample is written as a valid ``.mid`` (anything the decoder
+would still refuse is repaired, and counted), a piano-roll ``.png`` with what the model wrote
+shaded and, where a General MIDI SoundFont is installed, a ``.wav``; ``samples.json`` holds
 each sample's tokens, repairs and musical metrics.
 """
 
@@ -16,17 +17,28 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import symusic
+
 from data_pipeline.app import config_dict
 from data_pipeline.errors import require
 from mtrain.data.fill_in_middle import check_infillable
 from mtrain.exported.loading import load_for_inference
 from mtrain.generation.compose import DEFAULT_MIN_P, compose
-from mtrain.generation.infill import BAR_RANGE_FORMAT, BarRange, infill, infill_request
+from mtrain.generation.infill import (
+    BAR_RANGE_FORMAT,
+    BarRange,
+    InfillRequest,
+    gap_ticks,
+    infill,
+    infill_request,
+)
 from mtrain.generation.prompts import (
     build_prompt,
     parse_labels,
     prompt_from_midi,
     read_prompt,
+    tick_at_bar,
+    tick_at_second,
     validate_labels,
 )
 from mtrain.generation.render import RenderConfig, Renderer, wandb_media
@@ -34,6 +46,8 @@ from mtrain.generation.sampling import SamplingConfig
 from mtrain.runs.tracking import LoggerConfig, WandbMode, log_report, table
 
 log = logging.getLogger(__name__)
+# Bars of a prompt MIDI file continued when neither prompt_bars nor prompt_seconds is given.
+PROMPT_BARS = 4
 
 
 @dataclass
@@ -54,6 +68,8 @@ class GenerateConfig:
     # 1 (e.g. bars:9-12), for a model trained with data.infill_rate > 0; every note starting
     # outside them is kept as it is in the prompt.
     infill: str | None = None
+    # Let a filled gap be silent; by default each filling holds a note (the grammar asks it).
+    infill_rests: bool = False
     # Length limits on each whole piece (prompt included) besides sampling.max_new_tokens.
     max_bars: int | None = None
     max_seconds: float | None = None
@@ -131,6 +147,21 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def generated_region(
+    cfg: GenerateConfig, score: symusic.Score, tokenizer, request: InfillRequest | None
+) -> tuple[int, int] | None:
+    """[start, end) in ticks of what the model wrote in ``score``: the filled bars, or all
+    after the prompt's bars or seconds; None when it wrote the whole piece."""
+    if request is not None:
+        steps = request.steps or [request.gap]
+        return gap_ticks(request.score, tokenizer, BarRange(steps[0].first, steps[-1].last))
+    if not cfg.prompt:
+        return None
+    if cfg.prompt_seconds is not None:
+        return tick_at_second(score, cfg.prompt_seconds), score.end()
+    return tick_at_bar(score, cfg.prompt_bars or PROMPT_BARS), score.end()
+
+
 def generate_samples(cfg: GenerateConfig, overrides: list[str] = ()) -> dict:
     model, meta, tokenizer, model_dir = load_for_inference(cfg.checkpoint, cfg.device)
     labels = parse_labels(cfg.label)
@@ -139,15 +170,28 @@ def generate_samples(cfg: GenerateConfig, overrides: list[str] = ()) -> dict:
         validate_labels(tokenizer, labels)
         gap = BarRange.parse(cfg.infill)
         request = infill_request(
-            tokenizer, read_prompt(cfg.prompt), gap, labels, model.config.max_seq_len
+            tokenizer, read_prompt(cfg.prompt), gap, labels, model.config.max_seq_len, True
         )
         prompt = request.prompt
         first, stop = request.context
-        log.info("filling %s; the model reads bars %d-%d around them", gap, first + 1, stop)
+        if len(request.steps) > 1:
+            log.info(
+                "filling %s in %d steps (%s), each reading the bars around it: the gap needs "
+                "more tokens than the model's context",
+                gap,
+                len(request.steps),
+                ", ".join(map(str, request.steps)),
+            )
+        else:
+            log.info("filling %s; the model reads bars %d-%d around them", gap, first + 1, stop)
     else:
         prompt_ids = None
         if cfg.prompt:
-            bars = cfg.prompt_bars if cfg.prompt_seconds is not None else (cfg.prompt_bars or 4)
+            bars = (
+                cfg.prompt_bars
+                if cfg.prompt_seconds is not None
+                else (cfg.prompt_bars or PROMPT_BARS)
+            )
             prompt_ids = prompt_from_midi(tokenizer, cfg.prompt, bars, cfg.prompt_seconds)
         prompt = build_prompt(tokenizer, labels, prompt_ids)
     log.info(
@@ -164,7 +208,15 @@ def generate_samples(cfg: GenerateConfig, overrides: list[str] = ()) -> dict:
     )
     started = time.perf_counter()
     if cfg.infill:
-        pieces = infill(model, tokenizer, request, cfg.num_samples, cfg.sampling, cfg.batch_size)
+        pieces = infill(
+            model,
+            tokenizer,
+            request,
+            cfg.num_samples,
+            cfg.sampling,
+            cfg.batch_size,
+            cfg.infill_rests,
+        )
     else:
         pieces = compose(
             model,
@@ -191,7 +243,9 @@ def generate_samples(cfg: GenerateConfig, overrides: list[str] = ()) -> dict:
     rows, files = [], []
     for i, piece in enumerate(pieces):
         name = f"sample-{i:03d}"
-        files.append(renderer.write(piece.score, out / name, f"{name} ({mode_of(cfg)})"))
+        region = generated_region(cfg, piece.score, tokenizer, request if cfg.infill else None)
+        title = f"{name} ({mode_of(cfg)})"
+        files.append(renderer.write(piece.score, out / name, title, region))
         rows.append({"sample": name, **piece.stats()})
     report = {
         "checkpoint": str(model_dir),

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import symusic
+from miditok.constants import MIDI_INSTRUMENTS
+
+from data_pipeline.midi_file import barline_ticks
 
 log = logging.getLogger(__name__)
 # Where Debian's fluid-soundfont-gm (and musescore-general-soundfont) put a GM SoundFont.
@@ -19,6 +22,10 @@ SYSTEM_SOUNDFONTS = (
 )
 # Drum tracks are drawn in grey.
 DRUM_COLOR = "0.45"
+# The generated part of a piece (a filled gap, a continuation) is shaded in this colour.
+GENERATED_COLOR = "#ffe08a"
+# Bar numbers are written above the roll up to this many bars (beyond, lines alone).
+NUMBERED_BARS = 48
 
 
 @dataclass
@@ -65,13 +72,21 @@ class Renderer:
                 self.synth = symusic.Synthesizer(str(soundfont), cfg.sample_rate)
                 log.info("rendering audio with %s at %d Hz", soundfont, cfg.sample_rate)
 
-    def write(self, score: symusic.Score, stem: Path, title: str = "") -> dict[str, Path]:
+    def write(
+        self,
+        score: symusic.Score,
+        stem: Path,
+        title: str = "",
+        generated: tuple[int, int] | None = None,
+    ) -> dict[str, Path]:
+        """The files of ``score``; ``generated`` ([start, end) in ticks) is shaded in the
+        piano roll as what the model wrote (None: all of it, or nothing to tell apart)."""
         stem.parent.mkdir(parents=True, exist_ok=True)
         paths = {"midi": stem.with_suffix(".mid")}
         score.dump_midi(str(paths["midi"]))
         if self.cfg.piano_roll:
             paths["piano_roll"] = stem.with_suffix(".png")
-            piano_roll_png(score, paths["piano_roll"], title or stem.name)
+            piano_roll_png(score, paths["piano_roll"], title or stem.name, generated)
         if self.synth is not None and score.note_num() > 0:
             paths["audio"] = stem.with_suffix(".wav")
             audio = self.synth.render(score, stereo=True)
@@ -79,16 +94,61 @@ class Renderer:
         return paths
 
 
-def piano_roll_png(score: symusic.Score, path: Path, title: str) -> None:
-    """Notes as bars over time in seconds, one colour per track, drums in faint grey."""
+def track_name(track: symusic.Track) -> str:
+    """A track as a musician names it: its own name, else its General MIDI instrument."""
+    instrument = "drums" if track.is_drum else MIDI_INSTRUMENTS[track.program]["name"]
+    name = track.name.strip()
+    return f"{name} ({instrument})" if name and name.lower() != instrument.lower() else instrument
+
+
+def seconds_at(score: symusic.Score, ticks: list[int]) -> list[float]:
+    """Seconds at each of ``ticks`` (ascending) of ``score``, through its tempo changes."""
+    tempos = sorted(score.tempos, key=lambda t: t.time)
+    out, tick, elapsed, mspq, index = [], 0, 0.0, 500_000, 0
+    for target in ticks:
+        while index < len(tempos) and tempos[index].time <= target:
+            elapsed += (tempos[index].time - tick) * mspq / 1e6 / score.ticks_per_quarter
+            tick, mspq = tempos[index].time, tempos[index].mspq
+            index += 1
+        out.append(elapsed + (target - tick) * mspq / 1e6 / score.ticks_per_quarter)
+    return out
+
+
+def piano_roll_png(
+    score: symusic.Score, path: Path, title: str, generated: tuple[int, int] | None = None
+) -> None:
+    """Notes as bars over time in seconds, one colour per track named in the legend, drums in
+    faint grey; bar lines (numbered) and the generated region shaded."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on cluster nodes
     import matplotlib.pyplot as plt
 
     seconds = score.to("second")
+    end = max(seconds.end(), 1.0)
     fig, ax = plt.subplots(figsize=(12, 4), dpi=100)
     colors = plt.get_cmap("tab10")
+    if generated is not None:
+        start, stop = seconds_at(score, sorted(generated))
+        ax.axvspan(start, min(stop, end), color=GENERATED_COLOR, alpha=0.6, zorder=0)
+        ax.plot([], [], color=GENERATED_COLOR, linewidth=6, label="generated")
+    lines = []
+    for tick in barline_ticks(score):
+        if tick > score.end():
+            break
+        lines.append(tick)
+    for number, second in enumerate(seconds_at(score, lines), start=1):
+        ax.axvline(second, color="0.8", linewidth=0.6, zorder=0.5)
+        if len(lines) <= NUMBERED_BARS:
+            ax.annotate(
+                str(number),
+                (second, 1.0),
+                xycoords=("data", "axes fraction"),
+                xytext=(2, -10),
+                textcoords="offset points",
+                fontsize="x-small",
+                color="0.4",
+            )
     for i, track in enumerate(seconds.tracks):
         notes = track.notes.numpy()
         if len(notes["time"]) == 0:
@@ -98,16 +158,15 @@ def piano_roll_png(score: symusic.Score, path: Path, title: str) -> None:
         color = DRUM_COLOR if track.is_drum else colors(i % 10)
         # A drum's pitch names a kit piece, not a height: faint, under the pitched notes.
         alpha = 0.35 if track.is_drum else 1.0
-        label = f"{'drums' if track.is_drum else f'program {track.program}'} {track.name}"
         for row in np.unique(rows):
             ax.broken_barh(bars[rows == row], (row - 0.4, 0.8), color=color, alpha=alpha)
-        ax.plot([], [], color=color, linewidth=6, label=label.strip())
-    ax.set_xlabel("seconds")
+        ax.plot([], [], color=color, linewidth=6, label=track_name(track))
+    ax.set_xlabel("seconds (bars numbered above)")
     ax.set_ylabel("MIDI pitch")
     ax.set_title(title)
-    ax.set_xlim(0, max(seconds.end(), 1.0))
-    if seconds.tracks:
-        ax.legend(loc="upper right", fontsize="small")
+    ax.set_xlim(0, end)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -8,6 +8,7 @@ import miditok
 import symusic
 
 from data_pipeline.tokenizer import MusicTokenizer
+from mtrain.generation.grammar import RemiRules
 
 log = logging.getLogger(__name__)
 
@@ -15,30 +16,20 @@ NOTE_KINDS = ("Program", "Pitch", "PitchDrum", "Velocity", "Duration")
 
 
 class RemiRepair:
-    """Rewrites any REMI token sequence into the grammar MidiTok's REMI encoder writes::
-
-        (Bar TimeSig? (Position Tempo? note*)*)*    note = Program? Pitch Velocity Duration
-
-    (TimeSig with use_time_signatures, Program with use_programs, PitchDrum for Pitch after
-    Program_-1), counting each token dropped or inserted by rule. It covers the REMI token
-    families data_pipeline's tokenizers use (Bar, TimeSig, Position, Tempo, Program, Pitch,
-    PitchDrum, Velocity, Duration); any other family is dropped as ``unknown_token``. One
-    instance reads one sequence: use ``repair``.
+    """Rewrites any REMI token sequence into the grammar MidiTok's REMI encoder writes
+    (``RemiRules``, the grammar sampling masks by), counting each token dropped or inserted by
+    rule. It covers the REMI token families data_pipeline's tokenizers use (Bar, TimeSig,
+    Position, Tempo, Program, Pitch, PitchDrum, Velocity, Duration); any other family is
+    dropped as ``unknown_token``. One instance reads one sequence: use ``repair``.
     """
 
     def __init__(self, base: miditok.REMI):
-        cfg = base.config
-        self.names = {i: tuple(name.split("_", 1)) for name, i in base.vocab.items()}
-        parts = [("Program", cfg.use_programs), ("Pitch", True), ("Velocity", cfg.use_velocities)]
-        parts.append(("Duration", cfg.using_note_duration_tokens))
-        self.note_parts = [kind for kind, used in parts if used]
-        # Drums are Program_-1 PitchDrum_x, every other program Pitch_x.
-        self.drums_by_program = cfg.use_programs and cfg.use_pitchdrum_tokens
-        self.positions_per_beat = cfg.max_num_pos_per_beat
-        self.uses_time_signatures = cfg.use_time_signatures
-        # The decoder's time signature until the first TimeSig token.
-        self.time_signature = base.vocab.get("TimeSig_4/4")
-        self.bar_length = 4 * self.positions_per_beat
+        self.rules = RemiRules.of(base)
+        self.names = self.rules.names
+        self.note_parts = self.rules.note_parts
+        self.uses_time_signatures = self.rules.uses_time_signatures
+        self.time_signature = self.rules.default_time_signature
+        self.bar_length = 4 * self.rules.positions_per_beat
         self.kept: list[int] = []
         self.repairs: Counter[str] = Counter()
         self.note: list[int] = []  # the note being read, written once complete
@@ -70,12 +61,10 @@ class RemiRepair:
 
     def _next_kinds(self) -> tuple[str, ...]:
         """The kinds that may come next in the note being read, or start one."""
-        part = self.note_parts[len(self.note)]
-        if part != "Pitch":
-            return (part,)
-        if not self.drums_by_program:
-            return ("Pitch", "PitchDrum")
-        return ("PitchDrum",) if self.names[self.note[0]][1] == "-1" else ("Pitch",)
+        drums = None
+        if self.note and self.names[self.note[0]][0] == "Program":
+            drums = self.names[self.note[0]][1] == "-1"
+        return self.rules.note_kinds(len(self.note), drums)
 
     def _note_token(self, token: int, kind: str) -> None:
         if self.note and kind in self._next_kinds():
@@ -107,7 +96,7 @@ class RemiRepair:
         self.needs_time_signature = False
         self._write(token)
         self.time_signature = token
-        self.bar_length = int(value.split("/")[0]) * self.positions_per_beat
+        self.bar_length = self.rules.bar_length(value)
 
     def _position(self, token: int, value: str) -> None:
         if int(value) <= self.bar_position:
@@ -163,10 +152,16 @@ def follow_type_graph(
 def repair(tokenizer: MusicTokenizer, model_ids) -> tuple[list[int], Counter[str]]:
     """Base ids in an order MidiTok decodes as written, from any model ids, and the tokens
     dropped or inserted, by rule. Specials and labels are left out uncounted: not music."""
-    base_ids = [int(i) for i in tokenizer.decode_base(model_ids)]
+    decoded = [int(i) for i in tokenizer.decode_base(model_ids)]
+    # A learned vocabulary's <unk> decodes to no base token at all.
+    base_ids = [i for i in decoded if tokenizer.num_specials <= i < len(tokenizer.base)]
     if isinstance(tokenizer.base, miditok.REMI):
-        return RemiRepair(tokenizer.base)(base_ids)
-    return follow_type_graph(tokenizer.base, base_ids)
+        kept, repairs = RemiRepair(tokenizer.base)(base_ids)
+    else:
+        kept, repairs = follow_type_graph(tokenizer.base, base_ids)
+    if len(base_ids) < len(decoded):
+        repairs["unknown_token"] += len(decoded) - len(base_ids)
+    return kept, repairs
 
 
 def to_midi(tokenizer: MusicTokenizer, model_ids) -> tuple[symusic.Score, int]:

@@ -26,6 +26,9 @@ class SamplingConfig:
     repetition_penalty: float = 1.0
     seed: int = 0
     max_new_tokens: int = 512
+    # Mask, at every step, the tokens the tokenizer's grammar forbids there (a piece ends only
+    # after its first note): samples decode as drawn. False samples from the bare model.
+    grammar: bool = True
 
     def __post_init__(self):
         require(

@@ -1,6 +1,6 @@
 """Infilling for real: a tiny model trained on pieces whose second half only the suffix
 reveals, for which the suffix must help, and ``python -m mtrain.generate infill=bars:3-4``
-filling bars of a MIDI file without touching the others."""
+filling bars of a MIDI file without touching the others, closing each middle by itself."""
 
 import json
 import random
@@ -77,4 +77,8 @@ def test_generate_fills_bars_of_a_midi_file_and_keeps_the_others(fim_model, tmp_
     for name in ("sample-000.mid", "sample-001.mid"):
         filled = symusic.Score.from_midi((out / name).read_bytes())
         assert notes(filled, ticks, False) == notes(score, ticks, False)
-    assert json.loads((out / "samples.json").read_text())["mode"] == "infill"
+    report = json.loads((out / "samples.json").read_text())
+    assert report["mode"] == "infill"
+    # Each middle closed itself (FIM_END), which the grammar allows only after the gap's bars.
+    assert [s["stopped_by"] for s in report["samples"]] == ["stop_token"] * 2, report["samples"]
+    assert (out / "sample-000.png").exists()

@@ -120,7 +120,8 @@ def test_filling_keeps_every_note_outside_the_gap_exactly(tok):
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=16, max_seq_len=512)
     (filled,) = infill(GPT(cfg).eval(), tok, request, 1, SamplingConfig(max_new_tokens=24))
-    assert filled.new_tokens == 24  # an untrained model does not stop by itself
+    # An untrained model does not stop by itself; what it wrote is kept to its last whole note.
+    assert filled.stop == "max_new_tokens" and 16 <= filled.new_tokens <= 24 and not filled.repairs
     assert notes(filled.score, ticks, False) == notes(score, ticks, False)
     true_middle = tok.encode_base(join_bars(request.bars[3:5])).tolist()
     oracle, repairs = splice(tok, request, [*true_middle, tok.infill_ids.end])
@@ -133,3 +134,25 @@ def test_filling_keeps_every_note_outside_the_gap_exactly(tok):
     assert repairs == 0
     assert [(n[0], n[1], n[2], n[4]) for n in notes(oracle, ticks, True)] == sorted(on_grid)
     assert notes(oracle, ticks, False) == notes(score, ticks, False)
+
+
+def test_a_gap_longer_than_the_context_is_filled_in_steps_each_bar_with_notes(tok):
+    """Four bars whose middle needs more tokens than a context of 256 leaves: filled a bar at a
+    time, each reading the bars around it, every note outside kept, every bar given notes and
+    no token repaired (the grammar holds each middle to its bars)."""
+    score = piece(3, bars=10)
+    gap = BarRange(3, 6)
+    with pytest.raises(InputError, match="fill fewer bars"):
+        infill_request(tok, score, gap, LABELS, 256)
+    request = infill_request(tok, score, gap, LABELS, 256, in_steps=True)
+    assert request.steps == [BarRange(bar, bar) for bar in range(3, 7)]
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=16, max_seq_len=256)
+    hot = SamplingConfig(temperature=1.2, max_new_tokens=80)
+    (filled,) = infill(GPT(cfg).eval(), tok, request, 1, hot)
+    assert filled.repairs == 0
+    assert notes(filled.score, gap_ticks(score, tok, gap), False) == notes(
+        score, gap_ticks(score, tok, gap), False
+    )
+    for bar in range(3, 7):
+        assert notes(filled.score, gap_ticks(score, tok, BarRange(bar, bar)), True), bar
