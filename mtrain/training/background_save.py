@@ -88,6 +88,11 @@ class DeferredFiles(CheckpointEngine):
         return pending, held
 
 
+def write_with_torch(state, path: Path) -> None:
+    """mtrain's own files (trainer states, the probe), written as the synchronous save does."""
+    torch.save(state, path)
+
+
 def fsync(path: Path) -> None:
     """Flushes a file's (or a directory's entries') data to the device."""
     fd = os.open(path, os.O_RDONLY)
@@ -111,11 +116,12 @@ class Written:
 
 @dataclass
 class WriteJob:
-    """One checkpoint's files for this rank: (path, state or a function giving it)."""
+    """One checkpoint's files for this rank besides DeepSpeed's: (path, state or a function
+    giving it)."""
 
     ckpt: CheckpointDir
     step: int
-    files: list[tuple[Path, object]]
+    files: list[tuple]
 
 
 class BackgroundWriter:
@@ -152,7 +158,10 @@ class BackgroundWriter:
     def start(self, job: WriteJob) -> int:
         """Starts writing; returns the bytes staged for it."""
         files, held = self.deferred.take()
-        job.files = files + job.files
+        # mtrain's first: the probe's logits free its gathered weights early.
+        job.files = [(p, s, write_with_torch) for p, s in job.files] + [
+            (p, s, self.deferred.write) for p, s in files
+        ]
         self._thread = threading.Thread(
             target=self._run, args=(job,), name="checkpoint-writer", daemon=True
         )
@@ -188,8 +197,10 @@ class BackgroundWriter:
         start, ckpt = time.monotonic(), job.ckpt
         sums, failure = {}, None
         try:
-            for path, state in job.files:
-                self.deferred.write(state() if callable(state) else state, path)
+            for i, (path, state, write) in enumerate(job.files):
+                job.files[i] = None  # what it holds is freed once written
+                write(state() if callable(state) else state, path)
+                del state
                 fsync(path)
                 sums[path.relative_to(ckpt.path).as_posix()] = {
                     "size": path.stat().st_size,

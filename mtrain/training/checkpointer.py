@@ -246,7 +246,7 @@ class Checkpointer:
         files: list[tuple[Path, object]] = [(ckpt.trainer_state(engine.global_rank), rank_state)]
         if weights is not None:
             cfg, shape = engine.module.config, self.probe_shape
-            files.append((ckpt.probe, lambda: probe_of(cfg, weights, *shape)))
+            files.insert(0, (ckpt.probe, lambda: probe_of(cfg, weights, *shape)))
         held = self.writer.start(WriteJob(ckpt, step, files))
         self._started_s = time.monotonic() - start
         self.writer.blocked_s = 0.0
