@@ -8,8 +8,10 @@ nothing is copied: the thread writes the tensors themselves while the next step'
 backward passes run, and that step's update waits for the write to end (``wait``).
 """
 
+import gc
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -218,6 +220,11 @@ class BackgroundWriter:
                     f"rank {rank}: {what}"
                 )
         marker_failure = None
+        if self.rank == 0 and written.out_of_space:
+            # Every rank has stopped writing: the partial checkpoint's space comes back now,
+            # not at the report, so that training's other writes (metrics, logs) find room.
+            gc.collect()  # the failed writes' file objects
+            shutil.rmtree(ckpt.path, ignore_errors=True)
         if self.rank == 0 and not (written.out_of_space or written.failures):
             files = {name: entry for part, _ in parts for name, entry in part.items()}
             try:

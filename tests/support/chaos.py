@@ -175,9 +175,8 @@ class Supervisor:
     def run(self) -> list[Fault]:
         """The whole chaos run: each fault once its step is reached, then to the end."""
         pending = schedule(self.cfg)
-        ranks = 2
         while True:
-            proc = self.start(ranks)
+            proc = self.start()
             if not pending:
                 out = self.finish(proc, timeout=900)
                 if proc.returncode == 0 and last_step(self.run_dir) >= self.cfg.steps:
@@ -188,7 +187,7 @@ class Supervisor:
             at = max(last_step(self.run_dir) + self.rng.randint(1, 3), self.cfg.save_every + 1)
             fault = Fault(kind, at)
             self.faults.append(fault)
-            ranks = self._inject(proc, fault)
+            self._inject(proc, fault)
 
     def _wait_step(self, proc: subprocess.Popen, step: int, timeout: float = 240) -> bool:
         deadline = time.monotonic() + timeout
@@ -198,9 +197,23 @@ class Supervisor:
             time.sleep(0.05)
         return True
 
+    def _wait_row_after(self, proc: subprocess.Popen, since: float, timeout: float = 240) -> bool:
+        """Waits until the attempt has logged a step of its own (a row stamped after
+        ``since``; rows of earlier attempts stay until it resumes)."""
+        deadline = time.monotonic() + timeout
+        metrics = self.run_dir / "metrics.jsonl"
+        while proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                rows = metrics.read_text().splitlines()
+                if rows and json.loads(rows[-1])["time"] > since:
+                    return True
+            time.sleep(0.05)
+        return False
+
     # ---- the faults ---------------------------------------------------------------------
-    def _inject(self, proc: subprocess.Popen, fault: Fault) -> int:
-        """Injects ``fault`` once its step is logged; returns the ranks of the next attempt."""
+    def _inject(self, proc: subprocess.Popen, fault: Fault) -> None:
+        """Injects ``fault`` once its step is logged (a restart on one rank is made and ended
+        here too: ``_one_rank_and_back``)."""
         if fault.kind == "full_disk":
             self._fill_disk_before(fault)
         if not self._wait_step(proc, fault.at_step):
@@ -209,11 +222,10 @@ class Supervisor:
             fault.detected = detection(fault.kind, out) or "the attempt ended before the fault"
             self.previous = fault
             self._after(fault)
-            return 2
+            return
         fault.last_step = last_step(self.run_dir)
         ranks = ranks_of(proc)
         victim = self.rng.choice(sorted(ranks))
-        next_ranks = 2
         if fault.kind == "kill_rank":
             ranks[victim].kill()
         elif fault.kind == "kill_launcher":
@@ -238,8 +250,6 @@ class Supervisor:
                 rank.send_signal(signal.SIGUSR1)
         elif fault.kind in ("damage_checkpoint", "other_world_size"):
             kill_tree(proc)
-            if fault.kind == "other_world_size":
-                next_ranks = 1
         elif fault.kind == "oom_kill":
             self._squeeze(proc)
         out = self.finish(proc)
@@ -249,7 +259,6 @@ class Supervisor:
         self._after(fault)
         if fault.kind == "other_world_size":
             self._one_rank_and_back(fault)
-        return next_ranks
 
     def _after(self, fault: Fault) -> None:
         if fault.kind == "damage_checkpoint":
@@ -291,8 +300,9 @@ class Supervisor:
     def _one_rank_and_back(self, fault: Fault) -> None:
         """An attempt on one rank (resumed from the two ranks' checkpoint, converted), ended
         by kill -9 before it saves; the next attempt is on two ranks again."""
+        started = time.time()
         proc = self.start(ranks=1)
-        ok = self._wait_step(proc, last_step_of_checkpoint(self.run_dir) + 1)
+        ok = self._wait_row_after(proc, started)
         kill_tree(proc)
         out = self.finish(proc)
         said = next((x for x in out.splitlines() if "now 1" in x and "resumed from" in x), "")
