@@ -12,14 +12,14 @@ from hydra.core.hydra_config import HydraConfig
 from data_pipeline.app import entry_point, in_multirun
 from data_pipeline.launch import placement_from_env
 from mtrain.data.loader import StreamingData
-from mtrain.distributed import collectives, host_memory
+from mtrain.distributed import collectives
 from mtrain.exported.loading import check_init_from, init_from_shape
 from mtrain.runs.lock import RunDirTaken, RunLock, refuse_on_every_rank
 from mtrain.training.adapters import target_layers
 from mtrain.training.checkpointer import DiskFull
 from mtrain.training.compute_budget import apply_budget
 from mtrain.training.config import MOVED_KEYS, TrainConfig
-from mtrain.training.memory_plan import check_fits, training_layout
+from mtrain.training.memory_plan import host_memory_policy, plan_training
 from mtrain.training.trainer import NonFiniteLoss, Trainer
 
 # What a rank raises between collectives, none of its own pending: the process group may end
@@ -57,8 +57,7 @@ def run(cfg: TrainConfig, overrides: list[str]) -> int:
             target_layers(cfg.finetune, cfg.model)  # refused, listing the layers there are
     cfg.model = cfg.model.with_vocab(data.tokenizer.vocab_size)
     apply_budget(cfg)
-    if cfg.deepspeed.check_memory:
-        check_fits(training_layout(cfg, place.world_size))
+    verdict = plan_training(cfg, place.world_size)
     trainer = Trainer(cfg, place, data, overrides)
     # Rank 0 takes the run directory before anything is written there; every rank checks that
     # its checkpoints fit this config. Other ranks learn of rank 0's refusal once the process
@@ -70,8 +69,8 @@ def run(cfg: TrainConfig, overrides: list[str]) -> int:
             raise RunDirTaken(refusal)
         trainer.check_resumable()
         device = collectives.init(place, cfg.deepspeed.timeout_s)
-        if device.type == "cpu":  # activations live in host memory: reuse them step to step
-            host_memory.keep_freed_memory()
+        if device.type == "cpu":  # activations live in host memory: kept or given back
+            host_memory_policy(verdict)
         try:
             refuse_on_every_rank(refusal)
             code = trainer.fit(device)

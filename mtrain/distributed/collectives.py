@@ -206,19 +206,28 @@ def group_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def gather_objects(obj) -> list:
-    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+def gather_objects(obj, group=None) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank (of ``group``)."""
     if not dist.is_initialized():
         return [obj]
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, obj)
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, obj, group=group)
     return parts
 
 
-def from_rank_0(obj):
-    """Rank 0's ``obj`` (picklable), on every rank."""
+def from_rank_0(obj, group=None):
+    """Rank 0's ``obj`` (picklable), on every rank (of ``group``)."""
     if not dist.is_initialized():
         return obj
     shared = [obj]
-    dist.broadcast_object_list(shared, src=0)
+    dist.broadcast_object_list(shared, src=0, group=group)
     return shared[0]
+
+
+def new_gloo_group():
+    """A process group of every rank over gloo (CPU objects, whatever the main backend),
+    for a thread whose collectives must not interleave with the main group's; None without a
+    process group. Collective: every rank creates it at the same point."""
+    if not dist.is_initialized():
+        return None
+    return dist.new_group(backend="gloo")

@@ -13,7 +13,12 @@ from pathlib import Path
 
 import psutil
 
-from mtrain.distributed.host_memory import memory_available, oom_kills
+from mtrain.distributed.host_memory import (
+    MemoryCgroup,
+    memory_available,
+    memory_cgroup,
+    oom_kills,
+)
 from mtrain.distributed.processes import process_state
 from mtrain.runs.run_dir import RunDir
 
@@ -68,6 +73,7 @@ class Heartbeat:
         # Waiting on purpose outside any collective (``no_stall_while``): no stall to report.
         self.stall_check_off = False
         self.process = psutil.Process()
+        self.cgroup = memory_cgroup()
         self._stop = threading.Event()
         self.beat()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-rank{rank}", daemon=True)
@@ -88,6 +94,13 @@ class Heartbeat:
             "rss": self.process.memory_info().rss,
             "available": memory_available(),
         }
+        if self.cgroup is not None:  # the kernel's own verdict, read by a survivor
+            record |= {
+                "cgroup": str(self.cgroup.path),
+                "cgroup_version": self.cgroup.version,
+                "limit": self.cgroup.limit,
+                "cgroup_oom_kills": self.cgroup.oom_kills,
+            }
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.write_text(json.dumps(record))
         tmp.replace(self.path)  # a reader never sees half a record
@@ -188,11 +201,12 @@ def suspects(
         age = now - beat["time"]
         where = f"pid {beat['pid']} on {beat['host']}"
         state = process_state(beat["pid"]) if beat["host"] == host else "unknown"
-        if rank != me and state in ("gone", "stopped", "zombie"):
+        if rank != me and state in ("gone", "stopped", "zombie", "dying"):
             dead.append(rank)
         elif rank != me and age > STALE_AFTER_S:
             stale.append(rank)
-        oom = killed_for_memory(beat) if rank != me and state in ("gone", "zombie") else None
+        gone = state in ("gone", "zombie", "dying")
+        oom = killed_for_memory(beat) if rank != me and gone else None
         lines.append(
             f"rank {rank} ({where}, process {state}): last heartbeat {age:.1f} s ago "
             f"at step {beat['step']}" + (f"; {oom}" if oom else "")
@@ -238,6 +252,7 @@ def raise_naming_suspects(error: BaseException, run_root: Path) -> None:
         else "no rank's heartbeat is stale (a network problem?)"
     )
     if any("killed for memory" in line for line in lines):
+        _record_memory_kill(run_root, world, me)
         who += (
             " - killed for memory, not a network fault: lower the memory per rank "
             "(python -m mtrain.plan says what fits)"
@@ -255,18 +270,64 @@ def raise_naming_suspects(error: BaseException, run_root: Path) -> None:
     raise new from error
 
 
+def _record_memory_kill(run_root: Path, world_size: int, me: int) -> None:
+    """Writes which rank the kernel killed for memory, and its cgroup's limit, for the next
+    attempt (``RunDir.memory_kill``)."""
+    for rank, beat in read_heartbeats(run_root, world_size).items():
+        if rank == me or beat is None:
+            continue
+        if process_state(beat["pid"]) not in ("gone", "zombie", "dying"):
+            continue
+        if killed_for_memory(beat) is None:
+            continue
+        path = RunDir(run_root).memory_kill
+        keys = ("rank", "step", "rss", "available", "limit", "cgroup")
+        tmp = path.with_name(f".{path.name}.{me}.tmp")
+        with contextlib.suppress(OSError):
+            tmp.write_text(json.dumps({k: beat.get(k) for k in keys} | {"time": time.time()}))
+            tmp.replace(path)
+        return
+
+
+def last_memory_kill(run_root: Path) -> dict | None:
+    """The rank the kernel last killed for memory in this run (``_record_memory_kill``)."""
+    try:
+        return json.loads(RunDir(run_root).memory_kill.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _cgroup_verdict(beat: dict) -> str | None:
+    """The kernel's count of OOM kills in the rank's memory cgroup, risen since its last
+    beat: it was killed there, at its limit."""
+    if beat.get("cgroup") is None:
+        return None
+    now = MemoryCgroup(Path(beat["cgroup"]), beat["cgroup_version"]).oom_kills
+    before = beat.get("cgroup_oom_kills")
+    if now is None or before is None or now <= before:
+        return None
+    limit = beat.get("limit")
+    at = f"its limit {limit / 2**30:.2f} GiB" if limit else "no limit of its own"
+    return (
+        f"the kernel's OOM killer ended it in its memory cgroup {beat['cgroup']} at {at} "
+        f"(oom_kill {before} -> {now})"
+    )
+
+
 def killed_for_memory(beat: dict) -> str | None:
-    """Why a rank that is gone was (likely) killed for memory, from the kernel's OOM-kill count
-    since this rank started and the rank's last heartbeat; None without such evidence."""
+    """Why a rank that is gone was (likely) killed for memory: the kernel's OOM-kill count in
+    its memory cgroup, or the machine's since this rank started, and the rank's last
+    heartbeat; None without such evidence."""
     rss, available = beat.get("rss"), beat.get("available")
     known = rss is not None and available is not None
     tight = known and available < LOW_MEMORY_SHARE * rss
+    verdict = _cgroup_verdict(beat)
     now = oom_kills()
     counted = now is not None and _oom_kills_at_start is not None and now > _oom_kills_at_start
-    if not (counted or tight):
+    if not (verdict or counted or tight):
         return None
-    evidence = []
-    if counted:
+    evidence = [verdict] if verdict else []
+    if counted and not verdict:
         evidence.append(f"the kernel's OOM-kill count rose {_oom_kills_at_start} -> {now}")
     if known:
         evidence.append(f"its last RSS {rss / 2**30:.2f} GiB with {available / 2**30:.2f} GiB left")

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 
@@ -19,13 +20,28 @@ PREEMPTION_WARNINGS = (signal.SIGUSR1, signal.SIGUSR2)
 
 
 def process_state(pid: int) -> str:
-    """'gone', 'stopped' (SIGSTOP/traced), 'zombie' or 'running' for a pid on this host."""
+    """'gone', 'stopped' (SIGSTOP/traced), 'zombie', 'dying' (a SIGKILL pending: an OOM kill
+    tearing down gigabytes takes seconds) or 'running' for a pid on this host."""
     try:
         status = psutil.Process(pid).status()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return "gone"
+    if _kill_pending(pid):
+        return "dying"
     return {"stopped": "stopped", "tracing-stop": "stopped", "zombie": "zombie"}.get(
         status, "running"
+    )
+
+
+def _kill_pending(pid: int) -> bool:
+    """Whether SIGKILL is pending for the process (its own or its thread group's mask)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return False
+    bit = 1 << (signal.SIGKILL - 1)
+    return any(
+        int(line.split()[1], 16) & bit for line in lines if line.startswith(("SigPnd", "ShdPnd"))
     )
 
 

@@ -155,6 +155,12 @@ class RunDir:
         return self.root / "heartbeat" / f"rank{rank}"
 
     @property
+    def memory_kill(self) -> Path:
+        """The last rank the kernel killed for memory, as its survivors saw it: a requeued
+        attempt takes the memory plan's advice (``memory_plan.plan_training``)."""
+        return self.root / "heartbeat" / "killed_for_memory.json"
+
+    @property
     def wandb_run_id(self) -> Path:
         return self.root / "wandb_run_id"
 

@@ -1,6 +1,7 @@
 """Saving checkpoints, complete or absent: every rank's files, their checksums, then the marker;
 a full disk stops the run in one line."""
 
+import copy
 import errno
 import gc
 import json
@@ -18,7 +19,8 @@ from mtrain.model import GPT, GPTConfig
 from mtrain.runs.checkpoint_files import checksums, latest_complete, size_of
 from mtrain.runs.run_dir import CheckpointDir, RunDir
 from mtrain.training.adapters import has_frozen, plain_weights
-from mtrain.training.config import TrainerConfig
+from mtrain.training.background_save import BackgroundWriter, WriteJob, Written, fsync, stage
+from mtrain.training.config import SaveMode, TrainerConfig
 from mtrain.training.memory_plan import NoInitialValues
 from mtrain.training.resume import Resumed, resume_latest
 from mtrain.training.rng_state import rng_state
@@ -40,12 +42,20 @@ def probe_logits(engine, vocab_size: int, seq_len: int) -> dict | None:
     GPU, a compiled graph), yet by another path than the export's merge of the files: a
     wrong or misplaced partition there still shows. Collective; None on the other ranks.
     Rank 0 holds the model's fp32 weights in host memory meanwhile."""
-    generator = torch.Generator().manual_seed(0)
-    inputs = torch.randint(vocab_size, (2, min(64, seq_len)), generator=generator)
     weights = export_weights(engine)
     if weights is None:
         return None
-    logits = reference_logits(engine.module.config, plain_weights(engine.module, weights), inputs)
+    return probe_of(
+        engine.module.config, plain_weights(engine.module, weights), vocab_size, seq_len
+    )
+
+
+def probe_of(cfg: GPTConfig, weights: dict[str, torch.Tensor], vocab_size: int, seq_len: int):
+    """``probe_logits`` from weights gathered already (``export_weights``); draws from no
+    random generator but its own, so it may run beside training."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randint(vocab_size, (2, min(64, seq_len)), generator=generator)
+    logits = reference_logits(cfg, weights, inputs)
     return {"inputs": inputs, "logits": logits, "dtype": "float32"}
 
 
@@ -114,6 +124,11 @@ class Checkpointer:
 
     ``state()`` gives what the trainer keeps besides the engine: the client state every rank
     shares (step, counters) and this rank's own (its data position).
+
+    With ``trainer.save_in_background`` the files are written by a thread
+    (``background_save``) while training goes on, until the next optimizer update, which
+    waits for them (``wait_for_write``); the next step boundary reports the write (a full
+    disk ends the run there). The last step's save and a preemption's are waited for.
     """
 
     def __init__(
@@ -126,21 +141,78 @@ class Checkpointer:
     ):
         self.engine, self.run_dir, self.cfg = engine, run, cfg
         self.probe_shape, self.state = probe_shape, state
+        mode = cfg.save_in_background
+        # Each rank settled auto from its own memory (unsettled: live): live everywhere if
+        # live anywhere, so that every rank waits and reports at the same steps. Collective.
+        live_anywhere = collectives.any_rank(mode in (SaveMode.live, SaveMode.auto))
+        if mode != SaveMode.off and live_anywhere:
+            mode = SaveMode.live
+        self.writer = (
+            None
+            if mode == SaveMode.off
+            else BackgroundWriter(
+                engine, mode == SaveMode.staged, self._write_marker_durably, out_of_space
+            )
+        )
+        # Live, every rank has joined the write before the update after it: each may report
+        # it at that step's boundary, together. Staged, at the next save or the last step.
+        self.live = self.writer is not None and not self.writer.staged
+        self._started_s = 0.0  # the blocked time of starting the write in flight
 
     def due(self, step: int) -> bool:
-        return step % self.cfg.save_every == 0 or step == self.cfg.max_steps
+        saves = step % self.cfg.save_every == 0 or step == self.cfg.max_steps
+        return saves or (self.live and self.writer.reportable)
 
     def run(self, step: int, metrics: dict) -> dict:
-        self.save(step)
+        if self.live:
+            self.finish()
+        if step % self.cfg.save_every == 0 or step == self.cfg.max_steps:
+            self.save(step)
+        if step == self.cfg.max_steps:
+            self.finish()
         return {}
+
+    def wait_for_write(self) -> None:
+        """Before an optimizer update: a live write in flight ends first, since the update
+        changes what it writes."""
+        if self.live:
+            self.writer.wait()
+
+    def finish(self) -> None:
+        """Waits for the write in flight and reports it: a full disk raises ``DiskFull`` on
+        every rank (each knows every rank's outcome), the partial directory removed."""
+        if self.writer is None or (written := self.writer.outcome()) is None:
+            return
+        if written.out_of_space:
+            gc.collect()  # the failed writes' file objects, so that their space comes back
+            self._raise_disk_full(written.ckpt, "; ".join(written.out_of_space))
+        if written.failures:
+            raise RuntimeError(
+                f"writing checkpoint {written.ckpt.path} failed: {'; '.join(written.failures)}"
+            )
+        self._log_written(written)
+
+    def _log_written(self, written: Written) -> None:
+        blocked = self._started_s + self.writer.blocked_s
+        log.info(
+            "saved checkpoint %s in the background in %.1f s; training was blocked %.2f s "
+            "(%.2f s to start the write, %.2f s waiting for it at the next update)",
+            written.ckpt.path,
+            written.seconds,
+            blocked,
+            self._started_s,
+            self.writer.blocked_s,
+        )
 
     def save(self, step: int) -> CheckpointDir:
         """Saves on every rank (collective); returns the checkpoint directory. A full disk ends
         the run with ``DiskFull`` on every rank, the partial directory removed."""
         engine, ckpt = self.engine, self.run_dir.checkpoint(step)
         client_state, rank_state = self.state()
+        if self.writer is not None:
+            return self._save_in_background(step, ckpt, client_state, rank_state)
+        start = time.monotonic()  # the time training is blocked, the probe's gather included
         probe = probe_logits(engine, *self.probe_shape)
-        start = time.monotonic()
         main = engine.global_rank == 0
 
         def write_files():
@@ -170,6 +242,71 @@ class Checkpointer:
         log.info("saved checkpoint %s in %.1f s", ckpt.path, time.monotonic() - start)
         return ckpt
 
+    def _save_in_background(
+        self, step: int, ckpt: CheckpointDir, client_state: dict, rank_state: dict
+    ) -> CheckpointDir:
+        """Gathers the probe's weights and lets DeepSpeed lay out its files (collectives, the
+        main thread's), then hands every file to the writer. The states the trainer keeps
+        are copied (small); the engine's are not, since they change only at the next update."""
+        self.finish()
+        engine, start = self.engine, time.monotonic()
+        weights = export_weights(engine)
+        if weights is not None and self.writer.staged:
+            # ZeRO-0 hands over the parameters themselves; the others gathered copies.
+            live = {p.untyped_storage().data_ptr() for p in engine.module.parameters()}
+            weights = {
+                name: stage(w) if w.untyped_storage().data_ptr() in live else w
+                for name, w in weights.items()
+            }
+        rank_state = copy.deepcopy({**rank_state, "rng": rng_state()})
+        client_state = copy.deepcopy(client_state)
+
+        def lay_out():
+            engine.save_checkpoint(
+                str(self.run_dir.checkpoints), tag=ckpt.path.name, client_state=client_state
+            )
+
+        self._unless_disk_full(ckpt, lay_out)
+        files: list[tuple[Path, object]] = [(ckpt.trainer_state(engine.global_rank), rank_state)]
+        if weights is not None:
+            cfg, shape = engine.module.config, self.probe_shape
+            plain = plain_weights(engine.module, weights)  # adapters merged, as export does
+            files.insert(0, (ckpt.probe, lambda: probe_of(cfg, plain, *shape)))
+        held = self.writer.start(WriteJob(ckpt, step, files))
+        self._started_s = time.monotonic() - start
+        self.writer.blocked_s = 0.0
+        held += sum(w.nbytes for w in weights.values()) if weights is not None else 0
+        log.info(
+            "checkpoint %s: writing in the background (%s) after %.2f s blocked (%.0f MiB held "
+            "for it: %s)",
+            ckpt.path,
+            "staged" if self.writer.staged else "live until the next update",
+            self._started_s,
+            held / 2**20,
+            "the staged copy and the probe's weights"
+            if self.writer.staged
+            else "the probe's weights",
+        )
+        return ckpt
+
+    def _write_marker_durably(self, ckpt: CheckpointDir, step: int, files: dict) -> None:
+        """The marker, once every rank's files are durable (the writer's, rank 0), made
+        durable itself before it takes its name; then the pruning."""
+        partial = ckpt.marker.with_suffix(".partial")
+        partial.write_text(json.dumps({"step": step, "time": time.time(), "files": files}))
+        fsync(partial)
+        partial.replace(ckpt.marker)
+        fsync(ckpt.path)
+        _prune(self.run_dir, self.cfg.keep_last)
+
+    def _raise_disk_full(self, ckpt: CheckpointDir, failure: str) -> None:
+        message = f"no space left to save {ckpt.path} (rank 0 says where and how much)"
+        if self.engine.global_rank == 0:
+            log.debug("saving %s failed: %s", ckpt.path, failure)
+            shutil.rmtree(ckpt.path, ignore_errors=True)
+            message = disk_full_message(self.run_dir, ckpt.path)
+        raise DiskFull(message)
+
     def _unless_disk_full(self, ckpt: CheckpointDir, write: Callable[[], None]) -> None:
         """Runs ``write`` on every rank; if it ran out of space on any, rank 0 removes the
         partial checkpoint and every rank raises ``DiskFull``. Collective."""
@@ -186,12 +323,7 @@ class Checkpointer:
             gc.collect()  # the file objects of the failed write's frames, now unreferenced
         if not collectives.any_rank(failure is not None):
             return
-        message = f"no space left to save {ckpt.path} (rank 0 says where and how much)"
-        if self.engine.global_rank == 0:
-            log.debug("saving %s failed: %s", ckpt.path, failure)
-            shutil.rmtree(ckpt.path, ignore_errors=True)
-            message = disk_full_message(self.run_dir, ckpt.path)
-        raise DiskFull(message)
+        self._raise_disk_full(ckpt, failure)
 
     def resume(self) -> Resumed:
         """The newest intact checkpoint, loaded into the engine (``resume.resume_latest``)."""

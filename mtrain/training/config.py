@@ -43,6 +43,19 @@ class Precision(Enum):
     fp16 = "fp16"
 
 
+class SaveMode(Enum):
+    """How a checkpoint is written (``trainer.save_in_background``). staged: the state copied
+    to host memory, then written by a thread over as many steps as it takes; live: the state
+    itself written by a thread until the next optimizer update, which waits for it (no copy);
+    auto: staged where the memory plan has room for the copy, else live; off: every rank
+    waits for the last byte."""
+
+    auto = "auto"
+    staged = "staged"
+    live = "live"
+    off = "off"
+
+
 @dataclass
 class OptimConfig:
     lr: float = 3e-4
@@ -190,6 +203,9 @@ class TrainerConfig:
     # Stop once this many validations in a row did not lower the val loss, keeping the best
     # checkpoint (saved when it was reached); 0: never stop early. Needs trainer.eval_every.
     early_stop_patience: int = 0
+    # Checkpoints written by a thread while training goes on, each file made durable before
+    # the COMPLETE marker (SaveMode: auto, staged, live, off).
+    save_in_background: SaveMode = SaveMode.auto
 
     def __post_init__(self):
         if self.flops_budget is not None and self.max_steps is not None:

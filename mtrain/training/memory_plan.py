@@ -5,17 +5,22 @@ The same arithmetic sizes DeepSpeed's ZeRO buckets (``zero_buckets``) and checks
 launch (``check_fits``); ``python -m mtrain.plan`` prints it.
 """
 
+import logging
 import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 from data_pipeline.errors import ConfigError
 from mtrain.distributed.collectives import on_gpu
-from mtrain.distributed.host_memory import memory_available
+from mtrain.distributed.heartbeats import last_memory_kill
+from mtrain.distributed.host_memory import keep_freed_memory, memory_available, return_freed_memory
 from mtrain.model import GPT, GPTConfig
-from mtrain.training.config import DeepSpeedConfig, Precision, TrainConfig
+from mtrain.training.config import DeepSpeedConfig, Precision, SaveMode, TrainConfig
+
+log = logging.getLogger(__name__)
 
 GiB = 2**30
 # DeepSpeed's own bucket sizes (elements).
@@ -32,6 +37,11 @@ SLACK = 0.10
 # Copies of a gradient bucket alive at once under ZeRO-1/2/3: the bucket, and the interleaved
 # flat copy that reduce_scatter_coalesced makes of it.
 BUCKET_COPIES = 2
+# Freed blocks kept in the process (host_memory.keep_freed_memory) let the heap grow past the
+# live tensors, since a freed block serves a later one of another size only in part: they are
+# kept only where the plan leaves this much room over its estimate (bench/README.md has the
+# peaks with and without).
+KEPT_HEAP_ROOM = 1.25
 
 
 class NoInitialValues(TorchFunctionMode):
@@ -121,6 +131,7 @@ class Layout:
     world_size: int
     device: str = "cpu"  # "cpu" or "cuda"
     activation_checkpointing: bool = False
+    staged_checkpoint: bool = False  # a copy of the rank's checkpoint held while it is written
 
 
 @dataclass(frozen=True)
@@ -178,8 +189,20 @@ def estimate(layout: Layout, buckets: ZeroBuckets | None = None) -> MemoryEstima
     if ds.offload_params and layout.device != "cpu":
         parts["parameters"] = 0
     parts["allocator slack"] = SLACK * sum(parts.values())
+    if layout.staged_checkpoint:
+        parts["checkpoint staging (background save)"] = staging_bytes(n, stage, p, share)
     parts["runtime"] = RUNTIME_BYTES[layout.device]
     return MemoryEstimate(parts)
+
+
+def staging_bytes(n: int, stage: int, p: int, share: dict[str, float]) -> float:
+    """A staged copy of what a rank's checkpoint holds, the largest rank's (rank 0's): the
+    model file (the whole weights below ZeRO-3; DeepSpeed's own copy of them is cloned
+    already, so counted once), the optimizer's partition (Adam moments, and fp32 master
+    weights where ZeRO or half precision keeps them) and the probe's fp32 weights."""
+    model = p * n if stage < 3 else 0
+    optimizer = (8 if stage == 0 and p == 4 else 12) * n * share["optimizer"]
+    return model + optimizer + 4 * n
 
 
 def attention_kernel(device: str, precision: Precision) -> str:
@@ -322,8 +345,7 @@ def advice(verdict: Verdict) -> str:
 def check_fits(layout: Layout) -> Verdict:
     """Before a training launches: refuses (one line, the fixes) a layout whose estimate
     exceeds each rank's device memory."""
-    budget, where = device_memory(layout.device, ranks_per_node())
-    verdict = judge(layout, budget, where)
+    verdict = judge(layout, *device_memory(layout.device, ranks_per_node()))
     if not verdict.fits:
         raise ConfigError(
             f"out of memory ahead: {verdict.line()}; {advice(verdict)} "
@@ -337,5 +359,88 @@ def training_layout(cfg: TrainConfig, world_size: int) -> Layout:
     device = "cuda" if on_gpu() else "cpu"
     t = cfg.trainer
     return Layout(
-        cfg.model, cfg.deepspeed, t.micro_batch_size, world_size, device, t.activation_checkpointing
+        cfg.model,
+        cfg.deepspeed,
+        t.micro_batch_size,
+        world_size,
+        device,
+        t.activation_checkpointing,
+        staged_checkpoint=t.save_in_background == SaveMode.staged,
     )
+
+
+def plan_training(cfg: TrainConfig, world_size: int) -> Verdict:
+    """Before a training launches: the plan of its layout on this machine, with
+    ``trainer.save_in_background=auto`` settled (staged where the plan has room for the copy,
+    else live; logged with the reason); refuses a layout that does not fit unless
+    ``deepspeed.check_memory=false``."""
+    t = cfg.trainer
+    budget, where = device_memory("cuda" if on_gpu() else "cpu", ranks_per_node())
+    take_advice_after_memory_kill(cfg, world_size)
+    if t.save_in_background == SaveMode.auto:
+        t.save_in_background = SaveMode.staged
+        staged = judge(training_layout(cfg, world_size), budget, where)
+        copy = staged.estimate.parts["checkpoint staging (background save)"]
+        if not staged.fits:
+            t.save_in_background = SaveMode.live
+        log.info(
+            "checkpoints: %s (a staged copy takes %.2f GiB; with it %.2f GiB of %.2f GiB per rank)",
+            "staged and written in the background"
+            if staged.fits
+            else "written live in the background until the next optimizer update, no room "
+            "for a staged copy",
+            copy / GiB,
+            staged.estimate.total / GiB,
+            budget / GiB,
+        )
+    verdict = judge(training_layout(cfg, world_size), budget, where)
+    if cfg.deepspeed.check_memory:
+        check_fits(verdict.layout)
+    return verdict
+
+
+def take_advice_after_memory_kill(cfg: TrainConfig, world_size: int) -> None:
+    """A run whose earlier attempt lost a rank to the kernel's OOM killer resumes with the
+    plan's advice among the changes that leave every weight as it would have been
+    (activation checkpointing: recomputed, the same values), when it lowers the estimate;
+    logged with the kill. Other advice changes the run and is left to its user."""
+    kill = last_memory_kill(Path(cfg.run_dir))
+    if kill is None or cfg.trainer.activation_checkpointing:
+        return
+    before = estimate(training_layout(cfg, world_size)).total
+    cfg.trainer.activation_checkpointing = True
+    after = estimate(training_layout(cfg, world_size)).total
+    if after >= before:
+        cfg.trainer.activation_checkpointing = False
+        return
+    limit = kill.get("limit")
+    log.warning(
+        "an earlier attempt of this run lost rank %s to the kernel's OOM killer at step %s%s: "
+        "resuming with trainer.activation_checkpointing=true, the memory plan's advice "
+        "(%.2f -> %.2f GiB per rank estimated)",
+        kill.get("rank"),
+        kill.get("step"),
+        f" (its cgroup's limit {limit / GiB:.2f} GiB)" if limit else "",
+        before / GiB,
+        after / GiB,
+    )
+
+
+def host_memory_policy(verdict: Verdict) -> bool:
+    """A CPU run's freed host memory: kept for the next step (no page faults) where the plan
+    leaves ``KEPT_HEAP_ROOM`` over its estimate, returned to the kernel where it is tight (a
+    kept heap could outgrow the memory). Logged with the reason; True when kept."""
+    total, budget = verdict.estimate.total, verdict.device_bytes
+    figures = (
+        f"the plan's {total / GiB:.2f} GiB per rank of {budget / GiB:.2f} GiB ({verdict.where})"
+    )
+    if total * KEPT_HEAP_ROOM <= budget:
+        if keep_freed_memory():
+            log.info("host memory: freed blocks stay in the process for the next step: %s "
+                     "leaves room for them", figures)  # fmt: skip
+            return True
+        return False
+    if return_freed_memory():
+        log.info("host memory: freed blocks go back to the kernel (mmap from %d KiB, trimmed): "
+                 "%s is tight for a kept heap (x%.2f)", 64, figures, KEPT_HEAP_ROOM)  # fmt: skip
+    return False

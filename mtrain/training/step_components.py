@@ -171,6 +171,7 @@ class Preemption:
 
     def run(self, step: int, metrics: dict) -> dict:
         self.checkpointer.save(step)
+        self.checkpointer.finish()  # written in the background: the exit waits for it
         log.warning(
             "checkpointed step %d after a preemption signal; exiting with %d "
             "so the job is requeued",

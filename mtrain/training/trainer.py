@@ -7,7 +7,7 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +97,8 @@ class OptimizerStep:
         self.nonfinite_skipped = 0
         self.nonfinite_in_row = 0
         self.grad_norm: float | None = None
+        # Called before the optimizer's update (a checkpoint still being written waits it).
+        self.before_update: Callable[[], None] | None = None
         # The checkpoint (path, step) this run resumed from: a suspect for a NaN soon after.
         self.resumed_from: tuple[str, int] | None = None
 
@@ -122,6 +124,8 @@ class OptimizerStep:
                 self.reduction.wait()
             if last and self.clips_own:
                 own_norm = self._clip()  # gradients are reduced over ranks by now
+            if last and self.before_update is not None:
+                self.before_update()
             self.engine.step()
         total_loss, total_nonfinite, stops = collectives.sum_over_ranks(
             [loss_sum, nonfinite, float(stop_asked)]
@@ -274,6 +278,7 @@ class Trainer:
         )
         probe_shape = (cfg.model.vocab_size, self.batch_sizes.seq_len)
         checkpointer = Checkpointer(engine, self.run_dir, t, probe_shape, self._state)
+        self.stepper.before_update = checkpointer.wait_for_write
         self._resume(checkpointer)
         tracker = self._tracker() if main else None
         self.monitor = ThroughputMonitor(

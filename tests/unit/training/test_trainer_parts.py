@@ -418,7 +418,8 @@ def own_signal_handlers():
 )
 def test_preemption_is_due_after_a_signal_and_stops_after_saving(own_signal_handlers, sig):
     saved = []
-    preemption = Preemption(SimpleNamespace(save=saved.append), exit_code=75)
+    finish = lambda: saved.append("written")  # noqa: E731 - a write in flight, waited for
+    preemption = Preemption(SimpleNamespace(save=saved.append, finish=finish), exit_code=75)
     assert not preemption.due(3)
     os.kill(os.getpid(), sig)
     assert preemption.signalled_here and not preemption.due(4)  # due once the ranks agree on it
@@ -430,7 +431,7 @@ def test_preemption_is_due_after_a_signal_and_stops_after_saving(own_signal_hand
     assert preemption.due(4)
     with pytest.raises(Preempted) as stop:
         preemption.run(4, {})
-    assert stop.value.exit_code == 75 and saved == [4]
+    assert stop.value.exit_code == 75 and saved == [4, "written"]
 
 
 def test_scrub_keeps_every_key_of_the_training_config_readable():
