@@ -102,11 +102,21 @@ class LimitsConfig:
         require(
             self,
             "limits",
-            [(self.max_repeat_expansion >= 1, "max_repeat_expansion", "must be at least 1")],
+            [
+                (self.max_repeat_expansion >= 1, "max_repeat_expansion", "must be at least 1"),
+                (self.convert_cpu_s > 0, "convert_cpu_s", "must be positive"),
+            ],
         )
 
     # A file that takes longer than this to parse and tokenize is quarantined (worker killed).
     timeout_s: float = 120.0
+    # A built-in corpus score whose conversion to MIDI takes more CPU seconds than this is
+    # quarantined (and remembered in the cache). CPU time, not wall time: a busy machine
+    # converts the same scores as a quiet one.
+    convert_cpu_s: float = 300.0
+    # Built-in corpus scores that write more notes than this are not converted (whole string
+    # quartets: their conversion costs grow with the square of their length).
+    convert_max_notes: int = 10_000
 
 
 @dataclass

@@ -13,7 +13,9 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import resource
+import signal
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +25,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_pipeline import abc_tunes, storage
+from data_pipeline.config import LimitsConfig
+from data_pipeline.music21_midi import score_to_midi
 from data_pipeline.pool import ResilientPool, TaskFailure
 
 log = logging.getLogger(__name__)
@@ -196,17 +200,49 @@ def score_labels(score) -> dict[str, str]:
     return labels
 
 
+class ConversionTooSlow(Exception):
+    pass
+
+
+_budget: dict[str, float] = {}
+
+
+def _load_music21(cpu_s: float) -> None:
+    """Worker start: music21 imported (seconds, overlapping abc2midi) and the CPU budget set."""
+    from music21 import corpus
+
+    corpus.corpora.CoreCorpus()
+    _budget["cpu_s"] = cpu_s
+
+    def over_budget(*_):
+        raise ConversionTooSlow(
+            f"the conversion took more than limits.convert_cpu_s={cpu_s:g} CPU seconds"
+        )
+
+    signal.signal(signal.SIGXCPU, over_budget)
+
+
 def convert_work(task: tuple[CorpusWork, str]) -> str:
     """Worker: converts one score with music21 to MIDI at the given path, then writes its
-    labels beside it (last: a cache entry with labels is complete). Both written atomically."""
-    import music21
+    labels beside it (last: a cache entry with labels is complete). Both written atomically.
+
+    The budget is CPU time (the kernel's SIGXCPU), not wall time: the same scores are
+    converted on a busy machine as on a quiet one, so the cache, and the shards built from
+    it, do not depend on the machine's load."""
     from music21 import corpus
 
     work, out = task
-    # forceSource: no pickle of the parsed score is written to music21's scratch folder
-    # (gzip of a large score costs seconds, and nothing here parses a score twice).
-    score = corpus.parse(work.source_path, number=work.number, forceSource=True)
-    storage.write_bytes(out, music21.midi.translate.music21ObjectToMidiFile(score).writestr())
+    used = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    resource.setrlimit(resource.RLIMIT_CPU, (math.ceil(used + _budget["cpu_s"]), hard))
+    try:
+        # forceSource: no pickle of the parsed score is written to music21's scratch folder
+        # (gzip of a large score costs seconds, and nothing here parses a score twice).
+        score = corpus.parse(work.source_path, number=work.number, forceSource=True)
+        midi = score_to_midi(score)
+    finally:
+        resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))
+    storage.write_bytes(out, midi)
     labels = score_labels(score)
     storage.write_bytes(str(_labels_path(Path(out))), json.dumps(labels, sort_keys=True).encode())
     return out
@@ -254,13 +290,22 @@ def _converted(work: CorpusWork, root: Path) -> bool:
 
 
 def ensure_converted(
-    works: list[CorpusWork], root: Path, workers: int, timeout_s: float
+    works: list[CorpusWork], root: Path, workers: int, limits: LimitsConfig
 ) -> dict[CorpusWork, str]:
-    """Converts what the cache lacks. Returns the failure reason of each work that failed."""
-    todo = [w for w in works if not _converted(w, root)]
+    """Converts what the cache lacks. Returns the failure reason of each work that failed or
+    was left unconverted."""
+    # Conversion time grows with the square of a score's length (music21's tie and repeat
+    # handling): the few whole string quartets would cost more than the rest of the corpus.
+    # Decided on the written length, so the same scores are left out on every machine.
+    too_long = {
+        w: f"{w.written_notes} written notes > limits.convert_max_notes={limits.convert_max_notes}"
+        for w in works
+        if (w.written_notes or 0) > limits.convert_max_notes
+    }
+    todo = [w for w in works if w not in too_long and not _converted(w, root)]
     if todo:
-        _convert(todo, root, workers, timeout_s)
-    failures = {}
+        _convert(todo, root, workers, limits.timeout_s, limits.convert_cpu_s)
+    failures = dict(too_long)
     for work in works:
         marker = _failed_path(work.cache_path(root))
         if marker.exists():
@@ -268,7 +313,9 @@ def ensure_converted(
     return failures
 
 
-def _convert(todo: list[CorpusWork], root: Path, workers: int, timeout_s: float) -> None:
+def _convert(
+    todo: list[CorpusWork], root: Path, workers: int, timeout_s: float, cpu_s: float
+) -> None:
     tunes = [w for w in todo if w.is_abc]
     # Largest first: the long scores overlap each other and the many short ones fill in
     # behind them, instead of one long score running alone at the end.
@@ -281,7 +328,10 @@ def _convert(todo: list[CorpusWork], root: Path, workers: int, timeout_s: float)
     )
     start, cpu = time.monotonic(), _cpu_seconds()
     # The pool's workers import music21 (seconds) while abc2midi converts the books.
-    pool = ResilientPool(convert_work, workers, timeout_s, _load_music21) if scores else None
+    # No wall-clock limit: convert_work's CPU budget bounds each score, whatever the load.
+    pool = (
+        ResilientPool(convert_work, workers, math.inf, _load_music21, (cpu_s,)) if scores else None
+    )
     with pool or contextlib.nullcontext():
         if tunes:
             _convert_books(tunes, root, workers, timeout_s)
@@ -297,12 +347,6 @@ def _convert(todo: list[CorpusWork], root: Path, workers: int, timeout_s: float)
         time.monotonic() - start,
         _cpu_seconds() - cpu,
     )
-
-
-def _load_music21() -> None:
-    from music21 import corpus
-
-    corpus.corpora.CoreCorpus()
 
 
 def _cpu_seconds() -> float:

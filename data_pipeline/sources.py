@@ -73,7 +73,7 @@ def _music21(cfg: PrepareConfig) -> SourceListing:
     if cfg.max_files is not None:
         works = works[: cfg.max_files]
     root = music21_corpus.cache_root(cfg.cache_dir)
-    failed = music21_corpus.ensure_converted(works, root, cfg.workers, cfg.limits.timeout_s)
+    failed = music21_corpus.ensure_converted(works, root, cfg.workers, cfg.limits)
     works = [w for w in works if w not in failed]
     labels = music21_corpus.work_labels(works, root)
     files = [SourceFile(str(w.cache_path(root)), w.name, labels[w], w.written_notes) for w in works]

@@ -37,6 +37,7 @@ from mtrain.evaluation.infill import InfillEvalConfig, evaluate_infilling, infil
 from mtrain.evaluation.likelihood import evaluate_pieces
 from mtrain.evaluation.ngram import evaluate_floor
 from mtrain.exported.loading import load_for_data
+from mtrain.exported.model_card import record_evaluation
 from mtrain.generation.compose import DEFAULT_MIN_P, compose
 from mtrain.generation.prompts import build_prompt, parse_labels
 from mtrain.generation.sampling import SamplingConfig
@@ -196,6 +197,9 @@ def evaluate_model(cfg: EvaluateConfig, out: Path) -> dict:
             model, tokenizer, islice(reader.pieces(shares), cfg.max_pieces), cfg.batch_size
         ),
     }
+    if cfg.max_pieces is None:
+        # A whole split measured: the export's model card shows it from now on.
+        record_evaluation(model_dir, cfg.data_path, cfg.split, report["likelihood"])
     m = cfg.music
     if m.num_samples:
         log.info("generating %d pieces to compare with the %s split", m.num_samples, cfg.split)

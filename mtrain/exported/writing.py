@@ -14,6 +14,7 @@ from safetensors.torch import save_model
 from data_pipeline.errors import InputError
 from data_pipeline.storage import make_readable
 from mtrain.data.fill_in_middle import trained_infill_rate
+from mtrain.exported.model_card import card_facts, write_card
 from mtrain.exported.transformers_format import hf_architecture, save_hf
 from mtrain.exported.verification import verify_against_probe
 from mtrain.model import GPT, GPTConfig
@@ -88,8 +89,9 @@ def export_verified(found: CheckpointDir, output: Path) -> Path:
     ``model.safetensors`` (fp32, tied embeddings stored once), ``config.json`` (the model shape
     and provenance), ``tokenizer/`` (the artifact the model was trained with) and ``hf/`` for
     ``transformers.AutoModelForCausalLM.from_pretrained`` (GPT-2, GPT-NeoX or Llama: see
-    ``mtrain.exported.transformers_format``). The merged weights are checked against logits
-    recorded with the checkpoint, and ``hf/``, loaded back, against the merged weights."""
+    ``mtrain.exported.transformers_format``) with its model card (``hf/README.md``). The
+    merged weights are checked against logits recorded with the checkpoint, and ``hf/``,
+    loaded back, against the merged weights."""
     ckpt, run = found.path, found.run
     model_cfg = GPTConfig(**model_shape(json.loads(run.model_config.read_text())))
     model = GPT(model_cfg)
@@ -106,11 +108,17 @@ def export_verified(found: CheckpointDir, output: Path) -> Path:
     if (output / TOKENIZER).exists():
         shutil.rmtree(output / TOKENIZER)
     shutil.copytree(run.tokenizer, output / TOKENIZER)
+    step = json.loads(found.marker.read_text())["step"]
+    artifact = json.loads((run.tokenizer / "artifact.json").read_text())
     meta = {
         "model": dataclasses.asdict(model_cfg),
         "checkpoint": str(ckpt.resolve()),
-        "step": json.loads(found.marker.read_text())["step"],
-        "tokenizer_hash": json.loads((run.tokenizer / "artifact.json").read_text())["hash"],
+        "step": step,
+        "tokenizer_hash": artifact["hash"],
+        "tokenizer": {
+            k: artifact.get(k)
+            for k in ("kind", "base_vocab_size", "learned_vocab_size", "vocab_size", "labels")
+        },
         "verified_logits_max_abs_diff": verified.max_abs_diff,
         "verified_logits_dtype": verified.dtype,
         "verified_logits_tolerance": verified.tolerance,
@@ -118,12 +126,14 @@ def export_verified(found: CheckpointDir, output: Path) -> Path:
         "hf_logits_max_abs_diff": hf_diff,
         # Checked before filling bars: an export may be used where its run directory is not.
         "data": {"infill_rate": trained_infill_rate(run.train_config)},
+        "card": card_facts(found, step),
     }
     (output / CONFIG).write_text(json.dumps(meta, indent=2))
+    write_card(output)
     log.info(
         "exported %s (step %d, %.1fM params) to %s",
         ckpt,
-        meta["step"],
+        step,
         param_count(model_cfg) / 1e6,
         output,
     )
