@@ -1,12 +1,14 @@
-"""A music21 score as MIDI bytes: music21's own export, with its tie merging done in one pass.
+"""A music21 score as MIDI bytes: music21's own export, minus two costs that buy nothing here.
 
 music21's MIDI export merges tied notes (``Stream.stripTies``) one group at a time, and each
 group re-sorts the part, rescans its spanners and searches every measure for the notes to
 remove: time grows with the square of the part's length, most of a long score's conversion.
 ``merge_ties`` is the same algorithm (music21 10's ``stripTies`` with ``matchByPitch=True``,
 what the export asks for) over a list, with the spanners read once and the merged-away notes
-removed from their measures in one call each. The export runs with it in place of
-``stripTies``; the MIDI bytes are the same (``tests/unit/data_pipeline/test_music21_midi.py``).
+removed from their measures in one call each. And the export expands repeats on a deep copy of
+every part, repeats or not: a part without repeat marks is used as it is (the score is parsed
+for this conversion alone). The export runs with both in place; the MIDI bytes are music21's
+(``tests/unit/data_pipeline/test_music21_midi.py``).
 """
 
 import contextlib
@@ -14,22 +16,22 @@ from collections.abc import Iterator
 
 
 def score_to_midi(score) -> bytes:
-    """The MIDI file music21 writes for ``score``."""
+    """The MIDI file music21 writes for ``score`` (which it may change: parse it for this)."""
     from music21.midi import translate
 
-    with _fast_strip_ties():
+    with _lean_export():
         return translate.music21ObjectToMidiFile(score).writestr()
 
 
 @contextlib.contextmanager
-def _fast_strip_ties() -> Iterator[None]:
-    from music21 import stream
+def _lean_export() -> Iterator[None]:
+    from music21 import bar, repeat, spanner, stream
 
-    original = stream.Stream.stripTies
+    strip_ties, expand_repeats = stream.Stream.stripTies, stream.Stream.expandRepeats
 
-    def strip_ties(self, *, inPlace=False, matchByPitch=True):
+    def lean_strip_ties(self, *, inPlace=False, matchByPitch=True):
         if not matchByPitch:
-            return original(self, inPlace=inPlace, matchByPitch=matchByPitch)
+            return strip_ties(self, inPlace=inPlace, matchByPitch=matchByPitch)
         target = self if inPlace else self.coreCopyAsDerivation("stripTies")
         target.streamStatus.beams = False
         if target.hasPartLikeStreams():
@@ -42,11 +44,18 @@ def _fast_strip_ties() -> Iterator[None]:
             merge_ties(target)
         return None if inPlace else target
 
-    stream.Stream.stripTies = strip_ties
+    def lean_expand_repeats(self, copySpanners=True):
+        marks = (bar.Repeat, repeat.RepeatExpression, spanner.RepeatBracket)
+        if self.recurse().getElementsByClass(marks).first() is None:
+            return self  # nothing to expand: the deep copy would be all it did
+        return expand_repeats(self, copySpanners=copySpanners)
+
+    stream.Stream.stripTies = lean_strip_ties
+    stream.Stream.expandRepeats = lean_expand_repeats
     try:
         yield
     finally:
-        stream.Stream.stripTies = original
+        stream.Stream.stripTies, stream.Stream.expandRepeats = strip_ties, expand_repeats
 
 
 def _ends_tie(n, last, last_at: int | None, connected: list[int]) -> bool:
