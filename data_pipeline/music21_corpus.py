@@ -204,46 +204,47 @@ class ConversionTooSlow(Exception):
     pass
 
 
-_budget: dict[str, float] = {}
+def _over_budget(*_) -> None:
+    raise ConversionTooSlow
 
 
-def _load_music21(cpu_s: float) -> None:
-    """Worker start: music21 imported (seconds, overlapping abc2midi) and the CPU budget set."""
+def _load_music21() -> None:
+    """Worker start: music21 imported (seconds, overlapping abc2midi); SIGXCPU (the kernel's
+    word that the CPU budget ``convert_work`` set ran out) stops the conversion, not the worker."""
     from music21 import corpus
 
     corpus.corpora.CoreCorpus()
-    _budget["cpu_s"] = cpu_s
-
-    def over_budget(*_):
-        raise ConversionTooSlow(
-            f"the conversion took more than limits.convert_cpu_s={cpu_s:g} CPU seconds"
-        )
-
-    signal.signal(signal.SIGXCPU, over_budget)
+    signal.signal(signal.SIGXCPU, _over_budget)
 
 
-def convert_work(task: tuple[CorpusWork, str]) -> str:
-    """Worker: converts one score with music21 to MIDI at the given path, then writes its
-    labels beside it (last: a cache entry with labels is complete). Both written atomically.
+def convert_work(task: tuple[CorpusWork, str, float]) -> str:
+    """Worker: converts one score with music21 to MIDI at the given path within a budget of
+    CPU seconds, then writes its labels beside it (last: a cache entry with labels is
+    complete). Both written atomically.
 
-    The budget is CPU time (the kernel's SIGXCPU), not wall time: the same scores are
-    converted on a busy machine as on a quiet one, so the cache, and the shards built from
-    it, do not depend on the machine's load."""
+    The budget is CPU time (RLIMIT_CPU), not wall time: the same scores are converted on a busy
+    machine as on a quiet one, so the cache, and the shards built from it, do not depend on
+    the machine's load."""
     from music21 import corpus
 
-    work, out = task
+    work, out, cpu_s = task
     used = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
     _, hard = resource.getrlimit(resource.RLIMIT_CPU)
-    resource.setrlimit(resource.RLIMIT_CPU, (math.ceil(used + _budget["cpu_s"]), hard))
+    resource.setrlimit(resource.RLIMIT_CPU, (math.ceil(used + cpu_s), hard))
     try:
         # forceSource: no pickle of the parsed score is written to music21's scratch folder
         # (gzip of a large score costs seconds, and nothing here parses a score twice).
         score = corpus.parse(work.source_path, number=work.number, forceSource=True)
+        # Read before the export, which moves meters and keys to a conductor track.
+        labels = score_labels(score)
         midi = score_to_midi(score)
+    except ConversionTooSlow:
+        raise ConversionTooSlow(
+            f"the conversion took more than limits.convert_cpu_s={cpu_s:g} CPU seconds"
+        ) from None
     finally:
         resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))
     storage.write_bytes(out, midi)
-    labels = score_labels(score)
     storage.write_bytes(str(_labels_path(Path(out))), json.dumps(labels, sort_keys=True).encode())
     return out
 
@@ -329,16 +330,14 @@ def _convert(
     start, cpu = time.monotonic(), _cpu_seconds()
     # The pool's workers import music21 (seconds) while abc2midi converts the books.
     # No wall-clock limit: convert_work's CPU budget bounds each score, whatever the load.
-    pool = (
-        ResilientPool(convert_work, workers, math.inf, _load_music21, (cpu_s,)) if scores else None
-    )
+    pool = ResilientPool(convert_work, workers, math.inf, _load_music21) if scores else None
     with pool or contextlib.nullcontext():
         if tunes:
             _convert_books(tunes, root, workers, timeout_s)
         if pool is not None:
-            items = [(work, str(work.cache_path(root))) for work in scores]
+            items = [(work, str(work.cache_path(root)), cpu_s) for work in scores]
             results = tqdm(pool.imap(items), total=len(items), unit="score", desc="music21")
-            for (work, path), result in zip(items, results, strict=True):
+            for (work, path, _), result in zip(items, results, strict=True):
                 if isinstance(result, TaskFailure):
                     _mark_failed(work, Path(path), result.reason)
     log.info(

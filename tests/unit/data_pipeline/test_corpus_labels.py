@@ -1,6 +1,9 @@
 """Labels of the built-in corpus read from each score's own fields (ABC headers, Essen
 origins), the conditioning tokens they get, and the length check on converted scores."""
 
+import json
+from pathlib import Path
+
 import pytest
 from support.midi_factory import piece
 
@@ -14,6 +17,7 @@ from data_pipeline.abc_tunes import (
 )
 from data_pipeline.config import LabelConfig, LimitsConfig
 from data_pipeline.errors import ConfigError
+from data_pipeline.music21_corpus import convert_work, list_works
 from data_pipeline.piece import Rejection, check_and_measure
 
 BOOK = """\
@@ -172,3 +176,12 @@ def test_a_score_that_plays_far_more_notes_than_it_writes_is_quarantined():
 def test_the_repeat_bound_is_validated():
     with pytest.raises(ConfigError, match=r"limits.max_repeat_expansion=0.5 must be at least 1"):
         LimitsConfig(max_repeat_expansion=0.5)
+
+
+def test_a_converted_score_keeps_the_labels_its_score_states(tmp_path):
+    work = next(w for w in list_works(["bach"]) if w.source_path == "bach/bwv10.7.mxl")
+    midi = convert_work((work, str(tmp_path / "w.mid"), 120.0))
+    labels = json.loads((tmp_path / "w.json").read_text())
+    # Read from the score before the export moves its meters and keys to a conductor track.
+    assert labels == {"meter": "4/4", "key_signature": "-2", "key": "G minor", "mode": "minor"}
+    assert Path(midi).read_bytes().startswith(b"MThd")
