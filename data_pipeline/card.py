@@ -34,6 +34,19 @@ def format_card(card: dict, output: str) -> str:
             f"{_count(split['notes']):>9} {split['duration_s'] / 3600:>7.2f} "
             f"{len(split['shards']):>6}"
         )
+    collections = card.get("collections", {})
+    if len(collections) > 1:
+        lines += [
+            "",
+            f"{'collection':<20} {'pieces':>8} {'tokens':>9} {'notes':>9} {'hours':>7} "
+            f"{'test':>6} {'quarantined':>11}",
+        ]
+        for name, c in collections.items():
+            lines.append(
+                f"{name[:20]:<20} {c['pieces']:>8} {_count(c['tokens']):>9} "
+                f"{_count(c['notes']):>9} {c['duration_s'] / 3600:>7.2f} "
+                f"{c['test_pieces']:>6} {c['quarantined']:>11}"
+            )
     files, failures = card["files"], card["failures"]
     lines += [
         "",

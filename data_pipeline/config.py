@@ -93,8 +93,30 @@ class LimitsConfig:
     max_notes: int = 100_000
     max_duration_s: float = 3600.0
     max_tracks: int = 64
+    # A converted score (the built-in corpus) may play at most this many times the notes its
+    # source writes: repeats, da capo and trills multiply them a few times; more means the
+    # converter looped over the repeats.
+    max_repeat_expansion: float = 6.0
+
+    def __post_init__(self):
+        require(
+            self,
+            "limits",
+            [
+                (self.max_repeat_expansion >= 1, "max_repeat_expansion", "must be at least 1"),
+                (self.convert_cpu_s > 0, "convert_cpu_s", "must be positive"),
+            ],
+        )
+
     # A file that takes longer than this to parse and tokenize is quarantined (worker killed).
     timeout_s: float = 120.0
+    # A built-in corpus score whose conversion to MIDI takes more CPU seconds than this is
+    # quarantined (and remembered in the cache). CPU time, not wall time: a busy machine
+    # converts the same scores as a quiet one.
+    convert_cpu_s: float = 300.0
+    # Built-in corpus scores that write more notes than this are not converted (whole string
+    # quartets: their conversion costs grow with the square of their length).
+    convert_max_notes: int = 10_000
 
 
 @dataclass
@@ -110,8 +132,19 @@ class LabelConfig:
     collection=jazz). The built-in corpus sets its own labels."""
 
     path_levels: list[str] = field(default_factory=lambda: ["collection"])
+    # Label kinds that get conditioning tokens, beside the path levels' kinds. A piece's other
+    # labels (the built-in corpus's meter, key, mode, region, ...) stay in its shard record and
+    # the manifest, for probes and per-label reports, without tokens of their own.
+    condition_on: list[str] = field(
+        default_factory=lambda: ["collection", "composer", "genre", "tune_type"]
+    )
     # A label value needs this many pieces to get its own conditioning token.
     min_count: int = 1
+
+    def conditions(self, label: str) -> bool:
+        """Whether the label ``kind=value`` may get a conditioning token."""
+        kind = label.partition("=")[0]
+        return kind in self.condition_on or kind in self.path_levels
 
 
 @dataclass

@@ -71,7 +71,7 @@ def process_file(file: SourceFile) -> TokenizedFile | Rejection | OtherSlice:
     digest = content_hash(data)
     if slice_of(digest, setup.num_slices) != setup.slice_index:
         return OtherSlice(digest)
-    rejection = check_and_measure(data, setup.limits)
+    rejection = check_and_measure(data, setup.limits, file.written_notes)
     if isinstance(rejection, Rejection):
         rejection.hash = digest
         return rejection
@@ -85,7 +85,11 @@ def process_file(file: SourceFile) -> TokenizedFile | Rejection | OtherSlice:
     return TokenizedFile(digest, len(tokens), sample=sample, **stats)
 
 
-def check_and_measure(data: bytes, limits: LimitsConfig) -> Rejection | tuple:
+def check_and_measure(
+    data: bytes, limits: LimitsConfig, written_notes: int | None = None
+) -> Rejection | tuple:
+    """The score and its measures, or why it is rejected. ``written_notes`` (a converted
+    score's source count) bounds how many notes playing out its repeats may give."""
     try:
         score = read_score(data)
     except MidiFileError as exc:
@@ -115,6 +119,12 @@ def check_and_measure(data: bytes, limits: LimitsConfig) -> Rejection | tuple:
             duration_s > limits.max_duration_s,
             "too_long",
             f"{duration_s:.0f} s > limits.max_duration_s={limits.max_duration_s:g}",
+        ),
+        (
+            bool(written_notes) and notes > limits.max_repeat_expansion * written_notes,
+            "repeats_blow_up",
+            f"{notes} notes played from {written_notes} written "
+            f"(> limits.max_repeat_expansion={limits.max_repeat_expansion:g} times)",
         ),
     ]
     for failed, code, detail in checks:

@@ -91,6 +91,18 @@ def _sum_splits(cards: list[dict]) -> dict:
     return splits
 
 
+def _sum_collections(cards: list[dict]) -> dict:
+    """Per-collection counts of every slice, added up (slices cut across collections)."""
+    total: dict[str, Counter] = {}
+    for card in cards:
+        for name, counts in card.get("collections", {}).items():
+            total.setdefault(name, Counter()).update(counts)
+    return {
+        name: {**counts, "duration_s": round(counts["duration_s"], 3)}
+        for name, counts in sorted(total.items())
+    }
+
+
 def _learn_vocab(cfg: PrepareConfig, output: str, splits: dict, base) -> LearnedVocab:
     # A damaged shard stops the merge, named: a vocabulary learned without it would differ.
     reader = ShardReader(len(base))
@@ -166,7 +178,9 @@ def merge_slices(output: str) -> dict:
     label_counts = Counter()
     for card in cards:
         label_counts.update(card["labels"])
-    labels = sorted(n for n, c in label_counts.items() if c >= cfg.labels.min_count)
+    labels = sorted(
+        n for n, c in label_counts.items() if c >= cfg.labels.min_count and cfg.labels.conditions(n)
+    )
 
     learn_start = time.monotonic()
     if cfg.tokenizer_from is not None:
@@ -197,6 +211,7 @@ def merge_slices(output: str) -> dict:
             "by_reason": dict(sorted(by_reason.items())),
         },
         "labels": dict(sorted(label_counts.items())),
+        "collections": _sum_collections(cards),
         "slices": [{"index": c["slice"]["index"], **c["throughput"]} for c in cards],
         "merge": {
             "seconds": round(time.monotonic() - start, 2),

@@ -60,6 +60,7 @@ class SliceTally:
         self.files: Counter = Counter()
         self.splits = {s: Counter() for s in SPLITS}
         self.labels: Counter = Counter()
+        self.collections: dict[str, Counter] = {}
         self.by_reason: Counter = Counter()
         self.manifest = tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False)  # noqa: SIM115
         self.failures = tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False)  # noqa: SIM115
@@ -68,17 +69,26 @@ class SliceTally:
         line = json.dumps(row.to_json()) + "\n"
         self.manifest.write(line)
         self.files["total"] += 1
+        collection = self.collections.setdefault(row.labels.get("collection", "-"), Counter())
         if row.status == "quarantined":
             self.failures.write(line)
             self.files["quarantined"] += 1
             self.by_reason[row.reason] += 1
+            collection["quarantined"] += 1
         elif row.status == "duplicate":
             self.files["duplicates"] += 1
+            collection["duplicates"] += 1
         else:
             self.files["ok"] += 1
-            self.splits[row.split].update(
-                pieces=1, tokens=row.tokens, notes=row.notes, duration_s=row.duration_s
-            )
+            counts = {
+                "pieces": 1,
+                "tokens": row.tokens,
+                "notes": row.notes,
+                "duration_s": row.duration_s,
+            }
+            self.splits[row.split].update(counts)
+            collection.update(counts)
+            collection[f"{row.split}_pieces"] += 1
             self.labels.update(f"{k}={v}" for k, v in row.labels.items())
 
     def publish(self, where: str) -> None:
@@ -203,18 +213,9 @@ def run_slice(cfg: PrepareConfig) -> dict:
         files = list(files)
         val_hash = nearest_val(files, cfg)
     tally = SliceTally(val_hash)
-    for name, reason in listing.unconverted:
-        if _owned(None, name, cfg):
-            tally.add(
-                ManifestRow(
-                    name,
-                    f"music21:{name}",
-                    None,
-                    "quarantined",
-                    reason="conversion_failed",
-                    detail=reason,
-                )
-            )
+    for file, reason in listing.unconverted:
+        if _owned(None, file.name, cfg):
+            tally.add(_quarantine(file, None, "conversion_failed", reason))
     setup = WorkerSetup(
         cfg.tokenizer, cfg.limits, cfg.num_slices, cfg.slice_index, cfg.tokenizer_from
     )
@@ -290,6 +291,9 @@ def _slice_card(
             "by_reason": dict(sorted(tally.by_reason.items())),
         },
         "labels": dict(sorted(tally.labels.items())),
+        "collections": {
+            name: _collection_counts(counts) for name, counts in sorted(tally.collections.items())
+        },
         "throughput": {
             "seconds": round(elapsed, 2),
             "startup_s": round(startup, 2),
@@ -302,6 +306,25 @@ def _slice_card(
         },
         "config": config,
     }
+
+
+COLLECTION_COUNTS = (
+    "pieces",
+    "tokens",
+    "notes",
+    "duration_s",
+    *(f"{split}_pieces" for split in SPLITS),
+    "duplicates",
+    "quarantined",
+)
+
+
+def _collection_counts(counts: Counter) -> dict:
+    """A collection's kept pieces (with their tokens, notes and seconds, and how many fell in
+    each split), duplicates and quarantined files."""
+    out = {key: counts[key] for key in COLLECTION_COUNTS}
+    out["duration_s"] = round(out["duration_s"], 3)
+    return out
 
 
 def peak_rss_mb() -> dict:

@@ -13,11 +13,13 @@ MIDI_SUFFIXES = (".mid", ".midi")
 
 @dataclass(frozen=True)
 class SourceFile:
-    """One input file: where its bytes are, its name inside the source, its labels."""
+    """One input file: where its bytes are, its name inside the source, its labels, and for
+    a converted score the notes its source writes (for the length check)."""
 
     url: str
     name: str
     labels: dict[str, str] = field(default_factory=dict, hash=False)
+    written_notes: int | None = None
 
 
 @dataclass
@@ -25,8 +27,9 @@ class SourceListing:
     # Drawn lazily (a walk of a local tree), so a prepare task never holds the whole listing.
     files: Iterable[SourceFile]
     count: int
-    # Inputs that never became a MIDI file (built-in corpus works music21 cannot export).
-    unconverted: list[tuple[str, str]] = field(default_factory=list)
+    # Inputs that never became a MIDI file (built-in corpus works that cannot be converted;
+    # the file's url names the work), and why.
+    unconverted: list[tuple[SourceFile, str]] = field(default_factory=list)
 
 
 def labels_from_path(name: str, levels: list[str]) -> dict[str, str]:
@@ -65,12 +68,17 @@ def _source_files(source: str, root: str, levels: list[str]) -> Iterator[SourceF
 
 
 def _music21(cfg: PrepareConfig) -> SourceListing:
+    collection_labels = music21_corpus.collection_labels
     works = music21_corpus.list_works(music21_corpus.parse_spec(cfg.source))
     if cfg.max_files is not None:
         works = works[: cfg.max_files]
     root = music21_corpus.cache_root(cfg.cache_dir)
-    failed = music21_corpus.ensure_converted(works, root, cfg.workers, cfg.limits.timeout_s)
-    files = [
-        SourceFile(str(w.cache_path(root)), w.name, w.labels) for w in works if w not in failed
+    failed = music21_corpus.ensure_converted(works, root, cfg.workers, cfg.limits)
+    works = [w for w in works if w not in failed]
+    labels = music21_corpus.work_labels(works, root)
+    files = [SourceFile(str(w.cache_path(root)), w.name, labels[w], w.written_notes) for w in works]
+    unconverted = [
+        (SourceFile(f"music21:{w.name}", w.name, collection_labels(w.collection)), why)
+        for w, why in failed.items()
     ]
-    return SourceListing(files, len(files), [(w.name, reason) for w, reason in failed.items()])
+    return SourceListing(files, len(files), unconverted)

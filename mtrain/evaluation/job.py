@@ -7,6 +7,9 @@ second of music, NLL by token type), then generates ``music.num_samples`` pieces
 their musical metrics with as many pieces of the split (mean/std per feature, mgeval's
 overlapping area and KL divergence, a histogram per feature).
 
+``baseline=ngram data_path=<dataset> output=<dir>`` scores the split with no model: a
+Kneser-Ney n-gram model counted on the train split, the floor any model must beat.
+
 ``midi_dir=<folder> output=<dir> [reference_dir=<folder>]`` computes
 the same metrics for every MIDI file under a folder, and compares it with a reference folder
 when one is given: the code path the model's samples go through.
@@ -19,17 +22,22 @@ import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
+from enum import Enum
 from itertools import islice
 from pathlib import Path
 
+from data_pipeline import storage
 from data_pipeline.app import config_dict
 from data_pipeline.errors import ConfigError, require
-from data_pipeline.reader import ShardReader, split_shares
+from data_pipeline.reader import ShardReader, load_card, split_shares
+from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.data.fill_in_middle import check_infillable
 from mtrain.evaluation import reports
 from mtrain.evaluation.infill import InfillEvalConfig, evaluate_infilling, infill_markdown
 from mtrain.evaluation.likelihood import evaluate_pieces
+from mtrain.evaluation.ngram import evaluate_floor
 from mtrain.exported.loading import load_for_data
+from mtrain.exported.model_card import record_evaluation
 from mtrain.generation.compose import DEFAULT_MIN_P, compose
 from mtrain.generation.prompts import build_prompt, parse_labels
 from mtrain.generation.sampling import SamplingConfig
@@ -63,6 +71,12 @@ class MusicEvalConfig:
         )
 
 
+class Baseline(Enum):
+    none = "none"
+    # A Kneser-Ney n-gram model counted on the train split (order: ngram_order).
+    ngram = "ngram"
+
+
 @dataclass
 class EvaluateConfig:
     # An exported model directory, or a run directory (its newest checkpoint is exported).
@@ -82,13 +96,18 @@ class EvaluateConfig:
     # Metrics only, no model: every MIDI file under midi_dir, against reference_dir if given.
     midi_dir: str | None = None
     reference_dir: str | None = None
+    # No model: a baseline scores the split, on the same documents and targets as a model.
+    baseline: Baseline = Baseline.none
+    ngram_order: int = 5
     logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(mode=WandbMode.disabled))
 
     def __post_init__(self):
-        if bool(self.checkpoint) == bool(self.midi_dir):
+        given = [bool(self.checkpoint), bool(self.midi_dir), self.baseline != Baseline.none]
+        if sum(given) != 1:
             raise ConfigError(
-                "give checkpoint=<export or run dir> to evaluate a model, or midi_dir=<folder> "
-                "for the musical metrics of MIDI files (not both)"
+                "give checkpoint=<export or run dir> to evaluate a model, baseline=ngram for the "
+                "n-gram floor of data_path, or midi_dir=<folder> for the musical metrics of "
+                "MIDI files (one of them)"
             )
         require(
             self,
@@ -96,6 +115,7 @@ class EvaluateConfig:
             [
                 (self.batch_size >= 1, "batch_size", "must be at least 1"),
                 (self.max_pieces is None or self.max_pieces >= 1, "max_pieces", "must be >= 1"),
+                (self.ngram_order >= 1, "ngram_order", "must be at least 1"),
             ],
         )
 
@@ -146,6 +166,18 @@ def likelihood_markdown(report: dict) -> list[str]:
         lines.append(
             f"| {kind} | {row['tokens']} | {row['nll_nats']:.3f} | {row['share_of_bits']:.1%} |"
         )
+    collections = report["likelihood"].get("by_collection", {})
+    if len(collections) > 1:
+        lines += [
+            "",
+            "| collection | pieces | notes | bits per note | bits per second |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for name, row in collections.items():
+            lines.append(
+                f"| {name} | {row['pieces']} | {row['notes']} | {row['bits_per_note']:.3f} | "
+                f"{row['bits_per_second']:.2f} |"
+            )
     return [*lines, ""]
 
 
@@ -165,6 +197,9 @@ def evaluate_model(cfg: EvaluateConfig, out: Path) -> dict:
             model, tokenizer, islice(reader.pieces(shares), cfg.max_pieces), cfg.batch_size
         ),
     }
+    if cfg.max_pieces is None:
+        # A whole split measured: the export's model card shows it from now on.
+        record_evaluation(model_dir, cfg.data_path, cfg.split, report["likelihood"])
     m = cfg.music
     if m.num_samples:
         log.info("generating %d pieces to compare with the %s split", m.num_samples, cfg.split)
@@ -193,6 +228,24 @@ def evaluate_model(cfg: EvaluateConfig, out: Path) -> dict:
     return report
 
 
+def evaluate_baseline(cfg: EvaluateConfig) -> dict:
+    """The n-gram floor: counted on the train split of ``data_path``, scored on ``split``."""
+    card = load_card(cfg.data_path)
+    if cfg.split not in card["splits"]:
+        splits = ", ".join(card["splits"])
+        raise ValueError(f"split={cfg.split}: {cfg.data_path} has splits {splits}")
+    tokenizer = MusicTokenizer.load(storage.join(cfg.data_path, card["tokenizer"]["path"]))
+    reader = ShardReader(len(tokenizer.base))
+    train = reader.pieces(split_shares(cfg.data_path, "train", card))
+    pieces = islice(reader.pieces(split_shares(cfg.data_path, cfg.split, card)), cfg.max_pieces)
+    return {
+        "checkpoint": f"baseline: Kneser-Ney {cfg.ngram_order}-gram (train split)",
+        "data_path": cfg.data_path,
+        "split": cfg.split,
+        "likelihood": evaluate_floor(tokenizer, train, pieces, cfg.ngram_order),
+    }
+
+
 def evaluate_midi(cfg: EvaluateConfig, out: Path) -> dict:
     report = {"midi_dir": cfg.midi_dir}
     pieces = reports.measure_folder(Path(cfg.midi_dir), "midi_dir")
@@ -214,7 +267,12 @@ def evaluate(cfg: EvaluateConfig, overrides: list[str] = ()) -> dict:
             raise FileNotFoundError(f"{key}={getattr(cfg, key)} is not a directory")
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    report = evaluate_model(cfg, out) if cfg.checkpoint else evaluate_midi(cfg, out)
+    if cfg.checkpoint:
+        report = evaluate_model(cfg, out)
+    elif cfg.baseline != Baseline.none:
+        report = evaluate_baseline(cfg)
+    else:
+        report = evaluate_midi(cfg, out)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown(report))
     log_to_wandb(cfg, out, report, overrides)

@@ -53,14 +53,40 @@ def windows(doc: np.ndarray, length: int) -> list[tuple[np.ndarray, np.ndarray]]
 
 @dataclass
 class Tally:
+    """Information summed over the pieces of a split, overall, by token type and by
+    collection (a piece's ``collection`` label)."""
+
     nats: float = 0.0
     tokens: int = 0
     notes: int = 0
     seconds: float = 0.0
     pieces: int = 0
     by_type: dict = field(default_factory=lambda: defaultdict(lambda: [0.0, 0]))
+    by_collection: dict = field(default_factory=dict)
 
-    def report(self) -> dict:
+    def add_piece(self, piece: StoredPiece) -> "Tally":
+        """Counts a piece's notes and seconds, here and in its collection's tally, which it
+        returns (for the piece's tokens: ``add_tokens``)."""
+        name = piece.labels.get("collection", "-")
+        collection = self.by_collection.setdefault(name, Tally())
+        for tally in (self, collection):
+            tally.pieces += 1
+            tally.notes += piece.meta["notes"]
+            tally.seconds += piece.meta["duration_s"]
+        return collection
+
+    def add_tokens(self, nats: float, tokens: int) -> None:
+        self.nats += nats
+        self.tokens += tokens
+
+    def add_types(self, nats: np.ndarray, kinds: np.ndarray) -> None:
+        """Per-token nats split by the token types ``kinds`` (same length)."""
+        for kind in np.unique(kinds):
+            mask = kinds == kind
+            self.by_type[kind][0] += float(nats[mask].sum())
+            self.by_type[kind][1] += int(mask.sum())
+
+    def headline(self) -> dict:
         bits = self.nats / math.log(2)
         return {
             "pieces": self.pieces,
@@ -72,9 +98,21 @@ class Tally:
             "bits_per_token": bits / self.tokens,
             "bits_per_note": bits / self.notes,
             "bits_per_second": bits / self.seconds,
+        }
+
+    def report(self) -> dict:
+        if not self.pieces:
+            raise ValueError("no pieces to evaluate")
+        return {
+            **self.headline(),
             "by_token_type": {
                 kind: {"tokens": n, "nll_nats": nats / n, "share_of_bits": nats / self.nats}
                 for kind, (nats, n) in sorted(self.by_type.items())
+            },
+            "by_collection": {
+                name: tally.headline()
+                for name, tally in sorted(self.by_collection.items())
+                if tally.tokens and tally.notes and tally.seconds
             },
         }
 
@@ -87,7 +125,8 @@ def evaluate_pieces(
     kinds = np.array(token_types(tokenizer))
     length = model.config.max_seq_len
     tally = Tally()
-    pending: list[tuple[np.ndarray, np.ndarray]] = []
+    # Windows waiting for a batch, each with the collection tally of its piece.
+    pending: list[tuple[np.ndarray, np.ndarray, Tally]] = []
     device = model.device
 
     def flush():
@@ -98,24 +137,19 @@ def evaluate_pieces(
             logits.transpose(1, 2), targets.to(device), ignore_index=IGNORE, reduction="none"
         ).cpu()  # the tally by token type indexes with numpy
         scored = targets != IGNORE
-        tally.nats += nll[scored].sum().item()
-        tally.tokens += int(scored.sum())
-        for kind in np.unique(kinds[targets[scored].numpy()]):
-            mask = scored & torch.from_numpy(kinds[targets.clamp(min=0).numpy()] == kind)
-            tally.by_type[kind][0] += nll[mask].sum().item()
-            tally.by_type[kind][1] += int(mask.sum())
+        tally.add_tokens(nll[scored].sum().item(), int(scored.sum()))
+        tally.add_types(nll[scored].numpy(), kinds[targets[scored].numpy()])
+        row_nats, row_tokens = (nll * scored).sum(1), scored.sum(1)
+        for (_, _, collection), nats, n in zip(pending, row_nats, row_tokens, strict=True):
+            collection.add_tokens(nats.item(), int(n))
         pending.clear()
 
     for piece in pieces:
-        tally.pieces += 1
-        tally.notes += piece.meta["notes"]
-        tally.seconds += piece.meta["duration_s"]
-        for window in windows(tokenizer.document(piece.labels, piece.tokens), length):
-            pending.append(window)
+        collection = tally.add_piece(piece)
+        for inputs, targets in windows(tokenizer.document(piece.labels, piece.tokens), length):
+            pending.append((inputs, targets, collection))
             if len(pending) == batch_size:
                 flush()
     if pending:
         flush()
-    if not tally.pieces:
-        raise ValueError("no pieces to evaluate")
     return tally.report()

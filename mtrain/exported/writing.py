@@ -23,6 +23,7 @@ from mtrain.exported.adapter import (
     merged,
     write_peft_adapter,
 )
+from mtrain.exported.model_card import card_facts, write_card
 from mtrain.exported.model_dir import CONFIG, HF, TOKENIZER, WEIGHTS, load_exported
 from mtrain.exported.transformers_format import hf_architecture, save_hf
 from mtrain.exported.verification import verify_against_probe
@@ -104,8 +105,9 @@ def export_verified(found: CheckpointDir, output: Path) -> Path:
     ``model.safetensors`` (fp32, tied embeddings stored once), ``config.json`` (the model shape
     and provenance), ``tokenizer/`` (the artifact the model was trained with) and ``hf/`` for
     ``transformers.AutoModelForCausalLM.from_pretrained`` (GPT-2, GPT-NeoX or Llama: see
-    ``mtrain.exported.transformers_format``). The merged weights are checked against logits
-    recorded with the checkpoint, and ``hf/``, loaded back, against the merged weights."""
+    ``mtrain.exported.transformers_format``) with its model card (``hf/README.md``). The
+    merged weights are checked against logits recorded with the checkpoint, and ``hf/``,
+    loaded back, against the merged weights."""
     ckpt, run = found.path, found.run
     model_cfg = GPTConfig(**model_shape(json.loads(run.model_config.read_text())))
     state = consolidated_state_dict(ckpt)
@@ -137,12 +139,17 @@ def export_verified(found: CheckpointDir, output: Path) -> Path:
     if (output / TOKENIZER).exists():
         shutil.rmtree(output / TOKENIZER)
     shutil.copytree(run.tokenizer, output / TOKENIZER)
+    step = json.loads(found.marker.read_text())["step"]
     artifact = json.loads((run.tokenizer / "artifact.json").read_text())
     meta = {
         "model": dataclasses.asdict(model_cfg),
         "checkpoint": str(ckpt.resolve()),
-        "step": json.loads(found.marker.read_text())["step"],
+        "step": step,
         "tokenizer_hash": artifact["hash"],
+        "tokenizer": {
+            k: artifact.get(k)
+            for k in ("kind", "base_vocab_size", "learned_vocab_size", "vocab_size", "labels")
+        },
         # A tokenizer extended for fine-tuning: the hash of the one it extends, the labels added.
         **({"tokenizer_lineage": artifact["lineage"]} if "lineage" in artifact else {}),
         "verified_logits_max_abs_diff": verified.max_abs_diff,
@@ -153,12 +160,14 @@ def export_verified(found: CheckpointDir, output: Path) -> Path:
         **({} if spec is None else {"adapter": _adapter_meta(spec, peft_diff)}),
         # Checked before filling bars: an export may be used where its run directory is not.
         "data": {"infill_rate": trained_infill_rate(run.train_config)},
+        "card": card_facts(found, step),
     }
     (output / CONFIG).write_text(json.dumps(meta, indent=2))
+    write_card(output)
     log.info(
         "exported %s (step %d, %.1fM params) to %s",
         ckpt,
-        meta["step"],
+        step,
         param_count(model_cfg) / 1e6,
         output,
     )

@@ -78,7 +78,7 @@ def test_a_folder_against_itself_overlaps_more_than_against_another_style(tiny_m
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ((), "give checkpoint=<export or run dir> to evaluate a model, or midi_dir="),
+        ((), "give checkpoint=<export or run dir> to evaluate a model, baseline=ngram for"),
         (("midi_dir=/nonexistent",), "midi_dir=/nonexistent is not a directory"),
         (
             ("checkpoint=EXPORT", "data_path=DATA", "music.label=composer:nobody"),

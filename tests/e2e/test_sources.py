@@ -20,9 +20,17 @@ def test_builtin_corpus_converts_labels_and_caches(tmp_path):
     run_module("data_pipeline.prepare", *args)
     card = load_card(str(out))
     assert card["files"]["ok"] == 6
-    assert card["labels"] == {"collection=bach": 6, "composer=bach": 6, "genre=art": 6}
+    # Every label is in the card and in each piece's record; only the conditioning kinds get
+    # tokens (meter, key and mode are for probes and reports).
+    assert sorted(card["tokenizer"]["labels"]) == ["collection=bach", "composer=bach", "genre=art"]
+    assert {"collection=bach": 6, "composer=bach": 6, "genre=art": 6}.items() <= card[
+        "labels"
+    ].items()
     pieces = list(iter_pieces(shard_urls(str(out), "train", card)))
     assert all(meta["name"].startswith("bach/") and meta["notes"] > 20 for _, meta in pieces)
+    chorales = [meta["labels"] for _, meta in pieces if meta["name"].endswith(".mxl")]
+    assert chorales and all({"meter", "key", "mode", "key_signature"} <= set(c) for c in chorales)
+    assert card["collections"]["bach"]["pieces"] == 6
     assert len(list(cache.rglob("*.mid"))) == 6
     # A second run converts nothing: the cache is complete.
     again = run_module(

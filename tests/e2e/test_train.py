@@ -270,6 +270,30 @@ def test_evaluate_reports_bits_per_note_and_second(uninterrupted, bach_dataset, 
     assert sum(shares) == pytest.approx(1.0)
     assert {"Pitch", "Duration", "Position", "conditioning"} <= set(lik["by_token_type"])
     assert "| bits_per_note |" in (tmp_path / "report.md").read_text()
+    # A whole split scored: the export's model card shows it.
+    model_card = (Path(uninterrupted) / "export" / "hf" / "README.md").read_text()
+    assert f"**{lik['bits_per_note']:.3f} bits per note**" in model_card
+    assert f"data.path={bach_dataset}" in model_card  # the command that trained it
+
+    # The n-gram floor scores the same documents and targets, with no model.
+    floor = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mtrain.evaluate",
+            "baseline=ngram",
+            f"data_path={bach_dataset}",
+            f"output={tmp_path / 'ngram'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert floor.returncode == 0, floor.stderr[-3000:]
+    ngram = json.loads((tmp_path / "ngram" / "report.json").read_text())["likelihood"]
+    assert (ngram["tokens"], ngram["notes"]) == (lik["tokens"], lik["notes"])
+    assert 0 < ngram["bits_per_note"] < 12 and ngram["model"]["order"] == 5
+    assert list(ngram["by_collection"]) == ["bach"]
 
 
 @pytest.mark.parametrize(
