@@ -11,6 +11,7 @@ from mtrain.distributed import collectives, host_memory
 from mtrain.runs.lock import RunDirTaken, RunLock, refuse_on_every_rank
 from mtrain.training.checkpointer import DiskFull
 from mtrain.training.config import MOVED_KEYS, TrainConfig
+from mtrain.training.contrastive import CONTRASTIVE
 from mtrain.training.memory_plan import check_fits, training_layout
 from mtrain.training.trainer import NonFiniteLoss, Trainer
 
@@ -24,8 +25,14 @@ def run(cfg: TrainConfig, overrides: list[str]) -> int:
     place = placement_from_env()
     # Before any process group exists: every rank fails fast on the same input error.
     collectives.refuse_cpu_with_gpus()
+    views = cfg.contrastive.views(cfg.model.max_seq_len) if cfg.objective == CONTRASTIVE else None
     data = StreamingData(
-        cfg.data, cfg.model.max_seq_len, cfg.trainer.micro_batch_size, place.rank, place.world_size
+        cfg.data,
+        cfg.model.max_seq_len,
+        cfg.trainer.micro_batch_size,
+        place.rank,
+        place.world_size,
+        views,
     )
     cfg.model = cfg.model.with_vocab(data.tokenizer.vocab_size)
     if cfg.deepspeed.check_memory:

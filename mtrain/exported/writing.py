@@ -19,6 +19,7 @@ from mtrain.exported.verification import verify_against_probe
 from mtrain.model import GPT, GPTConfig
 from mtrain.runs.checkpoint_files import damage, latest_intact
 from mtrain.runs.run_dir import COMPLETE_CHECKPOINTS, CheckpointDir, RunDir, model_shape
+from mtrain.training.contrastive import language_model_weights, trained_embedding
 from mtrain.training.flops import param_count
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def export_verified(found: CheckpointDir, output: Path) -> Path:
     ckpt, run = found.path, found.run
     model_cfg = GPTConfig(**model_shape(json.loads(run.model_config.read_text())))
     model = GPT(model_cfg)
-    model.load_state_dict(consolidated_state_dict(ckpt), strict=True)
+    model.load_state_dict(language_model_weights(consolidated_state_dict(ckpt)), strict=True)
     output.mkdir(parents=True, exist_ok=True)
     tmp = output / f"{WEIGHTS}.partial"
     save_model(model, str(tmp))  # stores tied tensors once
@@ -119,6 +120,9 @@ def export_verified(found: CheckpointDir, output: Path) -> Path:
         # Checked before filling bars: an export may be used where its run directory is not.
         "data": {"infill_rate": trained_infill_rate(run.train_config)},
     }
+    embedding = trained_embedding(run.train_config)
+    if embedding is not None:  # an embedding model: embed and search pool as it was trained
+        meta["embedding"] = embedding
     (output / CONFIG).write_text(json.dumps(meta, indent=2))
     log.info(
         "exported %s (step %d, %.1fM params) to %s",

@@ -18,6 +18,7 @@ from mtrain.model import GPT, GPTConfig
 from mtrain.runs.checkpoint_files import checksums, latest_complete, size_of
 from mtrain.runs.run_dir import CheckpointDir, RunDir
 from mtrain.training.config import TrainerConfig
+from mtrain.training.contrastive import language_model_weights
 from mtrain.training.memory_plan import NoInitialValues
 from mtrain.training.resume import Resumed, resume_latest
 from mtrain.training.rng_state import rng_state
@@ -43,7 +44,7 @@ def probe_logits(engine, vocab_size: int, seq_len: int) -> dict | None:
     weights = export_weights(engine)
     if weights is None:
         return None
-    logits = reference_logits(engine.module.config, weights, inputs)
+    logits = reference_logits(engine.module.config, language_model_weights(weights), inputs)
     return {"inputs": inputs, "logits": logits, "dtype": "float32"}
 
 

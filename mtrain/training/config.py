@@ -15,6 +15,7 @@ from data_pipeline.storage import is_remote
 from mtrain.data.loader import DataConfig
 from mtrain.model import GPTConfig
 from mtrain.runs.tracking import LoggerConfig
+from mtrain.training.contrastive import CONTRASTIVE, LM, OBJECTIVES, ContrastiveConfig
 
 AT_LEAST_1 = "must be at least 1"
 # What a collective's timeout allows beyond the storage retry budget: the step of the rank that
@@ -183,6 +184,10 @@ class TrainConfig:
     run_name: str | None = None
     # An exported model (python -m mtrain.export) whose weights start this run: fine-tuning.
     init_from: str | None = None
+    # What the run trains: "lm" (the next token) or "contrastive" (piece embeddings, from an
+    # exported language model: init_from=; mtrain.training.contrastive).
+    objective: str = LM
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     model: GPTConfig = field(default_factory=GPTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -205,6 +210,34 @@ class TrainConfig:
             ],
         )
         self._check_timeouts()
+        self._check_objective()
+
+    def _check_objective(self) -> None:
+        contrastive = self.objective == CONTRASTIVE
+        require(
+            self,
+            "",
+            [
+                (self.objective in OBJECTIVES, "objective", f"must be one of {OBJECTIVES}"),
+                (
+                    not contrastive or self.init_from,
+                    "init_from",
+                    "objective=contrastive starts from a language model: set init_from=<export>",
+                ),
+            ],
+        )
+        require(
+            self.trainer,
+            "trainer",
+            [
+                (
+                    not contrastive or self.trainer.micro_batch_size >= 2,
+                    "micro_batch_size",
+                    "must be at least 2 with objective=contrastive (the other pieces of the "
+                    "batch are each view's negatives)",
+                ),
+            ],
+        )
 
     def _check_timeouts(self) -> None:
         """A rank retrying stalled object storage keeps the others waiting in a collective: the
