@@ -129,7 +129,16 @@ def search(cfg: SearchConfig) -> dict:
         return result
     query = str(cfg.query)
     if query.lower().endswith(MIDI_SUFFIXES) or Path(query).is_file():
-        scores, found = index.search(embedder([query]), cfg.k)
+        # A file the index holds (the same bytes) is that piece: its stored vector, as embed
+        # made it from the dataset's tokens.
+        digest = (
+            hashlib.sha256(storage.read_bytes(query)).hexdigest() if Path(query).is_file() else None
+        )
+        rows = {row["id"]: i for i, row in enumerate(index.rows)}
+        if digest in rows:
+            scores, found = index.search_stored(rows[digest], cfg.k)
+        else:
+            scores, found = index.search(embedder([query]), cfg.k)
     else:
         row = find_row(index, query)
         scores, found = index.search_stored(row, cfg.k)
