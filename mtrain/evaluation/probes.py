@@ -78,7 +78,14 @@ def kfold_probe(features: np.ndarray, labels: list[str], folds: int, seed: int) 
     probe = make_pipeline(
         SimpleImputer(keep_empty_features=True),
         StandardScaler(),
-        LogisticRegressionCV(Cs=list(PROBE_CS), cv=PROBE_INNER_FOLDS, max_iter=PROBE_MAX_ITER),
+        LogisticRegressionCV(
+            Cs=list(PROBE_CS),
+            cv=PROBE_INNER_FOLDS,
+            max_iter=PROBE_MAX_ITER,
+            use_legacy_attributes=False,  # the fitted attributes are not read here
+            l1_ratios=(0.0,),  # L2 only
+            scoring="accuracy",  # the penalty chosen by what the probe reports
+        ),
     )
     splits = StratifiedKFold(folds, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
