@@ -19,6 +19,7 @@ from mtrain.training.adapters import target_layers
 from mtrain.training.checkpointer import DiskFull
 from mtrain.training.compute_budget import apply_budget
 from mtrain.training.config import MOVED_KEYS, TrainConfig
+from mtrain.training.contrastive import CONTRASTIVE
 from mtrain.training.memory_plan import host_memory_policy, plan_training
 from mtrain.training.trainer import NonFiniteLoss, Trainer
 
@@ -47,8 +48,14 @@ def run(cfg: TrainConfig, overrides: list[str]) -> int:
     place_sweep_point(cfg)
     # Before any process group exists: every rank fails fast on the same input error.
     collectives.refuse_cpu_with_gpus()
+    views = cfg.contrastive.views(cfg.model.max_seq_len) if cfg.objective == CONTRASTIVE else None
     data = StreamingData(
-        cfg.data, cfg.model.max_seq_len, cfg.trainer.micro_batch_size, place.rank, place.world_size
+        cfg.data,
+        cfg.model.max_seq_len,
+        cfg.trainer.micro_batch_size,
+        place.rank,
+        place.world_size,
+        views,
     )
     if cfg.init_from:  # fine-tuning: the export's shape, and data in its tokenizer's ids
         cfg.model = init_from_shape(cfg.init_from, cfg.model, overrides)

@@ -1,4 +1,5 @@
-"""On-the-fly augmentation of a piece's base token ids: pitch transposition, velocity shift."""
+"""On-the-fly augmentation of a piece's base token ids: pitch transposition, velocity and tempo
+shifts."""
 
 import numpy as np
 
@@ -8,25 +9,25 @@ MIDI_PITCHES = 128
 
 
 class Augmenter:
-    """Transposes a piece's melodic notes by one random shift and moves all its velocities by
-    one random number of bins. Drums keep their pitches; the shift is drawn among those that
-    keep every note of the piece inside the tokenizer's pitch range (0 always does)."""
+    """Transposes a piece's melodic notes by one random shift and moves all its velocities (and
+    its tempos) by one random number of bins. Drums keep their pitches; the shift is drawn
+    among those that keep every note of the piece inside the tokenizer's pitch range (0 always
+    does)."""
 
-    def __init__(self, vocab: dict[str, int], transpose_range: int, velocity_shift: int):
+    def __init__(
+        self, vocab: dict[str, int], transpose_range: int, velocity_shift: int, tempo_shift=0
+    ):
         self.transpose_range, self.velocity_shift = transpose_range, velocity_shift
         size = max(vocab.values()) + 1
         self.family = np.full(size, -1)
         self.pitch = np.full(size, -1)
         self.is_program = np.zeros(size, dtype=bool)
-        velocities = []
         for name, i in vocab.items():
             kind, _, value = name.partition("_")
             if kind in MELODIC_PITCH_FAMILIES:
                 self.family[i], self.pitch[i] = MELODIC_PITCH_FAMILIES.index(kind), int(value)
             elif kind == "Program":
                 self.is_program[i] = True
-            elif kind == "Velocity":
-                velocities.append((int(value), i))
         melodic = self.family >= 0
         self.pitch_id = np.full((len(MELODIC_PITCH_FAMILIES), MIDI_PITCHES), -1)
         self.pitch_id[self.family[melodic], self.pitch[melodic]] = np.flatnonzero(melodic)
@@ -43,19 +44,15 @@ class Augmenter:
             targets = self.pitch_id[self.family[notes[inside]], moved[inside]]
             self.transposed[row, notes[inside]] = targets
         self.drum_program = vocab.get("Program_-1", -1)
-        self.velocity_ids = np.array([i for _, i in sorted(velocities)], dtype=np.int64)
-        # One lookup table per velocity shift: every id to itself but velocities, moved by
-        # the shift and clipped to the tokenizer's range (one gather a piece, no masks).
-        top = len(self.velocity_ids) - 1
-        self.shifted_velocities = np.tile(np.arange(size), (2 * velocity_shift + 1, 1))
-        for row, shift in enumerate(range(-velocity_shift, velocity_shift + 1)):
-            moved = np.clip(np.arange(len(self.velocity_ids)) + shift, 0, top)
-            self.shifted_velocities[row, self.velocity_ids] = self.velocity_ids[moved]
+        self.velocities = BinShift(vocab, "Velocity", velocity_shift)
+        self.tempos = BinShift(vocab, "Tempo", tempo_shift)
 
     def __call__(self, ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         ids = np.array(ids, dtype=np.int64)
         self._transpose(ids, rng)
-        self._shift_velocities(ids, rng)
+        self.velocities(ids, rng)
+        if self.tempos.shift:
+            self.tempos(ids, rng)
         return ids
 
     def _transpose(self, ids: np.ndarray, rng: np.random.Generator) -> None:
@@ -84,6 +81,23 @@ class Augmenter:
         )
         return (last_program >= 0) & (ids[last_program] == self.drum_program)
 
-    def _shift_velocities(self, ids: np.ndarray, rng: np.random.Generator) -> None:
-        shift = rng.integers(-self.velocity_shift, self.velocity_shift + 1)
-        ids[:] = self.shifted_velocities[shift + self.velocity_shift, ids]
+
+class BinShift:
+    """Moves every token of one family of binned values (Velocity, Tempo) by one random
+    number of bins, clipped to the tokenizer's range: one gather a piece, no masks."""
+
+    def __init__(self, vocab: dict[str, int], family: str, shift: int):
+        self.shift = shift
+        bins = sorted(
+            (float(n.partition("_")[2]), i) for n, i in vocab.items() if n.startswith(f"{family}_")
+        )
+        ids = np.array([i for _, i in bins], dtype=np.int64)
+        size = max(vocab.values()) + 1
+        # One lookup table per shift: every id to itself but the family's, moved.
+        self.tables = np.tile(np.arange(size), (2 * shift + 1, 1))
+        for row, moved_by in enumerate(range(-shift, shift + 1)):
+            moved = np.clip(np.arange(len(ids)) + moved_by, 0, max(len(ids) - 1, 0))
+            self.tables[row, ids] = ids[moved]
+
+    def __call__(self, ids: np.ndarray, rng: np.random.Generator) -> None:
+        ids[:] = self.tables[rng.integers(-self.shift, self.shift + 1) + self.shift, ids]

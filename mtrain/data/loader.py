@@ -57,6 +57,7 @@ from mtrain.data.dealing import (
 )
 from mtrain.data.fill_in_middle import InfillTraining
 from mtrain.data.packing import SequencePacker
+from mtrain.data.views import ViewPairs, ViewSpec, view_batch
 from mtrain.distributed import processes
 
 # Loader workers start after the process group, whose gloo/NCCL threads may hold a lock at
@@ -182,12 +183,19 @@ class TrainStream(IterableDataset):
         reader: ShardReader,
         rank: int,
         world_size: int,
+        views: ViewSpec | None = None,
     ):
         self.cfg, self.seq_len, self.shards = cfg, seq_len, shards
         self.tokenizer, self.reader = tokenizer, reader
         self.rank, self.world_size = rank, world_size
         self.augment = Augmenter(tokenizer.base.vocab, cfg.transpose_range, cfg.velocity_shift)
         self.infill = InfillTraining(tokenizer, cfg.infill_rate, seq_len)
+        # The contrastive objective reads two views of each piece instead of packed windows.
+        self.pairs = None
+        if views is not None:
+            vocab = tokenizer.base.vocab
+            augment = Augmenter(vocab, cfg.transpose_range, *views[1:])
+            self.pairs = ViewPairs(tokenizer, augment, views.view_tokens)
         self.epoch = self.block = self.done = 0
         self.packer = SequencePacker(seq_len)
         self.dealing = Dealing(shards, cfg.seed, cfg.shuffle_buffer, {})
@@ -225,7 +233,7 @@ class TrainStream(IterableDataset):
                 for i in order[self.done :]:
                     self.done += 1
                     if pieces[i] is not None:
-                        yield from self.packer.add(self._document(pieces[i]))
+                        yield from self._items(pieces[i])
                 self.block, self.done = self.block + 1, 0
             self.epoch, self.block = self.epoch + 1, 0
             if self.reader.damaged >= {s.url for s in self.shards}:
@@ -242,10 +250,19 @@ class TrainStream(IterableDataset):
                 yield from (p for keep, p in zip(kept[first:], pieces, strict=True) if keep)
             start = max(0, start - left)
 
-    def _document(self, piece: StoredPiece) -> np.ndarray:
+    def _items(self, piece: StoredPiece) -> Iterator[np.ndarray]:
+        """The packed windows a piece completes, or its two views."""
+        if self.pairs is not None:
+            return iter([self.pairs(piece.tokens, self._rng(piece))])
+        return self.packer.add(self._document(piece))
+
+    def _rng(self, piece: StoredPiece) -> np.random.Generator:
         # Seeded by the piece, not the stream: the same piece gets the same augmentation
         # whatever worker reads it.
-        rng = np.random.default_rng([self.cfg.seed, self.epoch, zlib.crc32(piece.key.encode())])
+        return np.random.default_rng([self.cfg.seed, self.epoch, zlib.crc32(piece.key.encode())])
+
+    def _document(self, piece: StoredPiece) -> np.ndarray:
+        rng = self._rng(piece)
         return self.infill(piece.labels, self.augment(piece.tokens, rng), rng)
 
 
@@ -261,6 +278,7 @@ class StreamingData:
         micro_batch_size: int,
         rank: int = 0,
         world_size: int = 1,
+        views: ViewSpec | None = None,
     ):
         if cfg.storage_retry_s is not None:
             retries.configure(cfg.storage_retry_s)
@@ -278,8 +296,9 @@ class StreamingData:
             retry_s=retries.retry_budget_s(),
         )
         self.train = TrainStream(
-            cfg, seq_len, shards, self.tokenizer, self.reader, rank, world_size
+            cfg, seq_len, shards, self.tokenizer, self.reader, rank, world_size, views
         )
+        self.collate = inputs_and_targets if views is None else view_batch
         self.layout = {"rank": rank, "world_size": world_size, "num_workers": cfg.num_workers}
         self._start_epoch = 0
         if cfg.num_workers:
@@ -299,7 +318,7 @@ class StreamingData:
 
     def train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Infinite: from the start, or from the position load_state_dict restored."""
-        return map(inputs_and_targets, self._loader)
+        return map(self.collate, self._loader)
 
     def val_batches(
         self, max_batches: int | None = None, split: str = "val"

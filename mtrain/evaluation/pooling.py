@@ -1,27 +1,38 @@
-"""Pieces as vectors: the mean hidden state of each piece, read in windows, and its pitch-class
-histogram as a baseline, with rows scaled to unit length (less their mean, for comparing)."""
+"""Pieces as vectors: the mean hidden state of each piece, read in windows, its pitch-class
+histogram as a baseline, rows scaled to unit length (less their mean, for comparing), and the
+id of the model that made them."""
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import symusic
 import torch
 
-from data_pipeline.tokenizer import MusicTokenizer
+from mtrain.exported.writing import WEIGHTS
 from mtrain.model import GPT
 
-# The two descriptions of a piece compared (EmbeddedSplit fields), with their report titles.
-FEATURES = {"model": "model embedding", "pitch_classes": "pitch-class histogram (baseline)"}
+# The descriptions of a piece compared, with their report titles: the checkpoint's embedding
+# and its baselines (the mean-pooled language model when the checkpoint is a contrastive
+# model made from one, the same shape randomly initialised, and two symbolic ones).
+FEATURES = {
+    "model": "model embedding",
+    "language_model": "mean-pooled language model",
+    "random": "random init, same shape",
+    "handcrafted": "handcrafted (music21 + MusPy metrics)",
+    "pitch_classes": "pitch-class histogram",
+}
 
 
 @dataclass
 class EmbeddedSplit:
-    """Every piece of a split: who it is, its model embedding and its pitch-class baseline."""
+    """Pieces (of one split, or all) and their descriptions, by FEATURES name."""
 
     split: str
     rows: list[dict]  # id, name, labels, tokens: the lines of pieces.jsonl
-    model: np.ndarray  # [pieces, d_model], mean states, unit length (not centred)
-    pitch_classes: np.ndarray  # [pieces, 12], unit length
-    seconds: float
+    features: dict[str, np.ndarray]  # [pieces, dim]; embeddings unit length (not centred)
+    seconds: float  # embedding the checkpoint's vectors
 
     @property
     def ids(self) -> list[str]:
@@ -29,6 +40,19 @@ class EmbeddedSplit:
 
     def labels(self, key: str) -> list[str | None]:
         return [row["labels"].get(key) for row in self.rows]
+
+    def label_kinds(self) -> list[str]:
+        return sorted({kind for row in self.rows for kind in row["labels"]})
+
+
+def embedding_model_id(model_dir: Path, layer: int | None) -> str:
+    """What made an index's vectors: the weights' sha256 and the pooling. A query embedded by
+    anything else is not comparable with them."""
+    digest = hashlib.sha256()
+    with open(model_dir / WEIGHTS, "rb") as weights:
+        for block in iter(lambda: weights.read(1 << 24), b""):
+            digest.update(block)
+    return f"{digest.hexdigest()[:16]}/mean/{'last' if layer is None else layer}"
 
 
 class MeanPooler:
@@ -74,10 +98,9 @@ class MeanPooler:
         return (sums / np.maximum(self.positions, 1)[:, None]).astype(np.float32)
 
 
-def pitch_class_histogram(tokenizer: MusicTokenizer, base_ids: np.ndarray) -> np.ndarray:
+def pitch_class_histogram(score: symusic.Score) -> np.ndarray:
     """The share of the piece's non-drum notes on each of the 12 pitch classes, read from the
     decoded score, so that it means the same for every tokenization."""
-    score = tokenizer.base_ids_to_midi(base_ids)
     pitches = [track.notes.numpy()["pitch"] for track in score.tracks if not track.is_drum]
     histogram = np.bincount(np.concatenate([*pitches, np.zeros(0, int)]) % 12, minlength=12)
     return histogram / max(histogram.sum(), 1)

@@ -1,20 +1,26 @@
 """What piece embeddings tell apart: cosine nearest neighbours, leave-one-out retrieval of a
-label, a linear probe for it, and the spread of cosines between pieces."""
+label, k-fold logistic-regression probes (scikit-learn), and the spread of cosines."""
 
+import warnings
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LogisticRegressionCV
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from mtrain.evaluation.pooling import EmbeddedSplit
 
-# The linear probe is always fit on this split, whichever split is embedded and scored.
-PROBE_FIT_SPLIT = "train"
-# Ridge penalty on the probe's weights: a few dozen pieces in d_model dimensions are separable,
-# and without it the weights of a separable problem grow without bound.
-PROBE_L2 = 1e-3
+# Inverse L2 penalties the probe chooses among, by an inner cross-validation on each training
+# fold: a few dozen pieces in d_model dimensions are separable (no penalty: weights without
+# bound), and one fixed penalty suits neither tight clusters nor noisy columns.
+PROBE_CS = (0.1, 1.0, 10.0)
+PROBE_INNER_FOLDS = 3
+PROBE_MAX_ITER = 1000
 # Queries compared against the whole split at once: bounds the similarity matrix's memory.
 QUERY_CHUNK = 1024
 # Pieces whose pairwise cosines make the reported spread: bounds that matrix's memory too.
@@ -63,50 +69,54 @@ def label_precision(vectors: np.ndarray, labels: list[str | None], k: int) -> di
     }
 
 
-def linear_probe(
-    train: np.ndarray,
-    train_labels: list[str | None],
-    test: np.ndarray,
-    test_labels: list[str | None],
-) -> dict:
-    """Accuracy of a multinomial logistic regression fit on ``train``, scored on the labelled
-    rows of ``test``; a label the train split lacks counts as a miss. With the accuracy of
-    always answering the train split's most common label."""
-    fit = [i for i, label in enumerate(train_labels) if label is not None]
-    scored = [i for i, label in enumerate(test_labels) if label is not None]
-    classes = sorted({train_labels[i] for i in fit})
-    if len(classes) < 2:
-        return {"skipped": f"the {PROBE_FIT_SPLIT} split has {len(classes)} label(s): no probe"}
-    if not scored:
-        return {"skipped": "no piece of the embedded split has the label"}
-    x = torch.from_numpy(train[fit]).double()
-    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
-    x = (x - mean) / std
-    y = torch.tensor([classes.index(train_labels[i]) for i in fit])
-    weight = torch.zeros(x.size(1), len(classes), dtype=x.dtype, requires_grad=True)
-    bias = torch.zeros(len(classes), dtype=x.dtype, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=500, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = F.cross_entropy(x @ weight + bias, y) + PROBE_L2 * weight.square().sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    with torch.no_grad():
-        x_test = (torch.from_numpy(test[scored]).double() - mean) / std
-        predicted = [classes[i] for i in (x_test @ weight + bias).argmax(1).tolist()]
-    truth = [test_labels[i] for i in scored]
-    majority = Counter(train_labels[i] for i in fit).most_common(1)[0][0]
+def kfold_probe(features: np.ndarray, labels: list[str], folds: int, seed: int) -> dict:
+    """Stratified k-fold accuracy of a multinomial logistic regression (scikit-learn) that reads
+    ``labels`` off ``features``: columns standardised on each fold's training part, a feature
+    undefined for a piece (NaN) filled with that part's mean, the penalty chosen among PROBE_CS
+    on that part alone. With the spread over folds and the accuracy of always answering the
+    most common label."""
+    probe = make_pipeline(
+        SimpleImputer(keep_empty_features=True),
+        StandardScaler(),
+        LogisticRegressionCV(
+            Cs=list(PROBE_CS),
+            cv=PROBE_INNER_FOLDS,
+            max_iter=PROBE_MAX_ITER,
+            use_legacy_attributes=False,  # the fitted attributes are not read here
+            l1_ratios=(0.0,),  # L2 only
+            scoring="accuracy",  # the penalty chosen by what the probe reports
+        ),
+    )
+    splits = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        # A fold that stops at max_iter is still a fitted probe; the accuracy says how good.
+        warnings.simplefilter("ignore", category=ConvergenceWarning)
+        accuracy = cross_val_score(probe, features, np.asarray(labels), cv=splits)
+    counts = Counter(labels)
     return {
-        "fit_pieces": len(fit),
-        "scored_pieces": len(scored),
-        "classes": classes,
-        "accuracy": float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)])),
-        "majority": float(np.mean([t == majority for t in truth])),
-        "unseen_labels": sum(t not in classes for t in truth),
+        "accuracy": float(accuracy.mean()),
+        "std": float(accuracy.std()),
+        "folds": folds,
+        "pieces": len(labels),
+        "classes": len(counts),
+        "majority": counts.most_common(1)[0][1] / len(labels),
     }
+
+
+def probe_task(labels: list[str | None], folds: int) -> tuple[np.ndarray, list[str]] | str:
+    """The pieces a probe of one label kind is scored on (rows, and their labels): those whose
+    label has at least ``folds`` pieces, so every fold holds each class. Why not, when fewer
+    than two such labels remain."""
+    counts = Counter(label for label in labels if label is not None)
+    kept = {label for label, n in counts.items() if n >= folds}
+    if len(kept) < 2:
+        have = ", ".join(f"{label}: {n}" for label, n in counts.most_common(4)) or "none"
+        return (
+            f"{len(counts)} value(s) among {sum(counts.values())} labelled pieces, "
+            f"{len(kept)} with at least {folds} pieces (needs 2; {have})"
+        )
+    rows = np.array([i for i, label in enumerate(labels) if label in kept])
+    return rows, [labels[i] for i in rows]
 
 
 def find_piece(pieces: EmbeddedSplit, query: str, listing: Path) -> int:
@@ -135,26 +145,3 @@ def neighbours_of(pieces: EmbeddedSplit, vectors: np.ndarray, row: int, k: int) 
             for i, s in zip(found[0], similar[0], strict=True)
         ],
     }
-
-
-def label_values(card: dict, key: str) -> list[str]:
-    """The values that the label ``key`` takes in the dataset (from its card's label counts)."""
-    parts = (label.partition("=") for label in card["labels"])
-    return sorted(value for kind, _, value in parts if kind == key)
-
-
-def unscorable(card: dict, key: str) -> str | None:
-    """Why retrieval and the probe by label ``key`` cannot be scored on any split of the
-    dataset (it has fewer than two values of that label), or None when they can."""
-    values = label_values(card, key)
-    if len(values) >= 2:
-        return None
-    kinds = sorted({label.partition("=")[0] for label in card["labels"]})
-    others = [kind for kind in kinds if len(label_values(card, kind)) >= 2]
-    has = f"one {key!r} label, {key}={values[0]}" if values else f"no {key!r} label"
-    fix = (
-        f"label_key= picks another kind: {', '.join(others)}"
-        if others
-        else "no kind of label in it has two values; prepare pieces from several collections"
-    )
-    return f"the dataset has {has}, so no piece can be told from another by it ({fix})"

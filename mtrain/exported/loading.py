@@ -17,6 +17,7 @@ from mtrain.exported.vocab_growth import added_labels, grown_rows
 from mtrain.exported.writing import exported_model_dir
 from mtrain.model import GPT, GPTConfig
 from mtrain.runs.run_dir import model_shape
+from mtrain.training.contrastive import TEMPERATURE
 
 
 class ModelAndData(NamedTuple):
@@ -46,11 +47,11 @@ def load_for_inference(
 
 
 def load_for_data(
-    checkpoint_path: str, data_path: str, split: str, device: str = "auto"
+    checkpoint_path: str, data_path: str, split: str | None, device: str = "auto"
 ) -> ModelAndData:
     """``load_for_inference``, and the card of the dataset the model is to read; refused when the
     dataset was tokenized with another tokenizer than the model's or one it extends (its ids
-    would mean other tokens), or lacks ``split``."""
+    would mean other tokens), or lacks ``split`` (None: every split is read)."""
     model, meta, tokenizer, model_dir = load_for_inference(checkpoint_path, device)
     card = load_card(data_path)
     if card["tokenizer"]["hash"] != tokenizer.hash and not _reads(tokenizer, data_path, card):
@@ -59,7 +60,7 @@ def load_for_data(
             f"{card['tokenizer']['hash'][:12]}, the model (checkpoint={checkpoint_path}) with "
             f"{tokenizer.hash[:12]}: use data prepared with the model's tokenizer"
         )
-    if split not in card["splits"]:
+    if split is not None and split not in card["splits"]:
         raise ValueError(f"split={split}: {data_path} has splits {', '.join(card['splits'])}")
     return ModelAndData(model, meta, tokenizer, card, model_dir)
 
@@ -127,12 +128,20 @@ def load_weights(model: GPT, path: str | Path, tokenizer: MusicTokenizer) -> Non
     added_labels(str(path), parent, tokenizer)
     weights = grown_rows(source.state_dict(), parent, tokenizer)
     if not any(hasattr(p, "ds_id") for p in model.parameters()):
-        model.load_state_dict(weights, strict=True)
+        # A training objective's own parameters (the contrastive temperature) start fresh.
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected or set(missing) - {TEMPERATURE}:
+            raise ValueError(
+                f"init_from={path} holds another model shape than this run's model "
+                f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+            )
         return
     import deepspeed
     import torch.distributed as dist
 
-    shapes = {name: tuple(p.ds_shape) for name, p in model.named_parameters()}
+    shapes = {
+        name: tuple(p.ds_shape) for name, p in model.named_parameters() if name != TEMPERATURE
+    }
     theirs = {name: tuple(weights[name].shape) for name in shapes if name in weights}
     if shapes != theirs:
         other = sorted(
@@ -145,6 +154,8 @@ def load_weights(model: GPT, path: str | Path, tokenizer: MusicTokenizer) -> Non
     writer = dist.get_rank() == 0
     with torch.no_grad():
         for name, param in model.named_parameters():
+            if name == TEMPERATURE:
+                continue
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
                 if writer:
                     param.copy_(weights[name])

@@ -31,6 +31,7 @@ from mtrain.exported.vocab_growth import grown_rows
 from mtrain.model import GPT, GPTConfig
 from mtrain.runs.checkpoint_files import damage, latest_intact
 from mtrain.runs.run_dir import COMPLETE_CHECKPOINTS, CheckpointDir, RunDir, model_shape
+from mtrain.training.contrastive import language_model_weights, trained_embedding
 from mtrain.training.flops import param_count
 from mtrain.training.small_data import best_step
 
@@ -110,7 +111,7 @@ def export_verified(found: CheckpointDir, output: Path) -> Path:
     loaded back, against the merged weights."""
     ckpt, run = found.path, found.run
     model_cfg = GPTConfig(**model_shape(json.loads(run.model_config.read_text())))
-    state = consolidated_state_dict(ckpt)
+    state = language_model_weights(consolidated_state_dict(ckpt))
     spec = adapter_run(run)
     if spec is None:
         model = GPT(model_cfg)
@@ -162,6 +163,9 @@ def export_verified(found: CheckpointDir, output: Path) -> Path:
         "data": {"infill_rate": trained_infill_rate(run.train_config)},
         "card": card_facts(found, step),
     }
+    embedding = trained_embedding(run.train_config)
+    if embedding is not None:  # an embedding model: embed and search pool as it was trained
+        meta["embedding"] = embedding
     (output / CONFIG).write_text(json.dumps(meta, indent=2))
     write_card(output)
     log.info(

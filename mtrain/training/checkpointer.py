@@ -21,6 +21,7 @@ from mtrain.runs.run_dir import CheckpointDir, RunDir
 from mtrain.training.adapters import has_frozen, plain_weights
 from mtrain.training.background_save import BackgroundWriter, WriteJob, Written, fsync, stage
 from mtrain.training.config import SaveMode, TrainerConfig
+from mtrain.training.contrastive import language_model_weights
 from mtrain.training.memory_plan import NoInitialValues
 from mtrain.training.resume import Resumed, resume_latest
 from mtrain.training.rng_state import rng_state
@@ -46,7 +47,10 @@ def probe_logits(engine, vocab_size: int, seq_len: int) -> dict | None:
     if weights is None:
         return None
     return probe_of(
-        engine.module.config, plain_weights(engine.module, weights), vocab_size, seq_len
+        engine.module.config,
+        plain_weights(engine.module, language_model_weights(weights)),
+        vocab_size,
+        seq_len,
     )
 
 
@@ -270,7 +274,9 @@ class Checkpointer:
         files: list[tuple[Path, object]] = [(ckpt.trainer_state(engine.global_rank), rank_state)]
         if weights is not None:
             cfg, shape = engine.module.config, self.probe_shape
-            plain = plain_weights(engine.module, weights)  # adapters merged, as export does
+            plain = plain_weights(
+                engine.module, language_model_weights(weights)
+            )  # adapters merged, as export does
             files.insert(0, (ckpt.probe, lambda: probe_of(cfg, plain, *shape)))
         held = self.writer.start(WriteJob(ckpt, step, files))
         self._started_s = time.monotonic() - start

@@ -17,6 +17,7 @@ from mtrain.data.loader import DataConfig
 from mtrain.model import GPTConfig
 from mtrain.runs.tracking import LoggerConfig
 from mtrain.training.adapters import FinetuneConfig, check_finetune
+from mtrain.training.contrastive import CONTRASTIVE, LM, OBJECTIVES, ContrastiveConfig
 
 AT_LEAST_1 = "must be at least 1"
 DEFAULT_MAX_STEPS = 1000
@@ -248,6 +249,10 @@ class TrainConfig:
     run_name: str | None = None
     # An exported model (python -m mtrain.export) whose weights start this run: fine-tuning.
     init_from: str | None = None
+    # What the run trains: "lm" (the next token) or "contrastive" (piece embeddings, from an
+    # exported language model: init_from=; mtrain.training.contrastive).
+    objective: str = LM
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     model: GPTConfig = field(default_factory=GPTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -267,6 +272,34 @@ class TrainConfig:
         if self.trainer.max_steps is not None:  # else once a budget has set them
             self.check_schedule()
         self._check_timeouts()
+        self._check_objective()
+
+    def _check_objective(self) -> None:
+        contrastive = self.objective == CONTRASTIVE
+        require(
+            self,
+            "",
+            [
+                (self.objective in OBJECTIVES, "objective", f"must be one of {OBJECTIVES}"),
+                (
+                    not contrastive or self.init_from,
+                    "init_from",
+                    "objective=contrastive starts from a language model: set init_from=<export>",
+                ),
+            ],
+        )
+        require(
+            self.trainer,
+            "trainer",
+            [
+                (
+                    not contrastive or self.trainer.micro_batch_size >= 2,
+                    "micro_batch_size",
+                    "must be at least 2 with objective=contrastive (the other pieces of the "
+                    "batch are each view's negatives)",
+                ),
+            ],
+        )
 
     def check_schedule(self) -> None:
         """The warmup fits in the run (checked again once a budget has set its length)."""

@@ -12,6 +12,7 @@ import torch
 from mtrain.distributed import collectives, heartbeats
 from mtrain.model import GPT
 from mtrain.training.config import BatchSizes, TrainConfig
+from mtrain.training.contrastive import CONTRASTIVE, ContrastiveGPT
 from mtrain.training.deepspeed_config import deepspeed_config
 from mtrain.training.memory_plan import ModelShape
 from mtrain.training.rng_state import seed_everything
@@ -33,10 +34,16 @@ def new_model(cfg: TrainConfig, ds_config: dict) -> GPT:
     import deepspeed
 
     seed_everything(cfg.trainer.seed)
+
+    def build() -> GPT:
+        if cfg.objective == CONTRASTIVE:
+            return ContrastiveGPT(cfg.model, cfg.contrastive)
+        return GPT(cfg.model)
+
     if cfg.deepspeed.zero_init and cfg.deepspeed.zero_stage == 3:
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            return GPT(cfg.model)
-    return GPT(cfg.model)
+            return build()
+    return build()
 
 
 def build_engine(cfg: TrainConfig, model: GPT, ds_config: dict, rank: int):

@@ -25,6 +25,7 @@ from mtrain.runs.tracking import Tracker
 from mtrain.training.adapters import add_adapters
 from mtrain.training.checkpointer import Checkpointer
 from mtrain.training.config import TrainConfig, batch_sizes
+from mtrain.training.contrastive import CONTRASTIVE, contrastive_batch_loss
 from mtrain.training.engine import as_float, batch_loss, build_engine, engine_config, new_model
 from mtrain.training.grad_sync import OverlappedAllReduce, take_gradient_reduction
 from mtrain.training.monitor import StepTimer, ThroughputMonitor
@@ -87,6 +88,7 @@ class OptimizerStep:
         clips_own: bool,
         grad_clip: float = 0.0,
         reduction: OverlappedAllReduce | None = None,
+        loss_fn=batch_loss,
     ):
         self.engine, self.device, self.grad_accum = engine, device, grad_accum
         self.max_nonfinite_in_row, self.clips_own = max_nonfinite_in_row, clips_own
@@ -94,6 +96,8 @@ class OptimizerStep:
         # The trainer's own gradient reduction, overlapped with the last backward pass of a
         # step (ZeRO-0 on several ranks); None where DeepSpeed reduces, or nothing needs to.
         self.reduction = reduction
+        # The objective's loss of one micro batch (next-token; or contrastive over views).
+        self.loss_fn = loss_fn
         self.nonfinite_skipped = 0
         self.nonfinite_in_row = 0
         self.grad_norm: float | None = None
@@ -112,7 +116,7 @@ class OptimizerStep:
         for micro in range(self.grad_accum):
             with timer.waiting():
                 batch = next(batches)
-            loss = batch_loss(self.engine, batch, self.device)
+            loss = self.loss_fn(self.engine, batch, self.device)
             finite = torch.isfinite(loss.detach())
             loss_sum += torch.where(finite, loss.detach(), 0.0)
             nonfinite += ~finite
@@ -275,6 +279,7 @@ class Trainer:
             clips_own=cfg.deepspeed.clips_in_trainer,
             grad_clip=cfg.optim.grad_clip,
             reduction=take_gradient_reduction(engine, cfg.deepspeed),
+            loss_fn=contrastive_batch_loss if cfg.objective == CONTRASTIVE else batch_loss,
         )
         probe_shape = (cfg.model.vocab_size, self.batch_sizes.seq_len)
         checkpointer = Checkpointer(engine, self.run_dir, t, probe_shape, self._state)

@@ -110,25 +110,27 @@ def test_the_pitch_class_baseline_counts_pitched_notes_only(model_and_tokenizer)
     drums = symusic.Track(name="drums", is_drum=True)
     drums.notes.extend(symusic.Note(i * 240, 120, 42, 80) for i in range(8))  # F#, as a pitch
     score.tracks.extend([chord, drums])
-    histogram = pitch_class_histogram(tokenizer, tokenizer.midi_to_base_ids(score))
+    histogram = pitch_class_histogram(tokenizer.base_ids_to_midi(tokenizer.midi_to_base_ids(score)))
     np.testing.assert_allclose(histogram, np.bincount([0, 4, 7, 0], minlength=12) / 4)
 
 
-def test_the_model_retrieves_its_style_better_than_chance_beside_the_baseline(embedded):
+def test_the_model_retrieves_its_style_better_than_chance_beside_the_baselines(embedded):
     out, stdout = embedded
     report = json.loads((out / "report.json").read_text())
-    model, baseline = report["retrieval"]["model"], report["retrieval"]["pitch_classes"]
+    retrieval = report["retrieval"]["collection"]
+    model, baseline = retrieval["model"], retrieval["pitch_classes"]
     assert model["k"] == baseline["k"] == K
     assert model["precision"] > model["chance"] + 0.2
     # Precision is a share of hits among k neighbours of every query; accuracy a share of pieces.
     hits = baseline["precision"] * baseline["k"] * baseline["queries"]
     assert hits == pytest.approx(round(hits)) and baseline["chance"] == model["chance"]
-    for probe in report["probe"].values():
-        right = probe["accuracy"] * probe["scored_pieces"]
-        assert probe["classes"] == ["band", "duo"] and right == pytest.approx(round(right))
-    assert report["probe"]["model"]["accuracy"] > report["probe"]["model"]["majority"]
+    probes = report["probes"]["collection"]
+    assert set(probes) == {"model", "random", "handcrafted", "pitch_classes"}
+    for probe in probes.values():
+        assert probe["classes"] == 2 and probe["pieces"] == model["queries"]
+    assert probes["model"]["accuracy"] > probes["model"]["majority"]
     table = (out / "report.md").read_text()
-    assert "| model embedding |" in table and "| pitch-class histogram (baseline) |" in table
+    assert "model embedding" in table and "pitch-class histogram" in table
     assert table.split("\n## ")[0] in stdout
     # Centring spreads the cosines that mean pooling crowds near 1.
     spread = report["cosine_spread"]
@@ -137,25 +139,19 @@ def test_the_model_retrieves_its_style_better_than_chance_beside_the_baseline(em
     assert "cosines between pieces: mean-pooled" in table
 
 
-def test_a_label_without_two_values_is_named_up_front_and_nothing_is_scored(tiny_model, tmp_path):
-    # The pieces' only label kind is collection: by composer, nothing can be told apart.
-    proc = run_module(
+def test_without_probes_only_the_embeddings_and_the_index_are_written(tiny_model, tmp_path):
+    run_module(
         "mtrain.embed",
         f"checkpoint={tiny_model['export']}",
         f"data_path={tiny_model['dataset']}",
         f"output={tmp_path}",
-        "label_key=composer",
+        "probes=false",
     )
     report = json.loads((tmp_path / "report.json").read_text())
-    assert "no 'composer' label" in report["unscored"]
-    assert "label_key= picks another kind: collection" in report["unscored"]
-    assert report["retrieval"] == report["probe"] == {}
-    # Said before the split is embedded, and the probe's train split is never embedded.
-    assert "no retrieval or probe scores" in proc.stdout
-    assert "embed test" in proc.stderr and "embed train" not in proc.stderr
-    table = (tmp_path / "report.md").read_text()
-    assert "Not scored: the dataset has no 'composer' label" in table and "| - |" not in table
+    assert report["probes"] == report["retrieval"] == report["views_first"] == {}
+    assert "Probes" not in (tmp_path / "report.md").read_text()
     assert np.load(tmp_path / "embeddings.npy").shape[0] == report["pieces"]
+    assert (tmp_path / "index.faiss").exists() and (tmp_path / "index.json").exists()
 
 
 def test_a_query_lists_its_nearest_other_pieces(embedded, test_split):

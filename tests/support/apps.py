@@ -31,7 +31,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def prepare_train_export(root: Path, val: float, test: float, steps: int, *extra: str) -> None:
+def train_env() -> dict:
+    """One CPU training process: torch.distributed all the same, on a port of its own."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    env["MASTER_PORT"] = str(free_port())
+    return env
+
+
+def prepare_train_export(
+    root: Path, val: float, test: float, steps: int, *extra: str, prepare_extra: tuple = ()
+) -> None:
     """The MIDI files under ``root/midi`` prepared (``root/ds``), a tiny model trained on them
     in one process for ``steps`` steps (``root/run``) and exported (``root/export``)."""
     run_module(
@@ -42,9 +51,9 @@ def prepare_train_export(root: Path, val: float, test: float, steps: int, *extra
         f"split.val={val}",
         f"split.test={test}",
         f"hydra.run.dir={root / 'hydra'}",
+        *prepare_extra,
     )
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    env["MASTER_PORT"] = str(free_port())  # one process, but torch.distributed all the same
+    env = train_env()
     run_module(
         "mtrain.train",
         f"data.path={root / 'ds'}",

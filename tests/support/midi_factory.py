@@ -75,6 +75,23 @@ def write_two_styles(root: Path, count: int) -> list[Path]:
     ]
 
 
+def write_two_kinds(root: Path, count: int) -> list[Path]:
+    """``write_two_styles``' pieces under a second level of directories naming a second label,
+    the lead instrument: piano or organ, alternating in pairs (independent of the style)."""
+    styles = {
+        "band": {"drums": True, "bass": 33},
+        "duo": {"drums": False, "bass": 42, "bars": 4},
+    }
+    leads = {"piano": 0, "organ": 19}
+    paths = []
+    for i in range(count):
+        style, lead = list(styles)[i % 2], list(leads)[i // 2 % 2]
+        kwargs = dict(styles[style])
+        kwargs["programs"] = (leads[lead], kwargs.pop("bass"))
+        paths.append(write_piece(root / style / lead / f"piece{i:03d}.mid", seed=i, **kwargs))
+    return paths
+
+
 def write_bad_files(root: Path) -> dict[str, str]:
     """One file per kind of bad input; maps file name -> the reason code expected."""
     root.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,8 @@ from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.data.augmentation import Augmenter
 from mtrain.data.dealing import stream_shares
 from mtrain.data.loader import DataConfig, StreamingData
+from mtrain.data.views import PAD as PAD_VIEW
+from mtrain.data.views import ViewSpec
 
 BOS, EOS, PAD = 1, 2, 0
 
@@ -437,3 +439,43 @@ def test_npy_tokens_leaves_other_files_to_np_load_and_refuses_a_short_one():
         npy_tokens(buf.getvalue()[:-2])
     with pytest.raises(ValueError):
         npy_tokens(b"not a numpy file at all")
+
+
+def test_tempo_shift_moves_every_tempo_by_one_amount(dataset):
+    vocab = MusicTokenizer.load(str(dataset / "tokenizer")).base.vocab
+    tempos = sorted((float(n.split("_")[1]), i) for n, i in vocab.items() if "Tempo_" in n)
+    rank = {i: r for r, (_, i) in enumerate(tempos)}
+    augment = Augmenter(vocab, transpose_range=0, velocity_shift=0, tempo_shift=2)
+    piece = np.array([tempos[5][1], vocab["Pitch_60"], tempos[9][1]])
+    moved = {rank[int(augment(piece, np.random.default_rng(s))[0])] - 5 for s in range(30)}
+    assert moved == set(range(-2, 3))
+    assert all(
+        rank[int(out[2])] - 9 == rank[int(out[0])] - 5
+        for out in (augment(piece, np.random.default_rng(s)) for s in range(30))
+    )
+
+
+def test_the_contrastive_loader_gives_two_windows_of_one_piece_and_resumes_exactly(dataset, pieces):
+    views = ViewSpec(view_tokens=48, velocity_shift=0, tempo_shift=0)
+    loader = StreamingData(config(dataset), 48, 4, views=views)
+    batches = loader.train_batches()
+    first = next(batches)
+    assert first.shape == (8, 48) and first.dtype == torch.int64
+    docs = [(BOS, *p) for p in pieces]  # labels are left out of views
+    for one, two in first.view(4, 2, 48).tolist():
+        one, two = ([t for t in v if t != PAD_VIEW] for v in (one, two))
+        owners = [{i for i, d in enumerate(docs) if contains(d, view)} for view in (one, two)]
+        assert owners[0] & owners[1], "both views come from one piece"
+        assert one != two
+    state = loader.state_dict()
+    after = [next(batches) for _ in range(2)]
+    again = StreamingData(config(dataset), 48, 4, views=views)
+    again.load_state_dict(state)
+    resumed = again.train_batches()
+    for expected in after:
+        assert torch.equal(next(resumed), expected)
+
+
+def contains(doc: tuple, window: list[int]) -> bool:
+    n = len(window)
+    return any(list(doc[i : i + n]) == window for i in range(len(doc) - n + 1))

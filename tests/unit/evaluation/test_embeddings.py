@@ -1,11 +1,12 @@
-"""Embeddings without a model: centring spreads pieces that share one direction, and a
-dataset whose labels cannot tell pieces apart is named before anything is scored."""
+"""Embeddings without a model: centring spreads pieces that share one direction; k-fold probes
+(scikit-learn) over every label kind, and the kinds that cannot be scored, named."""
 
 import numpy as np
 import pytest
 
-from mtrain.evaluation.pooling import centred_unit_rows, unit_rows
-from mtrain.evaluation.probes import cosine_spread, label_precision, unscorable
+from mtrain.evaluation.embed_job import EmbedConfig, probe_suite
+from mtrain.evaluation.pooling import EmbeddedSplit, centred_unit_rows, unit_rows
+from mtrain.evaluation.probes import cosine_spread, kfold_probe, label_precision, probe_task
 
 
 def test_centring_spreads_pieces_that_share_one_direction():
@@ -24,21 +25,71 @@ def test_centring_spreads_pieces_that_share_one_direction():
     np.testing.assert_allclose(np.linalg.norm(centred, axis=1), 1.0, rtol=1e-5)
 
 
+def made_up_pieces(n: int = 90) -> EmbeddedSplit:
+    """Pieces with two label kinds: ``style`` (3 values) written into the "model" vectors,
+    ``key`` (2 values) into the "pitch_classes" ones; a third kind with one value, and a fourth
+    whose second value has too few pieces."""
+    rng = np.random.default_rng(1)
+    style = np.arange(n) % 3
+    key = rng.integers(0, 2, n)
+    model = rng.normal(size=(n, 8))
+    model[:, 0] += 4 * style
+    pitch = rng.normal(size=(n, 12))
+    pitch[:, 5] += 3 * key
+    rows = [
+        {
+            "id": f"{i:04d}",
+            "name": f"p{i}",
+            "labels": {
+                "style": f"s{style[i]}",
+                "key": f"k{key[i]}",
+                "collection": "bach",
+                "meter": "3/4" if i < 3 else "4/4",
+            },
+            "tokens": 10,
+        }
+        for i in range(n)
+    ]
+    handcrafted = rng.normal(size=(n, 5))
+    handcrafted[::7, 2] = np.nan  # an extractor undefined for some pieces
+    features = {"model": model, "pitch_classes": pitch, "handcrafted": handcrafted}
+    return EmbeddedSplit("all", rows, features, 1.0)
+
+
+def test_every_label_kind_is_probed_by_every_feature_and_the_informative_one_wins():
+    probes, retrieval, unscored = probe_suite(made_up_pieces(), EmbedConfig(output="-", folds=5))
+    assert set(probes) == set(retrieval) == {"style", "key"}
+    for kind in probes:
+        assert set(probes[kind]) == {"model", "pitch_classes", "handcrafted"}
+    style, key = probes["style"], probes["key"]
+    assert style["model"]["accuracy"] > 0.9 > 0.6 > style["pitch_classes"]["accuracy"]
+    assert key["pitch_classes"]["accuracy"] > 0.9 > 0.75 > key["model"]["accuracy"]
+    assert style["model"]["classes"] == 3 and style["model"]["folds"] == 5
+    assert style["handcrafted"]["accuracy"] < 0.6  # noise, NaN filled: scored all the same
+    assert retrieval["style"]["model"]["precision"] > retrieval["style"]["model"]["chance"] + 0.15
+    assert "1 value(s) among 90 labelled pieces" in unscored["collection"]
+    assert "1 with at least 5 pieces (needs 2; 4/4: 87, 3/4: 3)" in unscored["meter"]
+
+
+def test_a_kfold_probe_reports_the_spread_over_folds_and_the_majority_share():
+    labels = ["a"] * 30 + ["b"] * 10
+    features = np.random.default_rng(0).normal(size=(40, 3))
+    features[:, 0] += [0.0] * 30 + [1.5] * 10  # a weak signal: folds score differently
+    result = kfold_probe(features, labels, folds=4, seed=0)
+    assert result["majority"] == 0.75 and result["pieces"] == 40 and result["folds"] == 4
+    assert result["std"] > 0 and 0 <= result["accuracy"] <= 1
+    # Folds drawn from the seed: the same score again.
+    assert kfold_probe(features, labels, 4, 0) == result
+
+
 @pytest.mark.parametrize(
-    ("labels", "says"),
-    [
-        (
-            {"collection=bach": 432, "composer=bach": 432},
-            "one 'collection' label, collection=bach, so no piece can be told from another by it "
-            "(no kind of label in it has two values",
-        ),
-        (
-            {"composer=bach": 3, "composer=handel": 2},
-            "no 'collection' label, so no piece can be told from another by it (label_key= "
-            "picks another kind: composer)",
-        ),
-    ],
+    ("labels", "kept"),
+    [(["a"] * 5 + ["b"] * 5 + ["c"] * 4 + [None], 10), (["a"] * 6 + ["b"] * 2, None)],
 )
-def test_fewer_than_two_label_values_cannot_be_scored(labels, says):
-    assert says in unscorable({"labels": labels}, "collection")
-    assert unscorable({"labels": {"collection=a": 1, "collection=b": 1}}, "collection") is None
+def test_a_label_value_with_fewer_pieces_than_folds_is_left_out(labels, kept):
+    task = probe_task(labels, folds=5)
+    if kept is None:
+        assert isinstance(task, str) and "needs 2" in task
+    else:
+        rows, values = task
+        assert len(rows) == kept and set(values) == {"a", "b"}
