@@ -267,7 +267,10 @@ class Checkpointer:
 
         def lay_out():
             engine.save_checkpoint(
-                str(self.run_dir.checkpoints), tag=ckpt.path.name, client_state=client_state
+                str(self.run_dir.checkpoints),
+                tag=ckpt.path.name,
+                client_state=client_state,
+                exclude_frozen_parameters=has_frozen(engine.module),  # init_from holds the base
             )
 
         self._unless_disk_full(ckpt, lay_out)

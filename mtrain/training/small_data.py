@@ -74,6 +74,7 @@ class ValidationWatch:
             return
         stale = (step - best["step"]) // self.cfg.eval_every
         if stale >= self.cfg.early_stop_patience:
+            self.checkpointer.finish()  # the best may still be written in the background
             raise StoppedEarly(
                 f"validation loss has not improved for {stale} validations (patience "
                 f"{self.cfg.early_stop_patience}): stopped at step {step}; the best is step "

@@ -22,13 +22,16 @@ from mtrain.training.small_data import (
 
 class SavingCheckpointer:
     def __init__(self, every: int):
-        self.every, self.saved = every, []
+        self.every, self.saved, self.finished = every, [], 0
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
 
     def save(self, step: int) -> None:
         self.saved.append(step)
+
+    def finish(self) -> None:  # waits for a write in flight
+        self.finished += 1
 
 
 def test_early_stopping_saves_each_best_and_stops_after_patience(tmp_path, caplog):
@@ -42,6 +45,7 @@ def test_early_stopping_saves_each_best_and_stops_after_patience(tmp_path, caplo
     again = ValidationWatch(cfg, ckpt, run, main=True)
     with caplog.at_level(logging.WARNING), pytest.raises(StoppedEarly, match="the best is step 20"):
         again.run(40, {"val/loss": 3.1})
+    assert ckpt.finished == 1  # the best, perhaps written in the background, is whole first
     assert "validation loss 3.1000 at step 40 is above the first validation's 3.0000" in caplog.text
 
 
