@@ -123,6 +123,23 @@ class LimitsConfig:
 class ShardConfig:
     max_bytes: int = 256 * 1024 * 1024
     max_pieces: int = 1_000_000
+    # Files whose order is mixed (seeded by `seed`) before they are tokenized, so that a shard
+    # is not one collection after another: a source lists its files folder by folder, and the
+    # loader's shuffle buffer (data.shuffle_buffer) mixes only neighbours. A window, not the
+    # whole listing, so a prepare task still never holds a huge source's listing; 1 keeps the
+    # listing's order.
+    shuffle_window: int = 100_000
+
+    def __post_init__(self):
+        require(
+            self,
+            "shards",
+            [
+                (self.max_bytes >= 1, "max_bytes", "must be at least 1"),
+                (self.max_pieces >= 1, "max_pieces", "must be at least 1"),
+                (self.shuffle_window >= 1, "shuffle_window", "must be at least 1 (1: no mixing)"),
+            ],
+        )
 
 
 @dataclass

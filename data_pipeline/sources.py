@@ -1,14 +1,17 @@
 """Where MIDI comes from: a local directory tree, an fsspec URL, or the built-in corpus."""
 
 import os
+import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import TypeVar
 
 from data_pipeline import music21_corpus, storage
 from data_pipeline.config import PrepareConfig
 
 MIDI_SUFFIXES = (".mid", ".midi")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ def labels_from_path(name: str, levels: list[str]) -> dict[str, str]:
 
 
 def discover(cfg: PrepareConfig) -> SourceListing:
+    """The source's files, the first ``max_files`` of its sorted listing, in a seeded order
+    mixed over ``shards.shuffle_window`` files."""
     if cfg.source.startswith("music21:"):
         listing = _music21(cfg)
     else:
@@ -45,7 +50,25 @@ def discover(cfg: PrepareConfig) -> SourceListing:
     if cfg.max_files is not None:
         listing.files = islice(listing.files, cfg.max_files)
         listing.count = min(listing.count, cfg.max_files)
+    listing.files = mixed(listing.files, cfg.shards.shuffle_window, cfg.seed)
     return listing
+
+
+def mixed(items: Iterable[T], window: int, seed: int) -> Iterator[T]:
+    """``items`` in a seeded random order, each drawn from the next ``window`` of them (all of
+    them when there are fewer): the same order on every machine and for every number of
+    workers, holding at most ``window`` items."""
+    rng = random.Random(seed)
+    pool: list[T] = []
+    for item in items:
+        if len(pool) < window:
+            pool.append(item)
+            continue
+        i = rng.randrange(window)
+        yield pool[i]
+        pool[i] = item
+    rng.shuffle(pool)
+    yield from pool
 
 
 def _files(source: str, levels: list[str]) -> SourceListing:
