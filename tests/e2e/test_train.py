@@ -115,7 +115,9 @@ def test_a_preemption_signal_checkpoints_and_exits_with_the_requeue_code(
     assert int(saved[0].parent.name.split("_")[1]) == max(losses(run_dir))
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2])
+# ZeRO-0 on 2 ranks trains in test_parity (its losses those of a plain loop), test_finetune
+# and the tests below; ZeRO-3 in the reference run.
+@pytest.mark.parametrize("stage", [1, 2])
 def test_other_zero_stages_train(bach_dataset, tmp_path, stage):
     code, out = run(
         train_args(
@@ -171,31 +173,14 @@ def test_bad_override_is_rejected_before_launch(bach_dataset, tmp_path, override
     assert "init_distributed" not in out and time.monotonic() - start < 60
 
 
-def test_export_consolidates_zero3_and_matches_transformers(bach_dataset, tmp_path):
+def test_export_consolidates_zero3_and_matches_transformers(zero3_export, tuned_from_export):
     """ZeRO-3 shards -> one safetensors file and a GPT-2 checkpoint, all with the logits the
-    training engine computed on the probe batch."""
+    training engine computed on the probe batch (conftest's ``zero3_export``: 6 steps of GPT-2's
+    shape on 2 ranks, exported by ``python -m mtrain.export``)."""
     import torch
     from transformers import GPT2LMHeadModel
 
-    run_dir = tmp_path / "learned"
-    code, out = run(
-        train_args(
-            bach_dataset,
-            run_dir,
-            "trainer.max_steps=6",
-            "model.positional=learned",
-            "model.bias=true",
-        )
-    )
-    assert code == 0, out[-4000:]
-    export_dir = tmp_path / "export"
-    proc = subprocess.run(
-        [sys.executable, "-m", "mtrain.export", f"checkpoint={run_dir}", f"output={export_dir}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir, export_dir = zero3_export["run"], zero3_export["export"]
     model, meta = load_exported(export_dir)
     assert meta["step"] == 6 and meta["hf_architecture"] == "GPT2LMHeadModel"
     assert meta["verified_logits_max_abs_diff"] < 1e-5
@@ -208,20 +193,10 @@ def test_export_consolidates_zero3_and_matches_transformers(bach_dataset, tmp_pa
     torch.testing.assert_close(theirs, probe["logits"], atol=1e-4, rtol=0)
     assert (export_dir / "tokenizer" / "artifact.json").exists()
 
-    # Fine-tuning starts from the exported weights: its first loss is the trained model's.
-    tuned = tmp_path / "tuned"
-    code, out = run(
-        train_args(
-            bach_dataset,
-            tuned,
-            "trainer.max_steps=2",
-            f"init_from={export_dir}",
-            "model.positional=learned",
-            "model.bias=true",
-        )
-    )
-    assert code == 0, out[-4000:]
-    assert losses(tuned)[1] < losses(run_dir)[1] - 0.3
+    # Fine-tuning starts from the exported weights: its first loss is the trained model's
+    # (before any update, whatever the learning rate; test_zero_init checks the same run's
+    # weights).
+    assert losses(tuned_from_export["run"])[1] < losses(run_dir)[1] - 0.3
 
 
 def test_export_refuses_a_run_without_complete_checkpoints(tmp_path):
@@ -250,6 +225,9 @@ def test_evaluate_reports_bits_per_note_and_second(uninterrupted, bach_dataset, 
             f"checkpoint={uninterrupted}",
             f"data_path={bach_dataset}",
             f"output={tmp_path}",
+            # The likelihood alone: the samples' metrics are test_evaluate_app's and
+            # test_bf16_zero3's (the default 16 samples would be drawn for nothing here).
+            "music.num_samples=0",
         ],
         cwd=REPO,
         capture_output=True,
