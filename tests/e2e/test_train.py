@@ -20,7 +20,7 @@ from support.wandb_records import history
 
 from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.exported.loading import load_exported
-from mtrain.exported.writing import export
+from mtrain.exported.writing import exported_model_dir
 from mtrain.generation.compose import DEFAULT_MIN_P, compose
 from mtrain.generation.sampling import SamplingConfig
 
@@ -139,7 +139,7 @@ def test_wandb_offline_run_holds_the_metrics(uninterrupted):
     assert all("perf/tokens_per_s" in r and "train/grad_norm" in r for r in rows)
 
 
-def test_training_samples_come_from_the_model_being_trained(uninterrupted, tmp_path):
+def test_training_samples_come_from_the_model_being_trained(uninterrupted):
     """Rank 0's samples at step 60 are the ones the step-60 export draws with the same seed:
     the ZeRO-3 partitions were gathered whole into the sampling copy."""
     rows = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
@@ -148,9 +148,11 @@ def test_training_samples_come_from_the_model_being_trained(uninterrupted, tmp_p
     assert sorted(p.name for p in samples.glob("sample-*.mid")) == ["sample-0.mid", "sample-1.mid"]
     drawn = [row["ids"] for row in json.loads((samples / "samples.json").read_text())]
 
-    model, meta = load_exported(export(uninterrupted, tmp_path / "export"))
+    # <run>/export, made here or by the evaluation below: each reuses the other's.
+    model_dir = exported_model_dir(uninterrupted)
+    model, meta = load_exported(model_dir)
     assert meta["step"] == 60
-    tokenizer = MusicTokenizer.load(str(tmp_path / "export" / "tokenizer"))
+    tokenizer = MusicTokenizer.load(str(model_dir / "tokenizer"))
     sampling = SamplingConfig(max_new_tokens=48, min_p=DEFAULT_MIN_P, seed=60)
     again = compose(model, tokenizer, [tokenizer.bos_id], 2, sampling, 2)
     assert [piece.ids for piece in again] == drawn
