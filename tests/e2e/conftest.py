@@ -55,17 +55,23 @@ def tiny_model(tmp_path_factory) -> dict[str, Path]:
 GPT2_SHAPE = ("model.positional=learned", "model.bias=true")
 
 
-@pytest.fixture(scope="session")
-def zero3_export(bach_dataset, tmp_path_factory) -> dict[str, Path]:
-    """6 steps of the tiny model in GPT-2's shape under ZeRO-3 on 2 ranks (``run``), exported by
-    ``python -m mtrain.export`` (``export``): the consolidation of ZeRO-3 shards, and the base
-    the fine-tunings below start from."""
-    root = tmp_path_factory.mktemp("zero3_export")
-    code, out = run(train_args(bach_dataset, root / "run", "trainer.max_steps=6", *GPT2_SHAPE))
+def train_and_export(dataset: Path, root: Path, *extra: str) -> dict[str, Path]:
+    """A training on 2 ranks (``root/run``) exported by ``python -m mtrain.export``
+    (``root/export``)."""
+    code, out = run(train_args(dataset, root / "run", *extra), ranks=2)
     assert code == 0, out[-4000:]
     env = {**os.environ, **CPU_ENV}
     run_module("mtrain.export", f"checkpoint={root / 'run'}", f"output={root / 'export'}", env=env)
     return {"run": root / "run", "export": root / "export"}
+
+
+@pytest.fixture(scope="session")
+def zero3_export(bach_dataset, tmp_path_factory) -> dict[str, Path]:
+    """6 steps of the tiny model in GPT-2's shape under ZeRO-3 on 2 ranks (``run``), exported
+    (``export``): the consolidation of ZeRO-3 shards, and the base the fine-tuning below starts
+    from."""
+    root = tmp_path_factory.mktemp("zero3_export")
+    return train_and_export(bach_dataset, root, "trainer.max_steps=6", *GPT2_SHAPE)
 
 
 @pytest.fixture(scope="session")
@@ -75,17 +81,12 @@ def tuned_from_export(bach_dataset, zero3_export, tmp_path_factory) -> dict[str,
     included) (``run``), exported (``export``). Its first loss is the exported model's, and its
     export holds the exported weights."""
     root = tmp_path_factory.mktemp("tuned_from_export")
-    args = train_args(
+    return train_and_export(
         bach_dataset,
-        root / "run",
+        root,
         "trainer.max_steps=2",
         "deepspeed.zero_init=true",
         f"init_from={zero3_export['export']}",
         "optim.lr=0",
         *GPT2_SHAPE,
     )
-    code, out = run(args, ranks=2)
-    assert code == 0, out[-4000:]
-    env = {**os.environ, **CPU_ENV}
-    run_module("mtrain.export", f"checkpoint={root / 'run'}", f"output={root / 'export'}", env=env)
-    return {"run": root / "run", "export": root / "export"}
