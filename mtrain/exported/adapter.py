@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from data_pipeline.errors import InputError
 from data_pipeline.tokenizer import MusicTokenizer
-from mtrain.exported.logits_agreement import fp32_tolerance, logits_gap
+from mtrain.exported.logits_agreement import check_hf_logits
 from mtrain.exported.transformers_format import hf_architecture, neox_by_head
 from mtrain.model import GPT, GPTConfig
 from mtrain.runs.run_dir import RunDir
@@ -210,15 +210,11 @@ def write_peft_adapter(
     if new_rows:
         base.resize_token_embeddings(child.vocab_size, mean_resizing=False)
     peft_model = PeftModel.from_pretrained(base, str(output)).eval()
-    with torch.no_grad():
-        ours = model.eval()(inputs).logits
-        theirs = peft_model(input_ids=inputs, attention_mask=torch.ones_like(inputs)).logits
-    tolerance = fp32_tolerance(ours)
-    gap = logits_gap(theirs, ours, tolerance)
-    if not gap.agrees:
-        raise RuntimeError(
-            f"{output}: PeftModel.from_pretrained over {config.base_model_name_or_path} gives "
-            f"logits {gap.max_abs_diff:.2e} away from the merged model's (tolerance "
-            f"{tolerance:.2e}): the adapter mapping onto transformers is wrong for this shape"
-        )
-    return gap.max_abs_diff
+    return check_hf_logits(
+        model,
+        peft_model,
+        inputs,
+        what=f"{output}: PeftModel.from_pretrained over {config.base_model_name_or_path}",
+        reference="the merged model's",
+        cause="the adapter mapping onto transformers is wrong for this shape",
+    )

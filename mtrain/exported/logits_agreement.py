@@ -1,6 +1,6 @@
 """Whether two computations of the same batch's logits agree within a tolerance: the one rule
 behind the export's checks (merged weights against the logits recorded at save time, the
-transformers copy against the model)."""
+transformers copy and the PEFT adapter over the base against the model)."""
 
 import math
 from typing import NamedTuple
@@ -42,3 +42,32 @@ def logits_gap(logits: torch.Tensor, reference: torch.Tensor, tolerance: float) 
     if logits.shape != reference.shape:
         return LogitsGap(math.inf, tolerance)
     return LogitsGap((logits - reference).abs().max().item(), tolerance)
+
+
+@torch.no_grad()
+def check_hf_logits(
+    model: torch.nn.Module,
+    hf_model,
+    inputs: torch.Tensor,
+    what: str,
+    reference: str,
+    cause: str,
+    tolerance: float | None = None,
+) -> float:
+    """How far ``hf_model``'s (a ``transformers`` model's) logits on ``inputs`` [batch, time]
+    are from ``model``'s own, computed in eval mode (its training mode restored after); a
+    RuntimeError naming ``what`` gave them, ``reference`` (whose logits they missed) and the
+    likely ``cause`` beyond ``tolerance`` (by default ``fp32_tolerance`` of the model's
+    logits: both compute in fp32, in their own order)."""
+    was_training = model.training
+    ours = model.eval()(inputs).logits
+    model.train(was_training)
+    theirs = hf_model(input_ids=inputs, attention_mask=torch.ones_like(inputs)).logits
+    tolerance = fp32_tolerance(ours) if tolerance is None else tolerance
+    gap = logits_gap(theirs, ours, tolerance)
+    if not gap.agrees:
+        raise RuntimeError(
+            f"{what} gives logits {gap.max_abs_diff:.2e} away from {reference} (tolerance "
+            f"{tolerance:.2e}): {cause}"
+        )
+    return gap.max_abs_diff

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from data_pipeline.tokenizer import MusicTokenizer
-from mtrain.exported.logits_agreement import fp32_tolerance, logits_gap
+from mtrain.exported.logits_agreement import check_hf_logits
 from mtrain.model import GPT, NORM_EPS, GPTConfig
 
 # Every tokenizer artifact's special ids: generate() then pads and stops as mtrain's does.
@@ -175,30 +175,23 @@ def to_hf(model: GPT):
     return hf.eval()
 
 
-@torch.no_grad()
 def save_hf(
     model: GPT, output: Path, inputs: torch.Tensor, tolerance: float | None = None
 ) -> float:
     """Saves ``model`` as its ``transformers`` class to ``output``, loads it back with
     ``from_pretrained`` and returns how far its logits on ``inputs`` [batch, time] are from the
-    model's own; refused (RuntimeError) beyond ``tolerance`` (by default ``fp32_tolerance`` of
-    the model's logits: both compute in fp32, in their own order)."""
+    model's own; refused (RuntimeError) beyond ``tolerance`` (``check_hf_logits``)."""
     from transformers import AutoModelForCausalLM
 
     to_hf(model).save_pretrained(str(output))
     loaded = AutoModelForCausalLM.from_pretrained(str(output)).eval()
-    was_training = model.training
-    ours = model.eval()(inputs).logits
-    model.train(was_training)
-    theirs = loaded(inputs, attention_mask=torch.ones_like(inputs)).logits
-    if tolerance is None:
-        tolerance = fp32_tolerance(ours)
-    gap = logits_gap(theirs, ours, tolerance)
-    if not gap.agrees:
-        raise RuntimeError(
-            f"{output} ({type(loaded).__name__}) gives logits {gap.max_abs_diff:.2e} away from "
-            f"the model's own on the probe batch (tolerance {tolerance:.2e}): the mapping onto "
-            "transformers is wrong for this model shape, or this transformers version computes "
-            "otherwise"
-        )
-    return gap.max_abs_diff
+    return check_hf_logits(
+        model,
+        loaded,
+        inputs,
+        what=f"{output} ({type(loaded).__name__})",
+        reference="the model's own on the probe batch",
+        cause="the mapping onto transformers is wrong for this model shape, or this "
+        "transformers version computes otherwise",
+        tolerance=tolerance,
+    )

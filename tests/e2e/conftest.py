@@ -1,12 +1,15 @@
-"""Datasets and a model made by the apps themselves, once per session: a procedural MIDI corpus
-with bad files beside it, real Bach shards, a tiny trained and exported model."""
+"""Datasets and models made by the apps themselves, once per session: a procedural MIDI corpus
+with bad files beside it, real Bach shards, a tiny trained and exported model, a ZeRO-3 run on
+the Bach shards exported and fine-tuned from its export."""
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 from support import midi_factory
 from support.apps import prepare_train_export, run_module
+from support.trainings import CPU_ENV, run, train_args
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +49,44 @@ def tiny_model(tmp_path_factory) -> dict[str, Path]:
     midi_factory.write_two_styles(root / "midi", 60)
     prepare_train_export(root, val=0.1, test=0.2, steps=200)
     return {"dataset": root / "ds", "run": root / "run", "export": root / "export"}
+
+
+# GPT-2's shape (learned positions, biases): the export maps it onto GPT2LMHeadModel.
+GPT2_SHAPE = ("model.positional=learned", "model.bias=true")
+
+
+def train_and_export(dataset: Path, root: Path, *extra: str) -> dict[str, Path]:
+    """A training on 2 ranks (``root/run``) exported by ``python -m mtrain.export``
+    (``root/export``)."""
+    code, out = run(train_args(dataset, root / "run", *extra), ranks=2)
+    assert code == 0, out[-4000:]
+    env = {**os.environ, **CPU_ENV}
+    run_module("mtrain.export", f"checkpoint={root / 'run'}", f"output={root / 'export'}", env=env)
+    return {"run": root / "run", "export": root / "export"}
+
+
+@pytest.fixture(scope="session")
+def zero3_export(bach_dataset, tmp_path_factory) -> dict[str, Path]:
+    """6 steps of the tiny model in GPT-2's shape under ZeRO-3 on 2 ranks (``run``), exported
+    (``export``): the consolidation of ZeRO-3 shards, and the base the fine-tuning below starts
+    from."""
+    root = tmp_path_factory.mktemp("zero3_export")
+    return train_and_export(bach_dataset, root, "trainer.max_steps=6", *GPT2_SHAPE)
+
+
+@pytest.fixture(scope="session")
+def tuned_from_export(bach_dataset, zero3_export, tmp_path_factory) -> dict[str, Path]:
+    """2 steps of 2 ZeRO-3 ranks fine-tuning ``zero3_export`` with the model built partitioned
+    (``deepspeed.zero_init=true``) at lr 0 (AdamW then changes no weight, weight decay
+    included) (``run``), exported (``export``). Its first loss is the exported model's, and its
+    export holds the exported weights."""
+    root = tmp_path_factory.mktemp("tuned_from_export")
+    return train_and_export(
+        bach_dataset,
+        root,
+        "trainer.max_steps=2",
+        "deepspeed.zero_init=true",
+        f"init_from={zero3_export['export']}",
+        "optim.lr=0",
+        *GPT2_SHAPE,
+    )

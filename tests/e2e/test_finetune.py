@@ -57,9 +57,12 @@ def own_folder(tiny_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def full_run(own_folder, tiny_model, tmp_path_factory) -> Path:
+    """Every weight trained, on one rank (its checkpoint is rank 0's under ZeRO-0 on any
+    number): the size the adapter runs' checkpoints are held against."""
     run_dir = tmp_path_factory.mktemp("full") / "run"
     code, out = run(
-        finetune_args(own_folder, run_dir, tiny_model["export"], "deepspeed.zero_stage=0")
+        finetune_args(own_folder, run_dir, tiny_model["export"], "deepspeed.zero_stage=0"),
+        ranks=1,
     )
     assert code == 0, out[-4000:]
     return run_dir
@@ -91,17 +94,11 @@ def test_the_models_tokenizer_gets_a_token_for_the_new_label(own_folder, tiny_mo
 def test_full_fine_tuning_grows_the_row_and_generates_with_the_new_label(
     full_run, own_folder, tiny_model, tmp_path
 ):
-    base, _ = load_exported(tiny_model["export"])
-    export = tmp_path / "export"
-    run_module("mtrain.export", f"checkpoint={full_run}", f"output={export}")
-    model, meta = load_exported(export)
-    parent = MusicTokenizer.load(str(tiny_model["export"] / "tokenizer"))
-    assert meta["tokenizer_lineage"]["parent"] == parent.hash
-    assert model.wte.weight.shape[0] == base.wte.weight.shape[0] + 1
     out = tmp_path / "gen"
+    # Given the run directory, generate exports it first (to <run>/export): one process.
     run_module(
         "mtrain.generate",
-        f"checkpoint={export}",
+        f"checkpoint={full_run}",
         f"output={out}",
         "label=collection:mine",
         "num_samples=2",
@@ -111,6 +108,11 @@ def test_full_fine_tuning_grows_the_row_and_generates_with_the_new_label(
     assert len(list(out.glob("sample-*.mid"))) == 2
     report = json.loads((out / "samples.json").read_text())
     assert report["mode"] == "label" and report["prompt_tokens"] == 2  # BOS, collection=mine
+    base, _ = load_exported(tiny_model["export"])
+    model, meta = load_exported(full_run / "export")
+    parent = MusicTokenizer.load(str(tiny_model["export"] / "tokenizer"))
+    assert meta["tokenizer_lineage"]["parent"] == parent.hash
+    assert model.wte.weight.shape[0] == base.wte.weight.shape[0] + 1
 
 
 def test_lora_killed_under_zero3_resumes_exactly_and_saves_the_adapters_alone(
