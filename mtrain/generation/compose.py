@@ -110,7 +110,7 @@ def compose(
             grammar=grammar,
             steering=None
             if controls is None
-            else Steering(controls, grammar.bar_openers, tokenizer.eos_id, rows),
+            else Steering(controls, tokenizer, grammar.bar_openers, rows),
         ):
             ids = prompt + new.complete
             score, repairs = to_midi(tokenizer, ids)

@@ -83,12 +83,16 @@ class ControlPlan:
 class Steering:
     """Follows each row's bars and the controls placed before its next one, and narrows the
     grammar's mask: where the next bar is asked and may open, its first control replaces the
-    Bar; after a control only the next one, after the last only a Bar. Until the last asked
-    bar opens, the piece may not end."""
+    Bar, with the probability the model gives to ending the bar there (a Bar, or any control:
+    what training put at a bar's end); after a control only the next one, after the last only
+    a Bar. Until the last asked bar opens, the piece may not end."""
 
-    def __init__(self, plan: ControlPlan, bar_openers: list[int], end_id: int, rows: int):
-        self.plan, self.end_id = plan, end_id
+    def __init__(
+        self, plan: ControlPlan, tokenizer: MusicTokenizer, bar_openers: list[int], rows: int
+    ):
+        self.plan, self.end_id = plan, tokenizer.eos_id
         self.openers = torch.tensor(bar_openers, dtype=torch.long)
+        self.controls = torch.tensor(sorted(tokenizer.control_index.values()), dtype=torch.long)
         self.opener_set, self.control_set = set(bar_openers), plan.ids
         self.bars = [0] * rows  # bar openers read
         self.placed = [0] * rows  # controls read since
@@ -100,9 +104,11 @@ class Steering:
             self.bars[row] += 1
             self.placed[row] = 0
 
-    def narrow(self, allowed: torch.Tensor, live: list[bool]) -> None:
-        """``allowed`` [rows, vocab] (the grammar's mask) narrowed in place for the live rows."""
-        openers = self.openers.to(allowed.device)
+    def steer(self, logits: torch.Tensor, allowed: torch.Tensor, live: list[bool]) -> torch.Tensor:
+        """``logits`` [rows, vocab] with the mass of ending a bar moved onto the asked control
+        where one replaces a Bar; ``allowed`` (the grammar's mask) narrowed in place."""
+        openers, controls = self.openers.to(allowed.device), self.controls.to(allowed.device)
+        moved = None
         for row in (r for r, alive in enumerate(live) if alive):
             mask, asked = allowed[row], self.plan.by_bar.get(self.bars[row] + 1, [])
             before = mask.clone()
@@ -115,12 +121,16 @@ class Steering:
                 else:
                     mask[openers] = may_open
             elif asked and bool(mask[openers].any()):
+                ends = torch.cat([openers[mask[openers]], controls])
+                moved = logits.clone() if moved is None else moved
+                moved[row, asked[0]] = torch.logsumexp(logits[row, ends].float(), 0)
                 mask[openers] = False
                 mask[asked[0]] = True
             if self.bars[row] < self.plan.last_bar:
                 mask[self.end_id] = False
             if not bool(mask.any()):  # nothing fits: the grammar's own mask
                 mask.copy_(before)
+        return logits if moved is None else moved
 
 
 @dataclass

@@ -411,7 +411,7 @@ class Cursor:
             return logits
         allowed = self.table.mask(self.sids)
         if self.steering is not None:
-            self.steering.narrow(allowed, [not done for done in self.done])
+            logits = self.steering.steer(logits, allowed, [not done for done in self.done])
         if any(self.done):  # ended rows draw what they like: nothing of theirs is kept
             allowed[torch.tensor(self.done, device=allowed.device)] = True
         return logits.masked_fill(~allowed, float("-inf"))
