@@ -4,7 +4,6 @@ carry their values."""
 
 from dataclasses import dataclass
 
-import numpy as np
 import symusic
 from miditok import constants
 from miditok.attribute_controls import (
@@ -107,6 +106,3 @@ def bar_values(
                 values[bar][attribute.name] = str(event.value)
     return values
 
-
-def bars_of(base_ids: np.ndarray, bar_id: int) -> int:
-    return int(np.count_nonzero(np.asarray(base_ids) == bar_id))
