@@ -105,4 +105,3 @@ def bar_values(
             if attribute is not None and bar is not None:
                 values[bar][attribute.name] = str(event.value)
     return values
-
