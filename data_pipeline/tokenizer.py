@@ -5,13 +5,15 @@ learned sentencepiece vocabulary, plus ``artifact.json`` with a content hash tha
 dataset card records. Model ids are laid out as::
 
     [base specials: PAD BOS EOS MASK] [musical units] [infilling: FIM_PREFIX FIM_SUFFIX
-    FIM_MIDDLE FIM_END] [labels: collection=bach ...]
+    FIM_MIDDLE FIM_END] [labels: collection=bach ... and bar controls: ACBarNoteDensity_12 ...]
 
 where the musical units are MidiTok's base tokens, or the learned pieces when a learned
 vocabulary is configured. Shards always store base ids, so one set of shards serves any
 learned vocabulary. The infilling tokens are always reserved in new artifacts, so a run can
 change its infilling rate without changing the vocabulary; artifacts written before them have
-none and load as they were (same ids, same hash).
+none and load as they were (same ids, same hash). Bar controls (``data_pipeline.bar_controls``)
+are label tokens a training run appends (``extended``), named as MidiTok names them (never
+``key=value``): a model trained with them reads its dataset's ids unchanged.
 """
 
 import functools
@@ -74,6 +76,11 @@ def base_fingerprint(base: miditok.MusicTokenizer) -> str:
 
 def label_token(key: str, value: str) -> str:
     return f"{key}={value}"
+
+
+def is_control(name: str) -> bool:
+    """Whether a label token is a bar control (MidiTok's name) rather than a label (k=v)."""
+    return "=" not in name
 
 
 def join_bars(bars: list[np.ndarray]) -> np.ndarray:
@@ -151,6 +158,16 @@ class MusicTokenizer:
         # Built once, not per piece: a corpus may have thousands of labels (composers).
         return {name: self.label_offset + i for i, name in enumerate(self.labels)}
 
+    @functools.cached_property
+    def control_index(self) -> dict[str, int]:
+        """Bar control token -> model id: empty for a model trained without controls."""
+        return {name: i for name, i in self._label_index.items() if is_control(name)}
+
+    @functools.cached_property
+    def conditioning_ids(self) -> list[int]:
+        """The ids of the labels proper, which only a piece's head holds (no bar control)."""
+        return [i for name, i in self._label_index.items() if not is_control(name)]
+
     def label_ids(self, labels: dict[str, str]) -> list[int]:
         """Conditioning ids for a piece's labels; labels without a token are left out."""
         index = self._label_index
@@ -175,6 +192,20 @@ class MusicTokenizer:
                 np.array(tail, dtype=np.int64),
             ]
         )
+
+    def controlled_document(
+        self, labels: dict[str, str], bars: list[np.ndarray], controls: list[list[str]]
+    ) -> np.ndarray:
+        """A document whose bars (``split_bars``) each follow their control tokens: [BOS,
+        labels..., controls of bar 1, bar 1, ..., EOS]. Controls come before the Bar token, so
+        a learned vocabulary (whose pieces never cross a bar's start) encodes each bar as it
+        encodes the whole piece."""
+        index = self.control_index
+        parts = [self.head(labels)]
+        for bar, names in zip(bars, controls, strict=True):
+            parts += [[index[n] for n in names], self.encode_base(bar)]
+        parts.append([self.eos_id])
+        return np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
 
     def split_bars(self, base_ids: np.ndarray) -> list[np.ndarray]:
         """A piece's base ids cut into its bars, each from its Bar token to the next (what

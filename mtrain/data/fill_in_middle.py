@@ -3,6 +3,7 @@
 trained model, can fill bars."""
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -72,19 +73,27 @@ def excerpt(lengths: np.ndarray, budget: int, rng: np.random.Generator) -> tuple
 class InfillTraining:
     """Rearranges a training piece, with probability ``rate``, into an infilling document: an
     excerpt of whole bars that fits the ``context`` (a model sees the bars nearest a gap, never
-    a whole long piece), a random span of up to half its bars as the middle. Other pieces stay
-    plain documents, so a rate of 0 trains exactly as before."""
+    a whole long piece), a random span of up to half its bars as the middle. Other pieces are
+    the documents ``plain`` makes (plain documents by default), so a rate of 0 trains exactly
+    as before."""
 
-    def __init__(self, tokenizer: MusicTokenizer, rate: float, context: int):
+    def __init__(
+        self,
+        tokenizer: MusicTokenizer,
+        rate: float,
+        context: int,
+        plain: Callable[[dict, np.ndarray, np.random.Generator], np.ndarray] | None = None,
+    ):
         if rate > 0:
             check_infillable(tokenizer, f"data.infill_rate={rate}")
         self.tokenizer, self.rate, self.context = tokenizer, rate, context
+        self.plain = plain or (lambda labels, base_ids, rng: tokenizer.document(labels, base_ids))
 
     def __call__(
         self, labels: dict[str, str], base_ids: np.ndarray, rng: np.random.Generator
     ) -> np.ndarray:
         if not self.rate or rng.random() >= self.rate:
-            return self.tokenizer.document(labels, base_ids)
+            return self.plain(labels, base_ids, rng)
         bars = self.tokenizer.split_bars(base_ids)
         budget = self.context - FRAME_TOKENS - len(self.tokenizer.head(labels))
         first, stop = excerpt(np.array([len(b) for b in bars]), budget, rng)

@@ -24,7 +24,7 @@ import os
 import signal
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 
 import numpy as np
@@ -46,6 +46,7 @@ from data_pipeline.reader import (
 )
 from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.data.augmentation import Augmenter
+from mtrain.data.controls import AttributeControlsConfig, ControlTraining, with_controls
 from mtrain.data.dealing import (
     DataPosition,
     Dealing,
@@ -90,6 +91,9 @@ class DataConfig:
     # (mtrain.data.fill_in_middle); 0 trains on plain pieces only. Validation and evaluation
     # always read plain pieces.
     infill_rate: float = 0.0
+    # Bar attribute controls (mtrain.data.controls): which attributes, at which rates, open
+    # the bars of training pieces (never infilling ones); off by default.
+    attribute_controls: AttributeControlsConfig = field(default_factory=AttributeControlsConfig)
 
     def __post_init__(self):
         require(
@@ -189,7 +193,8 @@ class TrainStream(IterableDataset):
         self.tokenizer, self.reader = tokenizer, reader
         self.rank, self.world_size = rank, world_size
         self.augment = Augmenter(tokenizer.base.vocab, cfg.transpose_range, cfg.velocity_shift)
-        self.infill = InfillTraining(tokenizer, cfg.infill_rate, seq_len)
+        self.controls = ControlTraining(tokenizer, cfg.attribute_controls)
+        self.infill = InfillTraining(tokenizer, cfg.infill_rate, seq_len, self.controls)
         # The contrastive objective reads two views of each piece instead of packed windows.
         self.pairs = None
         if views is not None:
@@ -282,7 +287,9 @@ class StreamingData:
     ):
         if cfg.storage_retry_s is not None:
             retries.configure(cfg.storage_retry_s)
-        self.card, self.tokenizer = open_dataset(cfg)
+        self.card, dataset_tokenizer = open_dataset(cfg)
+        # The model's tokenizer: the dataset's, with the bar controls the run trains appended.
+        self.tokenizer = with_controls(dataset_tokenizer, cfg.attribute_controls)
         self.cfg, self.seq_len, self.micro_batch_size = cfg, seq_len, micro_batch_size
         self.rank, self.world_size = rank, world_size
         shards = split_shares(cfg.path, "train", self.card)

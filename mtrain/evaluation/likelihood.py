@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.reader import StoredPiece
-from data_pipeline.tokenizer import SPECIAL_TOKENS, MusicTokenizer
+from data_pipeline.tokenizer import SPECIAL_TOKENS, MusicTokenizer, is_control
 from mtrain.model import GPT
 
 IGNORE = -100
@@ -24,15 +24,18 @@ IGNORE = -100
 
 def token_types(tokenizer: MusicTokenizer) -> list[str]:
     """A type per model id: the MidiTok token family (Pitch, Duration, Position, ...),
-    ``special``, ``infill`` for the infilling tokens, ``conditioning`` for labels, ``learned``
-    for learned-vocabulary pieces."""
+    ``special``, ``infill`` for the infilling tokens, ``conditioning`` for labels, ``control``
+    for bar controls, ``learned`` for learned-vocabulary pieces. Bar controls are never scored:
+    pieces are read as plain documents, so a model trained with controls is measured on the
+    same tokens, and bits per note count the music alone."""
     types = ["special"] * len(SPECIAL_TOKENS)
     if tokenizer.learned is None:
         by_id = {i: name for name, i in tokenizer.base.vocab.items()}
         types += [by_id[i].split("_")[0] for i in range(len(SPECIAL_TOKENS), len(by_id))]
     else:
         types += ["learned"] * tokenizer.num_units
-    return types + ["infill"] * tokenizer.num_infill + ["conditioning"] * len(tokenizer.labels)
+    labels = ["control" if is_control(name) else "conditioning" for name in tokenizer.labels]
+    return types + ["infill"] * tokenizer.num_infill + labels
 
 
 def windows(doc: np.ndarray, length: int) -> list[tuple[np.ndarray, np.ndarray]]:

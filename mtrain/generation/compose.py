@@ -8,6 +8,7 @@ import symusic
 from data_pipeline.midi_file import barline_ticks
 from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.evaluation.music_metrics import compute_all
+from mtrain.generation.controls import ControlPlan, Steering
 from mtrain.generation.decoding import Stop, decode
 from mtrain.generation.grammar import piece_grammar
 from mtrain.generation.prompts import banned_for, clip_score
@@ -78,14 +79,20 @@ def compose(
     batch_size: int = 4,
     max_bars: int | None = None,
     max_seconds: float | None = None,
+    controls: ControlPlan | None = None,
 ) -> list[GeneratedPiece]:
     """``count`` pieces continuing ``prompt`` (model ids starting with BOS), drawn
     ``batch_size`` at a time, seeded as ``seeded_batches`` says. Each piece (prompt included)
     ends at EOS, after ``sampling.max_new_tokens`` new tokens, or as soon as it reaches
     ``max_bars`` bars or ``max_seconds`` seconds: sampling stops there, and the score is cut to
-    that length."""
+    that length. ``controls`` places bar controls before the bars it asks (the grammar must be
+    on: ``sampling.grammar``)."""
+    if controls is not None and not sampling.grammar:
+        raise ValueError("bar controls are placed by the sampling grammar: sampling.grammar=true")
     batches = seeded_batches(count, batch_size, sampling)
     banned = banned_for(tokenizer, prompt)
+    if controls is not None:
+        banned = [i for i in banned if i not in controls.ids]
     limited = max_bars is not None or max_seconds is not None
     events = time_events(tokenizer) if limited else {}
     grammar = piece_grammar(tokenizer, model.device) if sampling.grammar else None
@@ -101,6 +108,9 @@ def compose(
             head=head_length(tokenizer, prompt),
             meters=meters if limited else (),
             grammar=grammar,
+            steering=None
+            if controls is None
+            else Steering(controls, tokenizer, grammar.bar_openers, rows),
         ):
             ids = prompt + new.complete
             score, repairs = to_midi(tokenizer, ids)

@@ -8,6 +8,7 @@ from typing import Protocol
 
 import torch
 
+from mtrain.generation.controls import Steering
 from mtrain.generation.few_rows import use_few_row_linears
 from mtrain.generation.grammar import Cursor, GrammarTable
 from mtrain.generation.sampling import Sampler, SamplingConfig
@@ -61,12 +62,14 @@ def decode(
     use_cache: bool = True,
     grammar: GrammarTable | None = None,
     grammar_from: Sequence[int] | None = None,
+    steering: Steering | None = None,
 ) -> list[Continuation]:
     """Continues each prompt (id lists, or a LongTensor [batch, time]) until it draws
     ``stop_id``, its meter (one per row, if given) reports a length reached, or it has
     ``sampling.max_new_tokens`` new tokens. ``banned_ids`` are never drawn, nor what
     ``grammar`` forbids after the tokens of each row from its ``grammar_from`` on (0 each:
-    the whole prompt). The model should be in eval mode.
+    the whole prompt), narrowed by ``steering`` where bar controls are asked. The model should
+    be in eval mode.
 
     Sequences may grow past ``model.config.max_seq_len``: the model then reads a window, the
     first ``head`` tokens (BOS and the labels: what the piece is) followed by the latest
@@ -112,7 +115,7 @@ def decode(
     sampler = Sampler(sampling, banned_ids, device)
     cursor = None
     if grammar is not None:
-        cursor = Cursor(grammar, len(prompts))
+        cursor = Cursor(grammar, len(prompts), steering=steering)
         reads_from = list(grammar_from) if grammar_from is not None else [0] * len(prompts)
         for row, prompt in enumerate(prompts):
             for token in prompt[reads_from[row] : min(lengths)]:

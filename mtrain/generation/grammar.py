@@ -11,13 +11,16 @@ and kept, so a step costs a tensor index and a dictionary look-up per row.
 
 import logging
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import miditok
 import numpy as np
 import torch
 
 from data_pipeline.tokenizer import MusicTokenizer
+
+if TYPE_CHECKING:
+    from mtrain.generation.controls import Steering
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +261,8 @@ class GrammarTable:
     ):
         self.tokenizer, self.grammar, self.ending = tokenizer, grammar, ending
         self.vocab = tokenizer.vocab_size
-        self.labels = np.arange(tokenizer.label_offset, tokenizer.vocab_size)
+        # Labels proper: bar controls are placed only where a plan asks (``controls.Steering``).
+        self.labels = np.array(tokenizer.conditioning_ids, dtype=np.int64)
         self.trie = _Trie()
         for model_id in range(tokenizer.num_specials, tokenizer.infill_offset):
             node = self.trie
@@ -383,10 +387,17 @@ def middle_grammar(
 
 class Cursor:
     """Where each row of a batch stands in the grammar, read token by token as the decoding
-    loop writes them; ``constrain`` masks what the grammar forbids."""
+    loop writes them; ``constrain`` masks what the grammar forbids, narrowed by ``steering``
+    (``controls.Steering``) where bar controls are asked."""
 
-    def __init__(self, table: GrammarTable, rows: int, start: list[int] | None = None):
-        self.table = table
+    def __init__(
+        self,
+        table: GrammarTable,
+        rows: int,
+        start: list[int] | None = None,
+        steering: "Steering | None" = None,
+    ):
+        self.table, self.steering = table, steering
         self.sids = list(start) if start is not None else [table.start()] * rows
         self.done = [False] * rows
         self.reads = [0] * rows
@@ -399,6 +410,8 @@ class Cursor:
         if not live:
             return logits
         allowed = self.table.mask(self.sids)
+        if self.steering is not None:
+            logits = self.steering.steer(logits, allowed, [not done for done in self.done])
         if any(self.done):  # ended rows draw what they like: nothing of theirs is kept
             allowed[torch.tensor(self.done, device=allowed.device)] = True
         return logits.masked_fill(~allowed, float("-inf"))
@@ -422,6 +435,8 @@ class Cursor:
 
     def read(self, row: int, model_id: int) -> None:
         """Row ``row``'s next token, drawn (allowed by construction) or the prompt's."""
+        if self.steering is not None:
+            self.steering.read(row, model_id)
         self.sids[row] = self.table.read(self.sids[row], model_id)
         self.reads[row] += 1
         if self.table.closable[self.sids[row]]:

@@ -24,6 +24,7 @@ from data_pipeline.errors import require
 from mtrain.data.fill_in_middle import check_infillable
 from mtrain.exported.loading import load_for_inference
 from mtrain.generation.compose import DEFAULT_MIN_P, compose
+from mtrain.generation.controls import ControlPlan, outcomes, parse_controls
 from mtrain.generation.infill import (
     BAR_RANGE_FORMAT,
     BarRange,
@@ -70,6 +71,11 @@ class GenerateConfig:
     infill: str | None = None
     # Let a filled gap be silent; by default each filling holds a note (the grammar asks it).
     infill_rests: bool = False
+    # Bar controls for a model trained with data.attribute_controls: the values MidiTok's bar
+    # attributes must take in the asked bars, e.g. "5-8:note_density=16,9-12:note_density=8"
+    # (quoted on the command line: 'controls="..."'); each asked control token is placed
+    # before its bar by the sampling grammar.
+    controls: str | None = None
     # Length limits on each whole piece (prompt included) besides sampling.max_new_tokens.
     max_bars: int | None = None
     max_seconds: float | None = None
@@ -108,6 +114,16 @@ class GenerateConfig:
                     self.infill is None or self.prompt is not None,
                     "infill",
                     "needs prompt=<file.mid>: the piece whose bars are regenerated",
+                ),
+                (
+                    self.controls is None or self.infill is None,
+                    "controls",
+                    "steer composed bars, not filled ones: drop infill= or controls=",
+                ),
+                (
+                    self.controls is None or self.sampling.grammar,
+                    "controls",
+                    "are placed by the sampling grammar: drop sampling.grammar=false",
                 ),
                 (
                     self.infill is None or (self.prompt_bars, self.prompt_seconds) == (None, None),
@@ -162,9 +178,18 @@ def generated_region(
     return tick_at_bar(score, cfg.prompt_bars or PROMPT_BARS), score.end()
 
 
+def controls_met(cfg: GenerateConfig, piece) -> dict:
+    """How many asked bar controls the sample meets, as MidiTok computes them on its bars."""
+    if cfg.controls is None:
+        return {}
+    found = outcomes(piece.score, parse_controls(cfg.controls))
+    return {"controls_met": sum(o.met for o in found), "controls_asked": len(found)}
+
+
 def generate_samples(cfg: GenerateConfig, overrides: list[str] = ()) -> dict:
     model, meta, tokenizer, model_dir = load_for_inference(cfg.checkpoint, cfg.device)
     labels = parse_labels(cfg.label)
+    plan = None if cfg.controls is None else ControlPlan.of(tokenizer, cfg.controls)
     if cfg.infill:
         check_infillable(tokenizer, f"infill={cfg.infill}", meta)
         validate_labels(tokenizer, labels)
@@ -227,6 +252,7 @@ def generate_samples(cfg: GenerateConfig, overrides: list[str] = ()) -> dict:
             cfg.batch_size,
             cfg.max_bars,
             cfg.max_seconds,
+            plan,
         )
     elapsed = time.perf_counter() - started
     new_tokens = sum(p.new_tokens for p in pieces)
@@ -246,7 +272,7 @@ def generate_samples(cfg: GenerateConfig, overrides: list[str] = ()) -> dict:
         region = generated_region(cfg, piece.score, tokenizer, request if cfg.infill else None)
         title = f"{name} ({mode_of(cfg)})"
         files.append(renderer.write(piece.score, out / name, title, region))
-        rows.append({"sample": name, **piece.stats()})
+        rows.append({"sample": name, **piece.stats(), **controls_met(cfg, piece)})
     report = {
         "checkpoint": str(model_dir),
         "step": meta["step"],

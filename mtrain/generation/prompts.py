@@ -41,7 +41,9 @@ def banned_for(tokenizer: MusicTokenizer, prompt: list[int]) -> list[int]:
         return tokenizer.labels[label_id - tokenizer.label_offset].split("=")[0]
 
     named = {kind(i) for i in given}
-    return specials_but_eos(tokenizer) + [i for i in labels if kind(i) in named]
+    # Bar controls are drawn only where a plan places them (``compose`` lifts the ban there).
+    controls = list(tokenizer.control_index.values())
+    return specials_but_eos(tokenizer) + [i for i in labels if kind(i) in named] + controls
 
 
 def parse_labels(text: str | None) -> dict[str, str]:
