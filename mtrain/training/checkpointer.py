@@ -228,6 +228,7 @@ class Checkpointer:
         # it at that step's boundary, together. Staged, at the next save or the last step.
         self.live = self.writer is not None and not self.writer.staged
         self._started_s = 0.0  # the blocked time of starting the write in flight
+        self._updates = 0  # optimizer updates seen by a staged writer, until it maps ahead
 
     def due(self, step: int) -> bool:
         saves = step % self.cfg.save_every == 0 or step == self.cfg.max_steps
@@ -244,9 +245,16 @@ class Checkpointer:
 
     def wait_for_write(self) -> None:
         """Before an optimizer update: a live write in flight ends first, since the update
-        changes what it writes."""
+        changes what it writes. Staged, before the second update of an attempt (the
+        optimizer's state made, or loaded, by then), buffers for the first staged copy are
+        mapped in a thread (``DeferredFiles.map_ahead``)."""
         if self.live:
             self.writer.wait()
+        elif self.writer is not None and self._updates >= 0:
+            self._updates += 1
+            if self._updates == 2:
+                self.writer.deferred.map_ahead(self.engine.optimizer.state_dict())
+                self._updates = -1  # once
 
     def finish(self) -> None:
         """Waits for the write in flight and reports it: a full disk raises ``DiskFull`` on
