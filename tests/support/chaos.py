@@ -159,17 +159,23 @@ class Supervisor:
 
     def _serve_shards(self) -> None:
         """The dataset uploaded to a moto_server, read by the run through a FaultProxy: short
-        timeouts and 16 KB ranged reads, so that an outage meets a read in flight or the
+        timeouts and 4 KB ranged reads, so that an outage meets a read in flight or the
         next one."""
         direct = self._stack.enter_context(moto_server())
         self.proxy = FaultProxy(int(direct["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
         self._stack.callback(self.proxy.close)
-        s3 = boto3.client("s3", endpoint_url=direct["AWS_ENDPOINT_URL"])
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=direct["AWS_ENDPOINT_URL"],
+            aws_access_key_id=direct["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=direct["AWS_SECRET_ACCESS_KEY"],
+            region_name=direct["AWS_DEFAULT_REGION"],
+        )
         s3.create_bucket(Bucket=BUCKET)
         for path in sorted(p for p in Path(self.dataset).rglob("*") if p.is_file()):
             s3.upload_file(str(path), BUCKET, f"ds/{path.relative_to(self.dataset)}")
         client = {**direct, "AWS_ENDPOINT_URL": self.proxy.endpoint}
-        client |= {storage.TIMEOUT_ENV: "2", storage.BLOCK_ENV: "16384"}
+        client |= {storage.TIMEOUT_ENV: "2", storage.BLOCK_ENV: "4096"}
         self._stack.enter_context(patched_environ(client))
         self.data = f"s3://{BUCKET}/ds"
 
@@ -222,6 +228,13 @@ class Supervisor:
         """The whole chaos run: each fault once its step is reached, then to the end."""
         pending, proc = schedule(self.cfg), None
         while True:
+            if pending and pending[0] in STORAGE and proc is None:
+                # The requeued job meets the outage as it starts reading its shards.
+                fault = Fault(pending.pop(0), last_step(self.run_dir))
+                self.faults.append(fault)
+                fault.last_step = fault.at_step
+                proc = self._outage(None, fault)
+                continue
             proc = proc or self.start()
             if not pending:
                 out = self.finish(proc, timeout=900)
@@ -310,17 +323,21 @@ class Supervisor:
             self._one_rank_and_back(fault)
         return None
 
-    def _outage(self, proc: subprocess.Popen, fault: Fault) -> subprocess.Popen | None:
+    def _outage(self, proc: subprocess.Popen | None, fault: Fault) -> subprocess.Popen | None:
         """The storage refuses (or resets) connections until a rank has retried a read in
-        the outage and a second more, at most ``OUTAGE_S``; then serves again. Detected by
-        the ranks' own retry warnings; the attempt goes on (no step recomputed) unless it
-        ended, which would be a failure to ride the outage out."""
+        the outage and a second more, at most ``OUTAGE_S`` (a training reads a shard now and
+        then), then serves again; with no attempt running, the next one starts in it (and
+        reads at once). Detected by the ranks' own retry warnings; the attempt goes on (no
+        step recomputed) unless it ended, which would be a failure to ride the outage out."""
         mode, settings = STORAGE[fault.kind]
+        self.proxy.set(mode, **settings)
+        longest = OUTAGE_S
+        if proc is None:
+            proc, longest = self.start(), OUTAGE_S + 120  # the start's imports come first
         seen = len(self.output())
         start = time.monotonic()
-        self.proxy.set(mode, **settings)
         try:
-            while time.monotonic() - start < OUTAGE_S and proc.poll() is None:
+            while time.monotonic() - start < longest and proc.poll() is None:
                 if RETRY_SIGN in self.output()[seen:]:
                     time.sleep(1.0)
                     break
