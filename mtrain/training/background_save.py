@@ -172,6 +172,8 @@ class WriteJob:
     ckpt: CheckpointDir
     step: int
     files: list[tuple]
+    # Run first on every rank, with the writer's process group (its collectives' own).
+    before: Callable[[object], None] | None = None
 
 
 class BackgroundWriter:
@@ -246,6 +248,8 @@ class BackgroundWriter:
     def _write(self, job: WriteJob) -> Written:
         start, ckpt = time.monotonic(), job.ckpt
         sums, failure = {}, None
+        if job.before is not None:
+            job.before(self.group)
         try:
             for i, (path, state, write) in enumerate(job.files):
                 job.files[i] = None  # what it holds is freed once written

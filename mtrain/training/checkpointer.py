@@ -124,6 +124,53 @@ class GatheredWeights(Mapping):
             fp32_weight(self.engine, param)
 
 
+class PartitionedWeights:
+    """The probe's fp32 weights under ZeRO-3 with no collective on the main thread: each
+    rank's partition of each weight (a view into ZeRO's fp32 master weights) is read from
+    the staged copy of the optimizer's state (``point_into``), and the writer thread gathers
+    them over its own group (``gather``); rank 0 puts each weight together as ZeRO-3 split
+    it (equal shares of the flattened weight, the last padded). ``weights``: then, on rank 0,
+    what ``export_weights`` would have given."""
+
+    def __init__(self, engine):
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        self.main = engine.global_rank == 0
+        self.parts = [
+            (name, safe_get_local_fp32_param(p), p.ds_numel, p.ds_shape)
+            for name, p in engine.module.named_parameters()
+        ]
+        self.weights: dict[str, torch.Tensor] | None = None
+
+    @staticmethod
+    def fit(engine) -> bool:
+        """ZeRO-3 with every parameter trained (a frozen base has no fp32 partition)."""
+        return all(hasattr(p, "ds_id") and p.requires_grad for p in engine.module.parameters())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(4 * numel for _, _, numel, _ in self.parts) if self.main else 0
+
+    def point_into(self, staged: dict) -> None:
+        """The partitions as views of the staged copy (``stage``'s storages by key; one
+        missing from it is copied there)."""
+        self.parts = [(n, stage(t, staged), numel, shape) for n, t, numel, shape in self.parts]
+
+    def gather(self, group) -> None:
+        flat = torch.cat([local.reshape(-1).float() for _, local, _, _ in self.parts])
+        ranks = collectives.gather_to_rank_0(flat, group)
+        del flat
+        if ranks is None:
+            return
+        weights, offset = {}, 0
+        for name, local, numel, shape in self.parts:
+            n = local.numel()
+            weights[name] = torch.cat([part[offset : offset + n] for part in ranks])[:numel]
+            weights[name] = weights[name].view(shape)
+            offset += n
+        self.weights = language_model_weights(weights)
+
+
 def gathered_param(param: torch.Tensor) -> torch.Tensor:
     """A whole parameter as fp32 on the CPU, gathered where ZeRO-3 partitions it
     (collective)."""
@@ -332,8 +379,10 @@ class Checkpointer:
         self.finish()
         engine, start = self.engine, time.monotonic()
         cfg, shape = engine.module.config, self.probe_shape
-        probe, weights = None, None
-        if self.writer.staged:
+        probe, weights, partitioned = None, None, None
+        if self.writer.staged and PartitionedWeights.fit(engine):
+            partitioned = PartitionedWeights(engine)  # gathered by the writer
+        elif self.writer.staged:
             weights = export_weights(engine)
             if weights is not None:
                 # ZeRO-0 hands over the parameters themselves; the others gathered copies.
@@ -358,15 +407,24 @@ class Checkpointer:
 
         self._unless_disk_full(ckpt, lay_out)
         files: list[tuple[Path, object]] = [(ckpt.trainer_state(engine.global_rank), rank_state)]
-        if weights is not None:
+        if partitioned is not None:
+            partitioned.point_into(self.writer.deferred.storages)
+            if partitioned.main:
+                module = engine.module
+                files.insert(0, (ckpt.probe, lambda: probe_of(
+                    cfg, plain_weights(module, partitioned.weights), *shape
+                )))  # fmt: skip
+        elif weights is not None:
             plain = plain_weights(engine.module, weights)  # adapters merged, as export does
             files.insert(0, (ckpt.probe, lambda: probe_of(cfg, plain, *shape)))
         elif probe is not None:
             files.insert(0, (ckpt.probe, probe))
-        held = self.writer.start(WriteJob(ckpt, step, files))
+        before = partitioned.gather if partitioned is not None else None
+        held = self.writer.start(WriteJob(ckpt, step, files, before))
         self._started_s = time.monotonic() - start
         self.writer.blocked_s = 0.0
         held += sum(w.nbytes for w in weights.values()) if weights is not None else 0
+        held += partitioned.nbytes if partitioned is not None else 0
         log.info(
             "checkpoint %s: writing in the background (%s) after %.2f s blocked (the probe "
             "%.2f s, DeepSpeed's save %.2f s; %.0f MiB held for it: %s)",
