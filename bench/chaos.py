@@ -5,7 +5,9 @@ every step was logged once with the same losses, weights and Adam moments bit fo
 
     python bench/chaos.py [data/bach] [--faults 20] [--steps 60] [--seed 0] [override ...]
 
-Root only (a tmpfs for the full disk, a memory cgroup for the OOM kill).
+Root only (a tmpfs for the full disk, a memory cgroup for the OOM kill). The storage faults
+read the shards from a loopback moto_server (the dev extra) through the tests' fault proxy;
+the undisturbed run reads them from disk. Give the schedule room: about 7 steps a fault.
 """
 
 import argparse
