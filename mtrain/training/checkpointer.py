@@ -47,7 +47,7 @@ def probe_logits(engine, vocab_size: int, seq_len: int) -> dict | None:
     The weights are gathered as the forward pass reaches them and let go after their last
     use: rank 0 holds one block's fp32 weights at a time, not the model's (adapters: the
     whole model, merged first)."""
-    weights = GatheredWeights(engine)
+    weights = GatheredWeights.of_engine(engine)
     if engine.global_rank != 0:
         weights.join_all()
         return None
@@ -89,17 +89,22 @@ def export_weights(engine) -> dict[str, torch.Tensor] | None:
 
 
 class GatheredWeights(Mapping):
-    """``export_weights`` read lazily, on rank 0: a weight is gathered when first read,
-    together with every parameter before it in the engine's order (so that the collectives
-    come in the same order on every rank, whatever order rank 0 reads in), and dropped by
-    ``release``. The other ranks join the same gathers with ``join_all``; so does rank 0's
-    ``join_all`` for those it never read."""
+    """Weights by name, each gathered when first read (``order``: every parameter's name
+    and the collective that gives it whole, on rank 0, in the engine's order), together
+    with every parameter before it (so that the collectives come in the same order on every
+    rank, whatever order rank 0 reads in), and dropped by ``release``. The other ranks join
+    the same gathers with ``join_all``; so does rank 0's ``join_all`` for those it never read.
+    ``of_engine``: ``export_weights`` read lazily."""
 
-    def __init__(self, engine):
-        self.engine = engine
-        self.order = iter(engine.module.named_parameters())
-        self.names = list(language_model_weights(dict(engine.module.named_parameters())))
+    def __init__(self, names: list[str], order: list[tuple[str, Callable]]):
+        self.names, self.order = names, iter(order)
         self.held: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def of_engine(cls, engine) -> "GatheredWeights":
+        params = dict(engine.module.named_parameters())
+        order = [(name, partial(fp32_weight, engine, p)) for name, p in params.items()]
+        return cls(list(language_model_weights(params)), order)
 
     def __iter__(self):
         return iter(self.names)
@@ -110,65 +115,66 @@ class GatheredWeights(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         while name not in self.held:
             try:
-                next_name, param = next(self.order)
+                next_name, gather = next(self.order)
             except StopIteration:
                 raise KeyError(name) from None
-            self.held[next_name] = fp32_weight(self.engine, param)
+            self.held[next_name] = gather()
         return self.held[name]
 
     def release(self, name: str) -> None:
         self.held.pop(name, None)
 
     def join_all(self) -> None:
-        for _, param in self.order:
-            fp32_weight(self.engine, param)
+        for _, gather in self.order:
+            gather()
 
 
 class PartitionedWeights:
-    """The probe's fp32 weights under ZeRO-3 with no collective on the main thread: each
-    rank's partition of each weight (a view into ZeRO's fp32 master weights) is read from
-    the staged copy of the optimizer's state (``point_into``), and the writer thread gathers
-    them over its own group (``gather``); rank 0 puts each weight together as ZeRO-3 split
-    it (equal shares of the flattened weight, the last padded). ``weights``: then, on rank 0,
-    what ``export_weights`` would have given."""
+    """The probe under ZeRO-3 computed by the writer thread, with no collective on the main
+    thread: each rank's partition of each weight (a view into ZeRO's fp32 master weights,
+    unchanged until the next update, which waits for a live write; or into the staged copy,
+    ``point_into``) is gathered over the writer's own group a weight at a time as the probe's
+    forward pass reaches it (``GatheredWeights``), rank 0 putting it together as ZeRO-3 split
+    it (equal shares of the flattened weight, the last padded). ``probe`` leaves the logits in
+    ``result`` on rank 0."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, probe_shape: tuple[int, int]):
         from deepspeed.utils import safe_get_local_fp32_param
 
         self.main = engine.global_rank == 0
+        self.module, self.probe_shape = engine.module, probe_shape
+        self.names = list(language_model_weights(dict(engine.module.named_parameters())))
         self.parts = [
             (name, safe_get_local_fp32_param(p), p.ds_numel, p.ds_shape)
             for name, p in engine.module.named_parameters()
         ]
-        self.weights: dict[str, torch.Tensor] | None = None
+        self.result: dict | None = None
 
     @staticmethod
     def fit(engine) -> bool:
         """ZeRO-3 with every parameter trained (a frozen base has no fp32 partition)."""
         return all(hasattr(p, "ds_id") and p.requires_grad for p in engine.module.parameters())
 
-    @property
-    def nbytes(self) -> int:
-        return sum(4 * numel for _, _, numel, _ in self.parts) if self.main else 0
-
     def point_into(self, staged: dict) -> None:
         """The partitions as views of the staged copy (``stage``'s storages by key; one
         missing from it is copied there)."""
         self.parts = [(n, stage(t, staged), numel, shape) for n, t, numel, shape in self.parts]
 
-    def gather(self, group) -> None:
-        flat = torch.cat([local.reshape(-1).float() for _, local, _, _ in self.parts])
-        ranks = collectives.gather_to_rank_0(flat, group)
-        del flat
-        if ranks is None:
-            return
-        weights, offset = {}, 0
-        for name, local, numel, shape in self.parts:
-            n = local.numel()
-            weights[name] = torch.cat([part[offset : offset + n] for part in ranks])[:numel]
-            weights[name] = weights[name].view(shape)
-            offset += n
-        self.weights = language_model_weights(weights)
+    def probe(self, group) -> None:
+        """Collective over ``group`` (the writer's)."""
+        order = [(n, partial(whole, t, numel, shape, group)) for n, t, numel, shape in self.parts]
+        weights = GatheredWeights(self.names, order)
+        if self.main:
+            cfg = self.module.config
+            self.result = probe_of(cfg, plain_weights(self.module, weights), *self.probe_shape)
+        weights.join_all()
+
+
+def whole(partition: torch.Tensor, numel: int, shape, group) -> torch.Tensor | None:
+    """A ZeRO-3 weight put together on rank 0 from every rank's ``partition`` (collective
+    over ``group``); None on the others."""
+    ranks = collectives.gather_to_rank_0(partition.reshape(-1).float(), group)
+    return None if ranks is None else torch.cat(ranks)[:numel].view(shape)
 
 
 def gathered_param(param: torch.Tensor) -> torch.Tensor:
@@ -370,18 +376,18 @@ class Checkpointer:
     def _save_in_background(
         self, step: int, ckpt: CheckpointDir, client_state: dict, rank_state: dict
     ) -> CheckpointDir:
-        """Gathers the probe's weights and lets DeepSpeed lay out its files (collectives, the
-        main thread's), then hands every file to the writer. The states the trainer keeps
-        are copied (small); the engine's are not, since they change only at the next update.
-        Staged (memory to spare), the probe's weights are gathered whole and its logits
-        computed by the writer; live (memory tight), the probe is computed here, a block's
-        weights at a time (``probe_logits``), and nothing of it outlives the save."""
+        """Lets DeepSpeed lay out its files (collectives, the main thread's), then hands
+        every file to the writer. The states the trainer keeps are copied (small); the
+        engine's are not, since they change only at the next update. The probe: under ZeRO-3,
+        computed by the writer from the fp32 partitions (``PartitionedWeights``; staged, from
+        the copy's); otherwise gathered here, whole for the writer where staged (memory to
+        spare), else computed here a block's weights at a time (``probe_logits``)."""
         self.finish()
         engine, start = self.engine, time.monotonic()
         cfg, shape = engine.module.config, self.probe_shape
         probe, weights, partitioned = None, None, None
-        if self.writer.staged and PartitionedWeights.fit(engine):
-            partitioned = PartitionedWeights(engine)  # gathered by the writer
+        if PartitionedWeights.fit(engine):
+            partitioned = PartitionedWeights(engine, shape)
         elif self.writer.staged:
             weights = export_weights(engine)
             if weights is not None:
@@ -407,24 +413,22 @@ class Checkpointer:
 
         self._unless_disk_full(ckpt, lay_out)
         files: list[tuple[Path, object]] = [(ckpt.trainer_state(engine.global_rank), rank_state)]
+        before = None
         if partitioned is not None:
-            partitioned.point_into(self.writer.deferred.storages)
+            if self.writer.staged:
+                partitioned.point_into(self.writer.deferred.storages)
+            before = partitioned.probe
             if partitioned.main:
-                module = engine.module
-                files.insert(0, (ckpt.probe, lambda: probe_of(
-                    cfg, plain_weights(module, partitioned.weights), *shape
-                )))  # fmt: skip
+                files.insert(0, (ckpt.probe, lambda: partitioned.result))
         elif weights is not None:
             plain = plain_weights(engine.module, weights)  # adapters merged, as export does
             files.insert(0, (ckpt.probe, lambda: probe_of(cfg, plain, *shape)))
         elif probe is not None:
             files.insert(0, (ckpt.probe, probe))
-        before = partitioned.gather if partitioned is not None else None
         held = self.writer.start(WriteJob(ckpt, step, files, before))
         self._started_s = time.monotonic() - start
         self.writer.blocked_s = 0.0
         held += sum(w.nbytes for w in weights.values()) if weights is not None else 0
-        held += partitioned.nbytes if partitioned is not None else 0
         log.info(
             "checkpoint %s: writing in the background (%s) after %.2f s blocked (the probe "
             "%.2f s, DeepSpeed's save %.2f s; %.0f MiB held for it: %s)",
@@ -434,7 +438,8 @@ class Checkpointer:
             probe_s,
             self._started_s - probe_s,
             held / 2**20,
-            "the staged copy and the probe's weights" if self.writer.staged else "nothing",
+            ("the staged copy" if self.writer.staged else "no copy")
+            + (", the probe's weights" if weights is not None else ""),
         )
         return ckpt
 
