@@ -28,7 +28,7 @@ SYNC = re.compile(r"saved checkpoint \S+step_(\d+) in ([\d.]+) s")
 BACKGROUND = re.compile(r"saved checkpoint \S+step_(\d+) in the background in ([\d.]+) s; "
                         r"training was blocked ([\d.]+) s")  # fmt: skip
 HELD = re.compile(r"step_(\d+): writing in the background \(([^)]*)\) after [\d.]+ s blocked "
-                  r"\((\d+) MiB")  # fmt: skip
+                  r"\(the probe ([\d.]+) s, DeepSpeed's save ([\d.]+) s; (\d+) MiB")  # fmt: skip
 
 
 def command(dataset: str, run_dir: Path, model: str, background: bool, args) -> list[str]:
@@ -64,14 +64,17 @@ def measure(dataset: str, model: str, background: bool, args, tmp: Path) -> dict
     counted = list(range(args.save_every, args.steps - 1, args.save_every))
     if background:
         blocked = {int(s): float(b) for s, _, b in BACKGROUND.findall(text)}
-        held = {int(s): int(m) for s, _, m in HELD.findall(text)}
-        modes = sorted({how for _, how, _ in HELD.findall(text)})
+        started = HELD.findall(text)
+        held = {int(s): int(m) for s, _, _, _, m in started}
+        parts = {int(s): (float(p), float(d)) for s, _, p, d, _ in started}
+        modes = sorted({how for _, how, _, _, _ in started})
     else:
         blocked = {int(s): float(t) for s, t in SYNC.findall(text)}
-        held, modes = {}, ["off"]
+        held, parts, modes = {}, {}, ["off"]
     return {
         "modes": modes,
         "blocked": [blocked[s] for s in counted],
+        "parts": [parts[s] for s in counted if s in parts],  # (the probe, DeepSpeed's save)
         "gaps": gaps_after_saves(run_dir, counted),
         "held_mib": max(held.values(), default=0),
         "peaks": {r: b / GiB for r, b in sorted(peaks.ranks().items())},
@@ -97,7 +100,8 @@ def main() -> None:
                   f"{b:.2f} s {back['blocked']} -> {b / s:.1%} of sync")  # fmt: skip
             print(f"{'':<10} from metrics.jsonl gaps: sync {sync['gaps']}, background "
                   f"{back['gaps']}")  # fmt: skip
-            print(f"{'':<10} background mode: {', '.join(back['modes'])}")
+            print(f"{'':<10} background mode: {', '.join(back['modes'])}; blocked to start each "
+                  f"write (the probe s, DeepSpeed's save s): {back['parts']}")  # fmt: skip
             print(f"{'':<10} held for the background write (rank 0): {back['held_mib']} MiB; "
                   f"peak GiB sync {sync['peaks']}, background {back['peaks']}")  # fmt: skip
 

@@ -3,9 +3,11 @@ it exits), a seeded schedule of faults of every kind in ``tests/support/chaos.py
 same training undisturbed; prints each fault (detected how, steps recomputed) and whether
 every step was logged once with the same losses, weights and Adam moments bit for bit.
 
-    python bench/chaos.py [data/bach] [--faults 20] [--steps 60] [--seed 0] [override ...]
+    python bench/chaos.py [data/bach] [--faults 20] [--steps 150] [--seed 0] [override ...]
 
-Root only (a tmpfs for the full disk, a memory cgroup for the OOM kill).
+Root only (a tmpfs for the full disk, a memory cgroup for the OOM kill). The storage faults
+read the shards from a loopback moto_server (the dev extra) through the tests' fault proxy;
+the undisturbed run reads them from disk. Give the schedule room: about 7 steps a fault.
 """
 
 import argparse
@@ -24,7 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dataset", nargs="?", default="data/bach")
     parser.add_argument("--faults", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--save-every", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("extra", nargs="*", help="more overrides of mtrain.train")

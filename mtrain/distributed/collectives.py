@@ -215,6 +215,18 @@ def gather_objects(obj, group=None) -> list:
     return parts
 
 
+def gather_to_rank_0(tensor: torch.Tensor, group=None) -> list[torch.Tensor] | None:
+    """Every rank's ``tensor`` (of one shape and dtype on every rank), in rank order, on
+    rank 0 of ``group``; None on the others."""
+    if not dist.is_initialized():
+        return [tensor]
+    main = dist.get_rank(group) == 0
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))] if main else None
+    dst = 0 if group is None else dist.get_global_rank(group, 0)
+    dist.gather(tensor, parts, dst=dst, group=group)
+    return parts
+
+
 def from_rank_0(obj, group=None):
     """Rank 0's ``obj`` (picklable), on every rank (of ``group``)."""
     if not dist.is_initialized():

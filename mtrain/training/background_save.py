@@ -28,17 +28,30 @@ from mtrain.runs.run_dir import CheckpointDir
 log = logging.getLogger(__name__)
 
 
-def stage(state, storages: dict | None = None):
+def storage_key(tensor: torch.Tensor) -> tuple:
+    storage = tensor.untyped_storage()
+    return storage.device, storage.data_ptr(), storage.nbytes()
+
+
+def stage(state, storages: dict | None = None, spare: dict | None = None):
     """A copy of ``state`` (nested dicts, lists and tuples) with every tensor's storage copied
     once to host memory: tensors that shared a storage share its copy, at the same offsets,
     so that torch.save writes what it would have written of the originals. Other values are
-    taken as they are (numbers, strings: nothing the update changes in place)."""
+    taken as they are (numbers, strings: nothing the update changes in place). A storage
+    found in ``spare`` (by the original's key) is copied into the buffer there, mapped
+    already, rather than into a new one."""
     storages = {} if storages is None else storages
     if isinstance(state, torch.Tensor):
         storage = state.untyped_storage()
-        key = (storage.device, storage.data_ptr(), storage.nbytes())
+        key = storage_key(state)
         if key not in storages:
-            storages[key] = storage.cpu() if storage.device.type != "cpu" else storage.clone()
+            buffer = (spare or {}).pop(key, None)
+            if buffer is not None:
+                storages[key] = buffer.copy_(storage)
+            elif storage.device.type != "cpu":
+                storages[key] = storage.cpu()
+            else:
+                storages[key] = storage.clone()
         copy = torch.empty(0, dtype=state.dtype).set_(
             storages[key], state.storage_offset(), state.size(), state.stride()
         )
@@ -46,10 +59,24 @@ def stage(state, storages: dict | None = None):
             return torch.nn.Parameter(copy, requires_grad=state.requires_grad)
         return copy
     if isinstance(state, dict):
-        return type(state)((k, stage(v, storages)) for k, v in state.items())
+        return type(state)((k, stage(v, storages, spare)) for k, v in state.items())
     if isinstance(state, list | tuple) and not hasattr(state, "_fields"):
-        return type(state)(stage(v, storages) for v in state)
+        return type(state)(stage(v, storages, spare) for v in state)
     return state
+
+
+def storages_of(state) -> dict:
+    """Every tensor storage in ``state`` (as ``stage`` walks it), by ``storage_key``."""
+    found = {}
+    if isinstance(state, torch.Tensor):
+        found[storage_key(state)] = state.untyped_storage()
+    elif isinstance(state, dict):
+        for v in state.values():
+            found |= storages_of(v)
+    elif isinstance(state, list | tuple):
+        for v in state:
+            found |= storages_of(v)
+    return found
 
 
 class DeferredFiles(CheckpointEngine):
@@ -63,12 +90,32 @@ class DeferredFiles(CheckpointEngine):
         self.inner, self.name, self.staged = inner, f"deferred {inner.name}", staged
         self.pending: list[tuple[Path, object]] = []
         self.storages: dict = {}  # this checkpoint's staged storages
+        # The previous checkpoint's staged storages (its write has ended when the next save
+        # stages), or buffers mapped ahead of the first save (``map_ahead``): a copy into
+        # them costs no page faults, which cost more than the copy (bench/README.md).
+        self.spare: dict = {}
+        self._mapping: threading.Thread | None = None
+
+    def map_ahead(self, state) -> None:
+        """Maps and touches, in a thread, a buffer for each storage of ``state`` (the
+        optimizer's, read between two updates): the first staged save copies into them."""
+
+        def fill():
+            for key, storage in storages_of(state).items():
+                if key not in self.spare and key[0].type == "cpu":
+                    self.spare[key] = torch.UntypedStorage(storage.nbytes()).fill_(0)
+
+        self._mapping = threading.Thread(target=fill, name="checkpoint-staging", daemon=True)
+        self._mapping.start()
 
     def create(self, info):
         return self.inner.create(info)
 
     def save(self, state_dict, path: str):
-        staged = stage(state_dict, self.storages) if self.staged else state_dict
+        if self._mapping is not None:
+            self._mapping.join()
+            self._mapping = None
+        staged = stage(state_dict, self.storages, self.spare) if self.staged else state_dict
         self.pending.append((Path(path), staged))
 
     def load(self, path: str, map_location=None):
@@ -86,7 +133,8 @@ class DeferredFiles(CheckpointEngine):
     def take(self) -> tuple[list[tuple[Path, object]], int]:
         """The files noted since the last ``take``, and the bytes staged for them."""
         held = sum(s.nbytes() for s in self.storages.values())
-        pending, self.pending, self.storages = self.pending, [], {}
+        # Kept for the next save, which waits for this write to end before it stages.
+        pending, self.pending, self.spare, self.storages = self.pending, [], self.storages, {}
         return pending, held
 
 
@@ -124,6 +172,8 @@ class WriteJob:
     ckpt: CheckpointDir
     step: int
     files: list[tuple]
+    # Run first on every rank, with the writer's process group (its collectives' own).
+    before: Callable[[object], None] | None = None
 
 
 class BackgroundWriter:
@@ -198,6 +248,8 @@ class BackgroundWriter:
     def _write(self, job: WriteJob) -> Written:
         start, ckpt = time.monotonic(), job.ckpt
         sums, failure = {}, None
+        if job.before is not None:
+            job.before(self.group)
         try:
             for i, (path, state, write) in enumerate(job.files):
                 job.files[i] = None  # what it holds is freed once written

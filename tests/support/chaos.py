@@ -18,10 +18,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import boto3
 import psutil
 import torch
 
+from data_pipeline import storage
 from support import memory_cgroup
+from support.fault_proxy import FaultProxy
+from support.s3_server import moto_server, patched_environ
 from support.trainings import kill_tree, launch, losses, train_args
 
 KINDS = (
@@ -33,7 +37,13 @@ KINDS = (
     "full_disk",  # the run's file system full during a save
     "other_world_size",  # a restart on one rank, then back on two
     "oom_kill",  # rank 1's cgroup limit lowered until the kernel kills it
+    "storage_refuse",  # the object storage the shards are read from refuses connections
+    "storage_reset",  # ... and resets them mid-transfer
 )
+# The run reads its shards from a loopback moto_server through the tests' fault proxy when
+# the schedule holds one of these; an outage lasts until a rank has retried a read in it.
+STORAGE = {"storage_refuse": ("refuse", {}), "storage_reset": ("reset", {"after": 4000})}
+STORAGE_RETRY_S = 60  # the reads' retry budget: well over an outage
 STALE_S = 5.0  # a stopped rank's heartbeat older than this is detected
 
 
@@ -68,7 +78,13 @@ def schedule(cfg: ChaosConfig) -> list[str]:
     return (kinds + [rng.choice(cfg.kinds) for _ in range(cfg.faults)])[: cfg.faults]
 
 
-def run_args(dataset: Path, run_dir: Path, cfg: ChaosConfig) -> list[str]:
+def run_args(dataset: Path | str, run_dir: Path, cfg: ChaosConfig) -> list[str]:
+    storage = (
+        # The collectives wait for a rank retrying a read (as mtrain's config requires).
+        [f"data.storage_retry_s={STORAGE_RETRY_S}", f"deepspeed.timeout_s={STORAGE_RETRY_S + 121}"]
+        if STORAGE.keys() & set(cfg.kinds)
+        else ["deepspeed.timeout_s=60"]
+    )
     return train_args(
         dataset,
         run_dir,
@@ -77,7 +93,7 @@ def run_args(dataset: Path, run_dir: Path, cfg: ChaosConfig) -> list[str]:
         "trainer.keep_last=2",
         "data.num_workers=0",
         "logger.mode=disabled",
-        "deepspeed.timeout_s=60",
+        *storage,
         # A rank in a tight cgroup plans with it; the run goes on regardless.
         "deepspeed.check_memory=false",
         *cfg.extra,
@@ -114,6 +130,10 @@ class Supervisor:
         self.faults: list[Fault] = []
         self.previous: Fault | None = None  # the fault the running attempt follows
         self.outputs: list[str] = []
+        self.data: Path | str = dataset  # s3:// through the proxy with storage faults
+        self.proxy: FaultProxy | None = None
+        self._stack = contextlib.ExitStack()
+        self._log: Path | None = None  # the running attempt's output, readable as it runs
 
     # ---- the run ------------------------------------------------------------------------
     def __enter__(self):
@@ -133,9 +153,34 @@ class Supervisor:
             memory_cgroup.set_limit(self.cgroup, BASE_LIMIT)
             os.environ[memory_cgroup.PROCS_ENV] = str(memory_cgroup.procs_file(self.cgroup))
             os.environ[memory_cgroup.RANK_ENV] = "1"
+        if STORAGE.keys() & set(self.cfg.kinds):
+            self._serve_shards()
         return self
 
+    def _serve_shards(self) -> None:
+        """The dataset uploaded to a moto_server, read by the run through a FaultProxy: short
+        timeouts and 4 KB ranged reads, so that an outage meets a read in flight or the
+        next one."""
+        direct = self._stack.enter_context(moto_server())
+        self.proxy = FaultProxy(int(direct["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
+        self._stack.callback(self.proxy.close)
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=direct["AWS_ENDPOINT_URL"],
+            aws_access_key_id=direct["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=direct["AWS_SECRET_ACCESS_KEY"],
+            region_name=direct["AWS_DEFAULT_REGION"],
+        )
+        s3.create_bucket(Bucket=BUCKET)
+        for path in sorted(p for p in Path(self.dataset).rglob("*") if p.is_file()):
+            s3.upload_file(str(path), BUCKET, f"ds/{path.relative_to(self.dataset)}")
+        client = {**direct, "AWS_ENDPOINT_URL": self.proxy.endpoint}
+        client |= {storage.TIMEOUT_ENV: "2", storage.BLOCK_ENV: "4096"}
+        self._stack.enter_context(patched_environ(client))
+        self.data = f"s3://{BUCKET}/ds"
+
     def __exit__(self, *exc):
+        self._stack.close()
         if self.cgroup is not None:
             memory_cgroup.remove(self.cgroup)
             os.environ.pop(memory_cgroup.PROCS_ENV, None)
@@ -143,17 +188,24 @@ class Supervisor:
             subprocess.run(["umount", "-l", str(self.disk)], check=False)
 
     def start(self, ranks: int = 2) -> subprocess.Popen:
-        args = run_args(self.dataset, self.run_dir, self.cfg)
+        args = run_args(self.data, self.run_dir, self.cfg)
         if self.cgroup is not None:
             args = ["tests/support/memory_cgroup.py", *args[1:]]
-        return launch(args, ranks=ranks, torchrun=True)
+        self._log = self.root / f"attempt-{len(self.outputs) + 1:02d}.log"
+        with self._log.open("w") as log:
+            return launch(args, ranks=ranks, torchrun=True, stdout=log)
+
+    def output(self) -> str:
+        """The running (or last) attempt's output so far."""
+        return self._log.read_text(errors="replace") if self._log else ""
 
     def finish(self, proc: subprocess.Popen, timeout: float = 120) -> str:
         try:
-            out, _ = proc.communicate(timeout=timeout)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             kill_tree(proc)
-            out, _ = proc.communicate()
+            proc.wait()
+        out = self.output()
         self.outputs.append(out)
         self._learn(out)
         return out
@@ -174,9 +226,16 @@ class Supervisor:
 
     def run(self) -> list[Fault]:
         """The whole chaos run: each fault once its step is reached, then to the end."""
-        pending = schedule(self.cfg)
+        pending, proc = schedule(self.cfg), None
         while True:
-            proc = self.start()
+            if pending and pending[0] in STORAGE and proc is None:
+                # The requeued job meets the outage as it starts reading its shards.
+                fault = Fault(pending.pop(0), last_step(self.run_dir))
+                self.faults.append(fault)
+                fault.last_step = fault.at_step
+                proc = self._outage(None, fault)
+                continue
+            proc = proc or self.start()
             if not pending:
                 out = self.finish(proc, timeout=900)
                 if proc.returncode == 0 and last_step(self.run_dir) >= self.cfg.steps:
@@ -187,7 +246,7 @@ class Supervisor:
             at = max(last_step(self.run_dir) + self.rng.randint(1, 3), self.cfg.save_every + 1)
             fault = Fault(kind, at)
             self.faults.append(fault)
-            self._inject(proc, fault)
+            proc = self._inject(proc, fault)
 
     def _wait_step(self, proc: subprocess.Popen, step: int, timeout: float = 240) -> bool:
         deadline = time.monotonic() + timeout
@@ -211,9 +270,10 @@ class Supervisor:
         return False
 
     # ---- the faults ---------------------------------------------------------------------
-    def _inject(self, proc: subprocess.Popen, fault: Fault) -> None:
+    def _inject(self, proc: subprocess.Popen, fault: Fault) -> subprocess.Popen | None:
         """Injects ``fault`` once its step is logged (a restart on one rank is made and ended
-        here too: ``_one_rank_and_back``)."""
+        here too: ``_one_rank_and_back``); returns the attempt where it rides the fault out
+        (a storage outage), else None (the next attempt is to start)."""
         if fault.kind == "full_disk":
             self._fill_disk_before(fault)
         if not self._wait_step(proc, fault.at_step):
@@ -222,8 +282,10 @@ class Supervisor:
             fault.detected = detection(fault.kind, out) or "the attempt ended before the fault"
             self.previous = fault
             self._after(fault)
-            return
+            return None
         fault.last_step = last_step(self.run_dir)
+        if fault.kind in STORAGE:
+            return self._outage(proc, fault)
         ranks = ranks_of(proc)
         victim = self.rng.choice(sorted(ranks))
         if fault.kind == "kill_rank":
@@ -259,6 +321,42 @@ class Supervisor:
         self._after(fault)
         if fault.kind == "other_world_size":
             self._one_rank_and_back(fault)
+        return None
+
+    def _outage(self, proc: subprocess.Popen | None, fault: Fault) -> subprocess.Popen | None:
+        """The storage refuses (or resets) connections until a rank has retried a read in
+        the outage and a second more, at most ``OUTAGE_S`` (a training reads a shard now and
+        then), then serves again; with no attempt running, the next one starts in it (and
+        reads at once). Detected by the ranks' own retry warnings; the attempt goes on (no
+        step recomputed) unless it ended, which would be a failure to ride the outage out."""
+        mode, settings = STORAGE[fault.kind]
+        self.proxy.set(mode, **settings)
+        longest = OUTAGE_S
+        if proc is None:
+            proc, longest = self.start(), OUTAGE_S + 120  # the start's imports come first
+        seen = len(self.output())
+        start = time.monotonic()
+        try:
+            while time.monotonic() - start < longest and proc.poll() is None:
+                if RETRY_SIGN in self.output()[seen:]:
+                    time.sleep(1.0)
+                    break
+                time.sleep(0.1)
+        finally:
+            self.proxy.set("pass")
+        outage_s = time.monotonic() - start
+        went_on = self._wait_step(proc, last_step(self.run_dir) + 1)
+        said = [x for x in self.output()[seen:].splitlines() if RETRY_SIGN in x]
+        fault.detected = f"{len(said)} read(s) retried in a {outage_s:.1f} s outage: " + (
+            said[0].split("] - ")[-1][:150] if said else "no read met it"
+        )
+        if went_on:
+            fault.resumed_at = fault.last_step  # the same attempt: nothing recomputed
+            return proc
+        out = self.finish(proc)
+        fault.detected += f"; the attempt ended: {out.strip().splitlines()[-1][:100]}"
+        self.previous = fault
+        return None
 
     def _after(self, fault: Fault) -> None:
         if fault.kind == "damage_checkpoint":
@@ -313,6 +411,11 @@ class Supervisor:
             else "the one-rank attempt did not resume"
         )
 
+
+OUTAGE_S = 20.0  # the longest a storage outage lasts when no read meets it
+# data_pipeline.retries' warning: "storage: read s3://... failed (what); retry 1 in 0.5 s ..."
+RETRY_SIGN = "); retry "
+BUCKET = "chaos"
 
 # Rank 1's cgroup limit between squeezes: room for it, yet tight enough in the memory plan's
 # eyes that freed memory goes back to the kernel (each step then maps its activations anew).

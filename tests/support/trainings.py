@@ -55,15 +55,9 @@ def launch(
             f"--nproc-per-node={ranks}",
             *args,
         ]
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, **popen}
     return subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env={**os.environ, **CPU_ENV},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        **popen,
+        cmd, cwd=REPO, env={**os.environ, **CPU_ENV}, text=True, start_new_session=True, **popen
     )
 
 

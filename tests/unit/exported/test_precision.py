@@ -10,6 +10,7 @@ one under ZeRO-3 on 2 ranks and checks the recorded reference).
 """
 
 import copy
+from collections.abc import Mapping
 
 import pytest
 import torch
@@ -162,6 +163,46 @@ def test_the_recorded_reference_is_refused_for_a_model_of_other_parameters():
     weights.pop("ln_f.weight")
     with pytest.raises(RuntimeError, match=r"missing \['ln_f.weight'\]"):
         reference_logits(model.config, weights, torch.zeros(1, 4, dtype=torch.long))
+
+
+class ReadOnce(Mapping):
+    """Weights handed out as a gathering mapping does (``GatheredWeights``): each read at most
+    once before its release, and the most held at a time counted."""
+
+    def __init__(self, weights: dict):
+        self.weights, self.held, self.most, self.released = weights, {}, 0, set()
+
+    def __iter__(self):
+        return iter(self.weights)
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        assert name not in self.released, f"{name} read after its release"
+        self.held[name] = self.weights[name]
+        self.most = max(self.most, sum(w.numel() for w in self.held.values()))
+        return self.held[name]
+
+    def release(self, name: str) -> None:
+        self.released.add(name)
+        self.held.pop(name)
+
+
+def test_the_reference_read_layer_by_layer_is_the_same_and_holds_a_block_at_a_time():
+    """The probe at save time reads weights as the forward pass reaches them and lets each go
+    after its last use (the tied embedding after the head): the same logits bit for bit, with
+    at most the embeddings and one block's weights held, not the model's."""
+    model = trained_like_model(n_layer=4)
+    inputs = torch.randint(model.config.vocab_size, (2, 64), generator=torch.Generator())
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    lazy = ReadOnce(weights)
+    assert torch.equal(reference_logits(model.config, lazy, inputs),
+                       reference_logits(model.config, weights, inputs))  # fmt: skip
+    assert lazy.released == set(weights)
+    block = sum(p.numel() for p in model.blocks[0].parameters())
+    embeddings = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("blocks"))
+    assert lazy.most <= embeddings + block < sum(p.numel() for p in model.parameters()) / 2
 
 
 def test_weights_rounded_to_bf16_a_swapped_layer_or_a_lost_partition_fail_the_reference():

@@ -9,7 +9,7 @@ import torch
 
 from mtrain.model import GPTConfig
 from mtrain.training import memory_plan
-from mtrain.training.background_save import stage
+from mtrain.training.background_save import stage, storages_of
 from mtrain.training.config import DeepSpeedConfig
 from mtrain.training.memory_plan import Layout, estimate, judge
 
@@ -36,6 +36,24 @@ def test_a_staged_state_keeps_its_values_and_sharing_after_the_update_changes_th
         == staged["fp32_flat_groups"][0].untyped_storage().data_ptr()
     )
     assert isinstance(staged["param"], torch.nn.Parameter) and staged["loss_scale"] == 1.0
+
+
+def test_a_save_stages_into_the_buffers_mapped_ahead_and_writes_the_same_bytes():
+    """The buffers of the previous staged copy (or mapped before the first save) are copied
+    into, not allocated anew: the same bytes as a fresh copy, in the same memory."""
+    flat = torch.arange(12, dtype=torch.float32)
+    state = {"fp32_flat_groups": [flat], "exp_avg": flat[4:8], "other": torch.ones(2)}
+    spare = {key: torch.UntypedStorage(s.nbytes()) for key, s in storages_of(state).items()}
+    mapped = {s.data_ptr() for s in spare.values()}
+    flat.add_(1)  # an update between mapping and saving
+    expected = io.BytesIO()
+    torch.save(stage(state), expected)
+    storages = {}
+    staged = stage(state, storages, spare)
+    written = io.BytesIO()
+    torch.save(staged, written)
+    assert written.getvalue() == expected.getvalue()
+    assert {s.data_ptr() for s in storages.values()} == mapped and not spare
 
 
 def layout(staged: bool) -> Layout:
