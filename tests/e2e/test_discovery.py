@@ -120,6 +120,8 @@ def test_search_finds_a_piece_from_its_own_file_first(discovery):
     ranks = [line for line in proc.stdout.splitlines() if line.startswith("| ")][2:]
     assert len(ranks) == 3 and f"duo/organ/{file.name}" in ranks[0]
     scores = [float(line.split("|")[2]) for line in ranks]
+    # Embedded from the file, the query is the vector embed stored from the shards' tokens.
+    assert scores[0] == pytest.approx(1.0, abs=1e-3)
     assert scores == sorted(scores, reverse=True) and scores[0] > scores[1]
 
 
