@@ -12,9 +12,10 @@ Given a dataset (``--data``, e.g. ``music21:all`` prepared) and an exported lang
    ``--contrastive-cpu-s`` CPU seconds buy (the CPU seconds of a step measured by a short run
    first), exported, then embedded as in 1 (the mean-pooled language model is one more
    baseline) with the rate at which two views of a held-out piece rank each other first.
-3. ``index``: every piece embedded by the contrastive model (the language model without
-   stage 2), probes off: embedding throughput (pieces/s of model time) and the faiss index's
-   build time and query latency on the real pieces (``bench/bench_search.py --index``).
+3. ``index``: every piece (or a sample of ``--index-pieces``) embedded by the contrastive
+   model (the language model without stage 2), probes off: embedding throughput (pieces/s of
+   model time) and the faiss index's build time and query latency on the real pieces
+   (``bench/bench_search.py --index``).
 4. ``synthetic``: ``bench/bench_search.py --synthetic N`` at the model's width (exact and
    HNSW, which ``search_index`` picks past ``APPROXIMATE_FROM`` pieces).
 
@@ -157,7 +158,8 @@ def search_bench(log: Path, *options: str) -> str:
 def index_stage(args, checkpoint: Path) -> dict:
     """Stage 3: every piece embedded (probes off), then the index's build and query times."""
     out = args.out / "index_all"
-    result = embed(args, out, checkpoint, "probes=false")
+    sample = [] if args.index_pieces is None else [f"sample={args.index_pieces}"]
+    result = embed(args, out, checkpoint, "probes=false", *sample)
     text = search_bench(args.out / "index_bench.log", "--index", str(out))
     found = re.search(
         r"build ([\d.]+) ms, query ([\d.]+) ms \(median\), itself first ([\d.]+)", text
@@ -298,6 +300,7 @@ def main() -> None:
     parser.add_argument("--pieces", type=int, default=2000, help="the probes' random sample")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--contrastive-cpu-s", type=float, default=600.0)
+    parser.add_argument("--index-pieces", type=int, help="a sample for stage 3 (default: all)")
     parser.add_argument("--synthetic", type=int, default=1_000_000)
     parser.add_argument("--workers", type=int, default=2, help="handcrafted feature processes")
     parser.add_argument("--stages", default=",".join(STAGES))
