@@ -14,7 +14,7 @@ from data_pipeline.manifest import content_hash, slice_of
 from data_pipeline.midi_file import MidiFileError, read_score
 from data_pipeline.shards import sample_bytes
 from data_pipeline.sources import SourceFile
-from data_pipeline.tokenizer import base_tokenizer_of
+from data_pipeline.tokenizer import base_tokenizer_of, score_base_ids
 
 
 @dataclass
@@ -76,7 +76,7 @@ def process_file(file: SourceFile) -> TokenizedFile | Rejection | OtherSlice:
         rejection.hash = digest
         return rejection
     score, stats = rejection
-    tokens = np.asarray(_state["tokenizer"].encode(score).ids)
+    tokens = score_base_ids(_state["tokenizer"], score)
     if len(tokens) == 0:
         return Rejection("no_tokens", "the tokenizer produced no tokens", digest)
     dtype = np.uint16 if tokens.max() < np.iinfo(np.uint16).max else np.int32

@@ -74,6 +74,12 @@ def base_fingerprint(base: miditok.MusicTokenizer) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
+def score_base_ids(base: miditok.MusicTokenizer, score: symusic.Score) -> np.ndarray:
+    """A score's base ids: the one way a MIDI file becomes tokens, for the shards prepare writes
+    and for a search query, an added file or a prompt alike, so one file is one token run."""
+    return np.asarray(base.encode(score).ids, dtype=np.int64)
+
+
 def label_token(key: str, value: str) -> str:
     return f"{key}={value}"
 
@@ -250,7 +256,7 @@ class MusicTokenizer:
 
     # ---- MIDI <-> base ids ---------------------------------------------------------------
     def midi_to_base_ids(self, score: symusic.Score) -> np.ndarray:
-        return np.asarray(self.base.encode(score).ids, dtype=np.int64)
+        return score_base_ids(self.base, score)
 
     def base_ids_to_midi(self, base_ids: np.ndarray) -> symusic.Score:
         return self.base.decode([int(i) for i in base_ids])

@@ -13,9 +13,12 @@ on the same pieces (``FEATURES``); a kind that cannot be scored is named with th
 ``query=<id>`` (a sha256 or a unique prefix of one), also the k pieces nearest to that one.
 """
 
+import hashlib
+import heapq
 import json
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -78,6 +81,13 @@ class EmbedConfig:
     batch_size: int = 8
     # Pieces read (the first ones of the split); None: all.
     max_pieces: int | None = None
+    # A random sample of this many pieces of the split(s), drawn by ``seed`` (the pieces whose
+    # hash of seed and id ranks first): the same pieces for every model and every feature, on
+    # every run. None: every piece (up to max_pieces).
+    sample: int | None = None
+    # Views are matched for at most this many held-out pieces (those not in the train split,
+    # or every piece embedded when none is held out): each view ranks all the others.
+    views_pieces: int = 1000
     # A piece id (the "id" of pieces.jsonl, or a unique prefix): print its k nearest pieces.
     # Quote a prefix that reads as a number: query="'0123'".
     query: str | None = None
@@ -104,6 +114,8 @@ class EmbedConfig:
                 (self.k >= 1, "k", "must be at least 1"),
                 (self.batch_size >= 1, "batch_size", "must be at least 1"),
                 (self.max_pieces is None or self.max_pieces >= 1, "max_pieces", "must be >= 1"),
+                (self.sample is None or self.sample >= 1, "sample", "must be >= 1 (None: all)"),
+                (self.views_pieces >= 2, "views_pieces", "must be at least 2"),
                 (self.folds >= 2, "folds", "must be at least 2"),
             ],
         )
@@ -136,23 +148,42 @@ class Embedded:
     models: dict[str, GPT]  # the checkpoint's model and those compared with it, by FEATURES name
 
 
+def sampled_ids(ids: Iterable[str], count: int, seed: int) -> set[str]:
+    """``count`` piece ids drawn at random by ``seed``: those whose sha256 of seed and id ranks
+    first. The same pieces on every run, whatever reads them; a larger sample holds a smaller."""
+    return set(
+        heapq.nsmallest(count, ids, key=lambda i: hashlib.sha256(f"{seed}/{i}".encode()).digest())
+    )
+
+
 def embed_pieces(data: ModelAndData, cfg: EmbedConfig) -> Embedded:
-    """Embeds every piece of the split(s) (up to ``cfg.max_pieces``), showing pieces/s, with
-    every baseline FEATURES names when probes are on."""
+    """Embeds every piece of the split(s) (up to ``cfg.max_pieces``, or the random ``sample``),
+    showing pieces/s, with every baseline FEATURES names when probes are on."""
     model, meta, tokenizer, card = data.model, data.meta, data.tokenizer, data.card
     layer = pooled_layer(meta, cfg.layer)
     pooler = MeanPooler(model, layer, cfg.batch_size)
     others = comparison_models(model, meta, cfg) if cfg.probes else {}
     other_poolers = {name: MeanPooler(m, layer, cfg.batch_size) for name, m in others.items()}
     splits = list(card["splits"]) if cfg.split == ALL_SPLITS else [cfg.split]
-    reader = ShardReader(len(tokenizer.base))
+    splits = [s for s in splits if card["splits"][s]["pieces"]]
     # A damaged shard stops the run, named: embeddings of part of a split would mislead.
-    pieces = (p for s in splits for p in reader.pieces(split_shares(cfg.data_path, s, card)))
+    reader = ShardReader(len(tokenizer.base))
+
+    def stored():
+        for s in splits:
+            yield from ((s, p) for p in reader.pieces(split_shares(cfg.data_path, s, card)))
+
+    pieces = stored()
     total = sum(card["splits"][s]["pieces"] for s in splits)
+    if cfg.sample is not None and cfg.sample < total:
+        # A first pass for the ids alone: the sample is drawn from all of them.
+        chosen = sampled_ids((p.key for _, p in stored()), cfg.sample, cfg.seed)
+        pieces, total = ((s, p) for s, p in stored() if p.key in chosen), cfg.sample
+        log.info("a random sample of %d pieces (seed %d)", cfg.sample, cfg.seed)
     total = total if cfg.max_pieces is None else min(total, cfg.max_pieces)
     rows, histograms, midis, base_ids, tokens, seconds = [], [], [], [], 0, 0.0
     bar = tqdm(total=total, unit="piece", desc=f"embed {cfg.split}", smoothing=0.05)
-    for piece in islice(pieces, cfg.max_pieces):
+    for split, piece in islice(pieces, cfg.max_pieces):
         # Without the label tokens: embeddings that saw them would let a probe read the answer
         # off the conditioning instead of the music.
         doc = tokenizer.document({}, piece.tokens, end=False)
@@ -173,6 +204,7 @@ def embed_pieces(data: ModelAndData, cfg: EmbedConfig) -> Embedded:
                 "name": piece.meta["name"],
                 "labels": piece.labels,
                 "tokens": len(piece.tokens),
+                "split": split,
             }
         )
         bar.update()
@@ -196,15 +228,26 @@ def embed_pieces(data: ModelAndData, cfg: EmbedConfig) -> Embedded:
     return Embedded(pieces, midis, base_ids, {"model": model, **others})
 
 
+def view_rows(rows: list[dict], limit: int) -> tuple[list[int], bool]:
+    """The pieces whose views are matched: the first ``limit`` held out from training (not in
+    the train split), else the first ``limit`` of all; and whether they are held out."""
+    held_out = [i for i, row in enumerate(rows) if row.get("split") != "train"]
+    chosen = held_out or list(range(len(rows)))
+    return chosen[:limit], bool(held_out)
+
+
 @torch.no_grad()
-def views_first(embedded: Embedded, tokenizer, layer: int | None, seed: int) -> dict[str, float]:
-    """For each model: the share of views whose nearest other view, among two views of every
-    piece (augmented and windowed as contrastive training makes them), is of its own piece."""
+def views_first(
+    embedded: Embedded, tokenizer, layer: int | None, seed: int, rows: list[int]
+) -> dict[str, float]:
+    """For each model: the share of views whose nearest other view, among two views of each
+    piece of ``rows`` (augmented and windowed as contrastive training makes them), is of its
+    own piece."""
     model = embedded.models["model"]
     augment = Augmenter(tokenizer.base.vocab, VIEW_TRANSPOSE, VIEW_SHIFT, VIEW_SHIFT)
     pairs = ViewPairs(tokenizer, augment, model.config.max_seq_len)
     views = np.concatenate(
-        [pairs(t, np.random.default_rng([seed, i])) for i, t in enumerate(embedded.tokens)]
+        [pairs(embedded.tokens[i], np.random.default_rng([seed, i])) for i in rows]
     )
     rates = {}
     for name, m in embedded.models.items():
@@ -255,14 +298,21 @@ def markdown(report: dict) -> str:
     lines = [
         f"# Embeddings: {report['checkpoint']} on {report['data_path']} ({report['split']})",
         "",
-        f"{report['pieces']} pieces, layer {layer}, d_model {report['d_model']}, "
+        f"{report['pieces']} pieces{sample_text(report['sample'])}, layer {layer}, "
+        f"d_model {report['d_model']}, "
         f"{report['pieces_per_s']:.1f} pieces/s; index: {report['index']}; "
         + spread_text(report["cosine_spread"]),
         "",
     ]
     if report["views_first"]:
         rates = ", ".join(f"{FEATURES[n]} {r:.3f}" for n, r in report["views_first"].items())
-        lines += [f"Views of one piece ranking each other first: {rates}", ""]
+        of = report["views_of"]
+        which = "held-out" if of["held_out"] else "embedded (none held out)"
+        lines += [
+            f"Views of one piece ranking each other first: {rates} "
+            f"({2 * of['pieces']} views of {of['pieces']} {which} pieces)",
+            "",
+        ]
     if report["probes"] or report["unscored"]:
         lines += scores(report)
     query = report.get("query")
@@ -281,6 +331,10 @@ def markdown(report: dict) -> str:
                 f"{label_text(n['labels'])} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def sample_text(sample: dict | None) -> str:
+    return "" if sample is None else f" (a random sample, seed {sample['seed']})"
 
 
 def spread_text(spread: dict) -> str:
@@ -351,15 +405,15 @@ def embed(cfg: EmbedConfig, overrides: list[str] = ()) -> dict:
     data = load_for_data(cfg.checkpoint, cfg.data_path, split, cfg.device)
     embedded = embed_pieces(data, cfg)
     pieces = embedded.pieces
-    rates = {}
+    rates, viewed, held_out = {}, [], False
     if cfg.probes:
         pieces.features["handcrafted"] = handcrafted_vectors(
             pieces.ids, embedded.midis, cfg.handcrafted
         )
-        if len(pieces.rows) >= 2:
-            rates = views_first(
-                embedded, data.tokenizer, pooled_layer(data.meta, cfg.layer), cfg.seed
-            )
+        viewed, held_out = view_rows(pieces.rows, cfg.views_pieces)
+        if len(viewed) >= 2:
+            layer = pooled_layer(data.meta, cfg.layer)
+            rates = views_first(embedded, data.tokenizer, layer, cfg.seed, viewed)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     centred = centred_unit_rows(pieces.features["model"])
@@ -397,6 +451,8 @@ def embed(cfg: EmbedConfig, overrides: list[str] = ()) -> dict:
         "features": {name: FEATURES[name] for name in FEATURES if name in pieces.features},
         "probes": probes,
         "views_first": rates,
+        "views_of": {"pieces": len(viewed) if rates else 0, "held_out": held_out},
+        "sample": None if cfg.sample is None else {"pieces": cfg.sample, "seed": cfg.seed},
         "retrieval": retrieval,
         "unscored": unscored,
         "query": query,

@@ -50,9 +50,11 @@ def new_index(dim: int, pieces: int) -> faiss.Index:
 @dataclass
 class PieceIndex:
     """Pieces (rows of pieces.jsonl: id, name, labels) and their vectors in a faiss index.
-    Vectors are stored less ``centre`` (the mean of the pieces first indexed: mean-pooled
-    states share one direction that would make every piece look alike) and at unit length, so
-    an inner product is a cosine; a query and added pieces are centred the same way."""
+    Vectors are scaled to unit length, less ``centre`` (the mean of the pieces first indexed,
+    at unit length: mean-pooled states share one direction that would make every piece look
+    alike), and scaled to unit length again, so an inner product is a cosine. A query and added
+    pieces go the same way, at whatever length the pooler gives them: one file is one vector
+    whether embed or search embedded it."""
 
     index: faiss.Index
     rows: list[dict]
@@ -63,7 +65,7 @@ class PieceIndex:
 
     @classmethod
     def build(cls, vectors: np.ndarray, rows: list[dict], model: EmbeddingModel):
-        mean = vectors.mean(axis=0).astype(np.float32)
+        mean = unit(vectors).mean(axis=0)
         empty = new_index(vectors.shape[1], len(rows))
         index = cls(empty, [], mean, model.id, model.checkpoint, model.layer)
         index.add(vectors, rows)
@@ -74,7 +76,7 @@ class PieceIndex:
         return "exact" if isinstance(self.index, faiss.IndexFlat) else "hnsw"
 
     def prepared(self, vectors: np.ndarray) -> np.ndarray:
-        return unit(np.asarray(vectors, dtype=np.float32) - self.centre)
+        return unit(unit(vectors) - self.centre)
 
     def add(self, vectors: np.ndarray, rows: list[dict]) -> None:
         """Adds pieces without touching the vectors already there. A collection growing past

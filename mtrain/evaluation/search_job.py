@@ -12,6 +12,7 @@ import numpy as np
 from data_pipeline import storage
 from data_pipeline.errors import require
 from data_pipeline.midi_file import MidiFileError, read_score
+from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.evaluation.pooling import MeanPooler, embedding_model_id
 from mtrain.evaluation.search_index import PieceIndex
 from mtrain.exported.loading import load_for_inference
@@ -60,17 +61,21 @@ class Embedder:
         refused in one line (ValueError)."""
         pooler = MeanPooler(self.model, self.layer, self.batch_size)
         for path in paths:
-            pooler.add(self.tokenizer.document({}, self.base_ids(path), end=False))
+            pooler.add(self.tokenizer.document({}, file_base_ids(self.tokenizer, path), end=False))
         return pooler.means()
 
-    def base_ids(self, path: str) -> np.ndarray:
-        try:
-            score = read_score(storage.read_bytes(path))
-        except (OSError, MidiFileError) as exc:
-            raise ValueError(f"{path} is not a readable MIDI file ({exc})") from exc
-        if score.note_num() == 0:
-            raise ValueError(f"{path} holds no notes: nothing to compare")
-        return self.tokenizer.midi_to_base_ids(score)
+
+def file_base_ids(tokenizer: MusicTokenizer, path: str) -> np.ndarray:
+    """A query file's base ids, read and tokenized as prepare reads and tokenizes a file for the
+    shards (the same tokens for the same bytes); a file that is not MIDI or has no notes is
+    refused in one line (ValueError)."""
+    try:
+        score = read_score(storage.read_bytes(path))
+    except (OSError, MidiFileError) as exc:
+        raise ValueError(f"{path} is not a readable MIDI file ({exc})") from exc
+    if score.note_num() == 0:
+        raise ValueError(f"{path} holds no notes: nothing to compare")
+    return tokenizer.midi_to_base_ids(score)
 
 
 def find_row(index: PieceIndex, query: str) -> int:
@@ -129,16 +134,7 @@ def search(cfg: SearchConfig) -> dict:
         return result
     query = str(cfg.query)
     if query.lower().endswith(MIDI_SUFFIXES) or Path(query).is_file():
-        # A file the index holds (the same bytes) is that piece: its stored vector, as embed
-        # made it from the dataset's tokens.
-        digest = (
-            hashlib.sha256(storage.read_bytes(query)).hexdigest() if Path(query).is_file() else None
-        )
-        rows = {row["id"]: i for i, row in enumerate(index.rows)}
-        if digest in rows:
-            scores, found = index.search_stored(rows[digest], cfg.k)
-        else:
-            scores, found = index.search(embedder([query]), cfg.k)
+        scores, found = index.search(embedder([query]), cfg.k)
     else:
         row = find_row(index, query)
         scores, found = index.search_stored(row, cfg.k)

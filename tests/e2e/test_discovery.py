@@ -14,6 +14,9 @@ from support.apps import prepare_train_export, run_module, train_env
 from mtrain.evaluation.search_index import PieceIndex
 
 STEPS, HALF = 40, 20
+# Pieces and language-model steps: the fewest that keep two balanced label kinds with 3 folds
+# and a model the contrastive stage can start from (it need not make music).
+PIECES, LM_STEPS = 40, 80
 
 
 def contrastive(root: Path, steps: int) -> None:
@@ -41,13 +44,13 @@ def contrastive(root: Path, steps: int) -> None:
 
 @pytest.fixture(scope="module")
 def discovery(tmp_path_factory) -> Path:
-    """60 pieces labelled by style (band, duo) and lead instrument (piano, organ); a tiny
+    """PIECES pieces labelled by style (band, duo) and lead instrument (piano, organ); a tiny
     language model trained on them; a contrastive stage from it, run to step 20, then resumed
     to 40, exported; embed over every split with the probes (3 folds)."""
     root = tmp_path_factory.mktemp("discovery")
-    midi_factory.write_two_kinds(root / "midi", 60)
+    midi_factory.write_two_kinds(root / "midi", PIECES)
     prepare_train_export(
-        root, 0.1, 0.2, 150, prepare_extra=("labels.path_levels=[collection,lead]",)
+        root, 0.1, 0.2, LM_STEPS, prepare_extra=("labels.path_levels=[collection,lead]",)
     )
     contrastive(root, HALF)
     contrastive(root, STEPS)
@@ -85,6 +88,9 @@ def test_the_rate_at_which_views_rank_each_other_first_is_reported_for_each_mode
     rates = report["views_first"]
     assert set(rates) == {"model", "language_model", "random"}
     assert all(0 <= rate <= 1 for rate in rates.values())
+    rows = [json.loads(line) for line in (discovery / "index" / "pieces.jsonl").open()]
+    held_out = sum(row["split"] != "train" for row in rows)
+    assert report["views_of"] == {"pieces": held_out, "held_out": True} and held_out >= 2
     said = (discovery / "index" / "report.md").read_text()
     line = f"Views of one piece ranking each other first: model embedding {rates['model']:.3f}"
     assert line in said
@@ -92,21 +98,21 @@ def test_the_rate_at_which_views_rank_each_other_first_is_reported_for_each_mode
 
 def test_the_probe_suite_scores_both_label_kinds_against_every_baseline(discovery):
     report = json.loads((discovery / "index" / "report.json").read_text())
-    assert report["pieces"] == 60 and report["unscored"] == {}
+    assert report["pieces"] == PIECES and report["unscored"] == {}
     features = {"model", "language_model", "random", "handcrafted", "pitch_classes"}
     for kind in ("collection", "lead"):
         row = report["probes"][kind]
         assert set(row) == features
         for cell in row.values():
-            assert cell["folds"] == 3 and cell["classes"] == 2 and cell["pieces"] == 60
+            assert cell["folds"] == 3 and cell["classes"] == 2 and cell["pieces"] == PIECES
             assert 0 <= cell["std"] < 0.5
     # Style shows in what plays (drums or not, the bass's instrument): the handcrafted vector
     # and the model find it.
     assert report["probes"]["collection"]["handcrafted"]["accuracy"] >= 0.8
     assert report["probes"]["collection"]["model"]["accuracy"] >= 0.7
     table = (discovery / "index" / "report.md").read_text()
-    assert "| collection (2, 60; majority 0.500) |" in table
-    assert "| lead (2, 60; majority 0.500) |" in table
+    assert f"| collection (2, {PIECES}; majority 0.500) |" in table
+    assert f"| lead (2, {PIECES}; majority 0.500) |" in table
     assert "handcrafted (music21 + MusPy metrics)" in table
 
 
@@ -120,6 +126,8 @@ def test_search_finds_a_piece_from_its_own_file_first(discovery):
     ranks = [line for line in proc.stdout.splitlines() if line.startswith("| ")][2:]
     assert len(ranks) == 3 and f"duo/organ/{file.name}" in ranks[0]
     scores = [float(line.split("|")[2]) for line in ranks]
+    # Embedded from the file, the query is the vector embed stored from the shards' tokens.
+    assert scores[0] == pytest.approx(1.0, abs=1e-3)
     assert scores == sorted(scores, reverse=True) and scores[0] > scores[1]
 
 

@@ -4,7 +4,7 @@
 import numpy as np
 import pytest
 
-from mtrain.evaluation.embed_job import EmbedConfig, probe_suite
+from mtrain.evaluation.embed_job import EmbedConfig, probe_suite, sampled_ids, view_rows
 from mtrain.evaluation.pooling import EmbeddedSplit, centred_unit_rows, unit_rows
 from mtrain.evaluation.probes import cosine_spread, kfold_probe, label_precision, probe_task
 
@@ -93,3 +93,18 @@ def test_a_label_value_with_fewer_pieces_than_folds_is_left_out(labels, kept):
     else:
         rows, values = task
         assert len(rows) == kept and set(values) == {"a", "b"}
+
+
+def test_a_sample_is_the_same_pieces_on_every_run_and_a_larger_one_holds_a_smaller():
+    ids = [f"{i:064x}" for i in range(500)]
+    small, large = sampled_ids(ids, 50, seed=0), sampled_ids(reversed(ids), 120, seed=0)
+    assert len(small) == 50 and len(large) == 120 and small <= large
+    assert sampled_ids(ids, 50, seed=0) == small  # whatever order the shards give them in
+    assert len(sampled_ids(ids, 50, seed=1) & small) < 25  # another seed, another draw
+
+
+def test_views_are_matched_for_held_out_pieces_when_there_are_some():
+    rows = [{"split": s} for s in ("train", "test", "train", "val", "test")]
+    assert view_rows(rows, 10) == ([1, 3, 4], True)
+    assert view_rows(rows, 2) == ([1, 3], True)
+    assert view_rows([{"split": "train"}] * 3, 10) == ([0, 1, 2], False)

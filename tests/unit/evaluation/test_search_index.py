@@ -25,7 +25,8 @@ def test_each_piece_finds_itself_first_with_cosine_one_and_the_rest_by_cosine():
     scores, found = index.search(vectors, 5)
     assert (found[:, 0] == np.arange(50)).all()
     np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
-    centred = vectors - vectors.mean(0)
+    units = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    centred = units - units.mean(0)
     centred /= np.linalg.norm(centred, axis=1, keepdims=True)
     expected = np.argsort(-(centred @ centred[7]), kind="stable")[:5]
     assert list(found[7]) == list(expected)
