@@ -134,8 +134,15 @@ def render(meta: dict) -> str:
             "Test bits per note: not measured yet (`python -m mtrain.evaluate "
             "checkpoint=<this export> data_path=<dataset> split=test` records them here)."
         )
-    for split, row in sorted(results.items()):
+    # The training data's own split first; then others (another corpus, the same pieces
+    # tokenized anew), each kept under its own dataset rather than the last one replacing it.
+    trained_on = data.get("path")
+    for key, row in sorted(
+        results.items(), key=lambda kv: (kv[1]["data_path"] != trained_on, kv[0])
+    ):
+        split = row.get("split", key)
         lines += [
+            "",
             f"On the {split} split of `{row['data_path']}` ({row['pieces']} pieces, "
             f"{row['notes']} notes): **{row['bits_per_note']:.3f} bits per note**, "
             f"{row['bits_per_second']:.2f} bits per second, perplexity {row['perplexity']:.3f}.",
@@ -167,7 +174,8 @@ def record_evaluation(model_dir: Path, data_path: str, split: str, likelihood: d
     try:
         meta = json.loads(config.read_text())
         keep = ("pieces", "notes", "bits_per_note", "bits_per_second", "perplexity")
-        meta.setdefault("results", {})[split] = {
+        meta.setdefault("results", {})[f"{data_path}#{split}"] = {
+            "split": split,
             "data_path": data_path,
             **{k: likelihood[k] for k in keep},
             "by_collection": likelihood.get("by_collection", {}),

@@ -78,6 +78,12 @@ def test_an_evaluation_of_the_test_split_puts_its_bits_per_note_on_the_card(tmp_
     assert "**4.903 bits per note**" in text and "not measured yet" not in text
     assert "| essenFolksong | 9 | 3.200 | 31.50 |" in text
     assert "tokens trained: 40960" in text
+    # Another dataset's evaluation is added below, not in place of, the training data's.
+    other = tmp_path / "other_corpus"
+    record_evaluation(export, str(other), "test", {**row, "bits_per_note": 6.5})
+    text = (export / "hf" / "README.md").read_text()
+    assert text.index("**4.903 bits per note**") < text.index("**6.500 bits per note**")
+    assert f"`{other}`" in text
 
 
 def test_a_dataset_gone_since_training_is_said_unknown(tmp_path):
