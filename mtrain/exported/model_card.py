@@ -142,7 +142,7 @@ def render(meta: dict) -> str:
     ):
         split = row.get("split", key)
         lines += [
-            "",
+            *([""] if lines[-1] else []),
             f"On the {split} split of `{row['data_path']}` ({row['pieces']} pieces, "
             f"{row['notes']} notes): **{row['bits_per_note']:.3f} bits per note**, "
             f"{row['bits_per_second']:.2f} bits per second, perplexity {row['perplexity']:.3f}.",
