@@ -3,6 +3,8 @@ General MIDI SoundFont, and the plain MIDI file beside them."""
 
 import logging
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +39,25 @@ class RenderConfig:
     audio: bool = True
     soundfont: str = ""
     sample_rate: int = 22050
+    # Seconds one piece's audio may take (a few seconds for minutes of music): past it the piece
+    # keeps its MIDI and piano roll and has no WAV, with a warning.
+    audio_timeout_s: float = 120.0
+
+    def __post_init__(self):
+        if self.audio_timeout_s <= 0:
+            raise ValueError(f"render.audio_timeout_s={self.audio_timeout_s} must be above 0")
+
+
+# symusic's synthesizer can loop forever on a note (FluidR3's celesta at pitch 108 never
+# returns) and an untrained model writes such notes: each piece renders in a child process with
+# a time limit, so a hang costs one WAV and not the run. The child imports symusic alone and
+# loads the SoundFont in milliseconds.
+_SYNTHESIZE = """
+import sys, symusic
+soundfont, rate, midi, wav = sys.argv[1:]
+audio = symusic.Synthesizer(soundfont, int(rate)).render(symusic.Score(midi), stereo=True)
+symusic.dump_wav(wav, audio, int(rate), use_int16=True)
+"""
 
 
 def find_soundfont(path: str = "") -> Path | None:
@@ -59,7 +80,7 @@ class Renderer:
 
     def __init__(self, cfg: RenderConfig):
         self.cfg = cfg
-        self.synth = None
+        self.soundfont: Path | None = None
         if cfg.audio:
             soundfont = find_soundfont(cfg.soundfont)
             if soundfont is None:
@@ -69,7 +90,7 @@ class Renderer:
                     SYSTEM_SOUNDFONTS[0],
                 )
             else:
-                self.synth = symusic.Synthesizer(str(soundfont), cfg.sample_rate)
+                self.soundfont = soundfont
                 log.info("rendering audio with %s at %d Hz", soundfont, cfg.sample_rate)
 
     def write(
@@ -87,11 +108,31 @@ class Renderer:
         if self.cfg.piano_roll:
             paths["piano_roll"] = stem.with_suffix(".png")
             piano_roll_png(score, paths["piano_roll"], title or stem.name, generated)
-        if self.synth is not None and score.note_num() > 0:
-            paths["audio"] = stem.with_suffix(".wav")
-            audio = self.synth.render(score, stereo=True)
-            symusic.dump_wav(str(paths["audio"]), audio, self.cfg.sample_rate, use_int16=True)
+        if self.soundfont is not None and score.note_num() > 0:
+            wav = stem.with_suffix(".wav")
+            if self._synthesize(paths["midi"], wav):
+                paths["audio"] = wav
         return paths
+
+    def _synthesize(self, midi: Path, wav: Path) -> bool:
+        """Renders ``midi`` to ``wav``; False (and a warning) when the synthesizer fails or
+        runs past ``audio_timeout_s``."""
+        args = [str(self.soundfont), str(self.cfg.sample_rate), str(midi), str(wav)]
+        try:
+            subprocess.run(
+                [sys.executable, "-c", _SYNTHESIZE, *args],
+                check=True,
+                capture_output=True,
+                timeout=self.cfg.audio_timeout_s,
+            )
+            return True
+        except subprocess.TimeoutExpired:
+            why = f"the synthesizer ran past render.audio_timeout_s={self.cfg.audio_timeout_s:g} s"
+        except subprocess.CalledProcessError as exc:
+            why = f"the synthesizer failed: {exc.stderr.decode(errors='replace').strip()[-300:]}"
+        wav.unlink(missing_ok=True)
+        log.warning("no audio for %s: %s; its MIDI and piano roll are written", midi.name, why)
+        return False
 
 
 def track_name(track: symusic.Track) -> str:

@@ -1,12 +1,23 @@
 """Piano rolls that show what was made: the generated region shaded, bar lines drawn, tracks
 named."""
 
+import logging
+
 import numpy as np
+import pytest
 import symusic
 from matplotlib import colors, image
 from support.midi_factory import piece
 
-from mtrain.generation.render import GENERATED_COLOR, piano_roll_png, seconds_at, track_name
+from mtrain.generation.render import (
+    GENERATED_COLOR,
+    RenderConfig,
+    Renderer,
+    find_soundfont,
+    piano_roll_png,
+    seconds_at,
+    track_name,
+)
 
 
 def shaded_columns(path) -> np.ndarray:
@@ -38,3 +49,22 @@ def test_bar_lines_fall_at_their_seconds_through_tempo_changes_and_tracks_are_na
     assert track_name(symusic.Track("", 33)) == "Electric Bass (finger)"
     assert track_name(symusic.Track("lead", 0)) == "lead (Acoustic Grand Piano)"
     assert track_name(symusic.Track("", 0, is_drum=True)) == "drums"
+
+
+@pytest.mark.skipif(find_soundfont() is None, reason="no General MIDI SoundFont installed")
+def test_a_note_the_synthesizer_hangs_on_costs_its_wav_not_the_run(tmp_path, caplog):
+    renderer = Renderer(RenderConfig(audio_timeout_s=5))
+    written = renderer.write(piece(3, bars=2), tmp_path / "plain")
+    assert written["audio"].stat().st_size > 1000
+    # symusic's synthesizer never returns on FluidR3's celesta at pitch 108 (an untrained
+    # model wrote it): with FluidR3, no WAV and a warning; with another SoundFont, a WAV.
+    hangs = symusic.Score(480)
+    celesta = symusic.Track(program=8)
+    celesta.notes.append(symusic.Note(0, 240, 108, 90))
+    hangs.tracks.append(celesta)
+    with caplog.at_level(logging.WARNING):
+        written = renderer.write(hangs, tmp_path / "celesta")
+    assert written["midi"].exists() and written["piano_roll"].exists()
+    if "FluidR3" in str(renderer.soundfont.resolve()):
+        assert "audio" not in written and not (tmp_path / "celesta.wav").exists()
+        assert "render.audio_timeout_s=5" in caplog.text
