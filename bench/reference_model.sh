@@ -9,7 +9,7 @@
 #   bench/reference_model.sh                   # DATA=data/music21_all RUN=runs/reference
 #
 # data.shuffle_buffer=16384 holds the whole training split (13,456 pieces): the run measured
-# here read shards written before prepare mixed its files (shards.shuffle_window).
+# here read shards written in listing order (prepare's default; shards.shuffle_window mixes).
 #
 # Why this size: the music21:all sweep's law (bench/README.md "Scaling law") puts the optimum
 # for this budget at 5.6M parameters on 4.2M tokens, but its data exponent is far from every
@@ -23,7 +23,8 @@ DATA=${DATA:-data/music21_all}
 RUN=${RUN:-runs/reference}
 export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 WANDB_MODE=${WANDB_MODE:-offline}
 
-[ -f "$DATA/dataset.json" ] || "$PY" -m data_pipeline.prepare source=music21:all output="$DATA"
+[ -f "$DATA/dataset.json" ] || "$PY" -m data_pipeline.prepare source=music21:all output="$DATA" \
+  shards.shuffle_window=100000
 "$PY" -m torch.distributed.run --standalone --nproc-per-node=2 -m mtrain.train \
   data.path="$DATA" run_dir="$RUN" model=scaling model.depth=8 model.aspect_ratio=16 \
   deepspeed=cpu deepspeed.zero_stage=1 trainer.micro_batch_size=4 trainer.global_batch_tokens=2048 \
