@@ -40,7 +40,7 @@ def test_kept_memory_serves_the_next_step_without_page_faults():
     assert kept["kept"] and not default["kept"]
     pages = 5 * (48 + 48) * 2**20 // 4096  # the two 48 MiB blocks, mapped afresh each repeat
     assert default["faults"] > 0.9 * pages, default
-    # Kept, no block is mapped afresh: at most one block's pages fault again (the kernel
+    # Kept, no block is mapped afresh: at most one block's pages fault again (likely the kernel
     # migrating pages while it compacts memory for other processes: seen at 12,288 faults, one
     # 48 MiB block, in CI runs beside other jobs), against all of them each repeat by default.
     assert kept["faults"] < 0.15 * pages, kept
