@@ -15,7 +15,7 @@ from collections import defaultdict
 from music21 import corpus
 from music21.midi import translate
 
-from data_pipeline.music21_corpus import list_works
+from data_pipeline.music21_corpus import CorpusSpec, list_works
 from data_pipeline.music21_midi import score_to_midi
 
 
@@ -26,7 +26,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
     works = [
-        w for w in list_works(None) if not w.is_abc and (w.written_notes or 0) <= args.max_notes
+        w
+        for w in list_works(CorpusSpec(None))
+        if not w.is_abc and (w.written_notes or 0) <= args.max_notes
     ]
     sample = random.Random(args.seed).sample(works, min(args.sample, len(works)))
     seconds = defaultdict(float)

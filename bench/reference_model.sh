@@ -7,9 +7,12 @@
 # reference's tokenizer, and samples in three styles.
 #
 #   bench/reference_model.sh                   # DATA=data/music21_all RUN=runs/reference
+#   HELD_OUT=palestrina BUDGET=1.04e14 DATA=data/music21-nopal RUN=runs/reference-nopal \
+#     bench/reference_model.sh                 # the fine-tuning base (bench/bench_finetune.py):
+#                                              # every collection but one, its budget one pass
 #
 # data.shuffle_buffer=16384 holds the whole training split (13,456 pieces): the run measured
-# here read shards written in listing order (prepare's default; shards.shuffle_window mixes).
+# here read shards written in listing order, before prepare mixed its files (shards.shuffle_window).
 #
 # Why this size: the music21:all sweep's law (bench/README.md "Scaling law") puts the optimum
 # for this budget at 5.6M parameters on 4.2M tokens, but its data exponent is far from every
@@ -21,14 +24,16 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DATA=${DATA:-data/music21_all}
 RUN=${RUN:-runs/reference}
+HELD_OUT=${HELD_OUT:-}
+BUDGET=${BUDGET:-1.4e14}
+SOURCE=music21:all${HELD_OUT:+-$HELD_OUT}
 export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 WANDB_MODE=${WANDB_MODE:-offline}
 
-[ -f "$DATA/dataset.json" ] || "$PY" -m data_pipeline.prepare source=music21:all output="$DATA" \
-  shards.shuffle_window=100000
+[ -f "$DATA/dataset.json" ] || "$PY" -m data_pipeline.prepare source="$SOURCE" output="$DATA"
 "$PY" -m torch.distributed.run --standalone --nproc-per-node=2 -m mtrain.train \
   data.path="$DATA" run_dir="$RUN" model=scaling model.depth=8 model.aspect_ratio=16 \
   deepspeed=cpu deepspeed.zero_stage=1 trainer.micro_batch_size=4 trainer.global_batch_tokens=2048 \
-  trainer.flops_budget=1.4e14 optim.lr=1e-3 optim.warmup_fraction=0.02 data.infill_rate=0.1 \
+  trainer.flops_budget="$BUDGET" optim.lr=1e-3 optim.warmup_fraction=0.02 data.infill_rate=0.1 \
   trainer.eval_every=500 trainer.eval_batches=50 trainer.save_every=1000 trainer.log_every=100 \
   trainer.sample_every=0 data.num_workers=0 data.shuffle_buffer=16384
 "$PY" -m mtrain.export checkpoint="$RUN" output="$RUN/export"
@@ -40,6 +45,7 @@ export OMP_NUM_THREADS=2
 "$PY" -m mtrain.evaluate checkpoint="$RUN/export" data_path="$RUN/bach" output="$RUN/eval_bach" \
   music.sampling.temperature=0.8
 for c in bach oneills1850 palestrina; do
+  [ "$c" = "$HELD_OUT" ] && continue  # a label the model never saw
   "$PY" -m mtrain.generate checkpoint="$RUN/export" output="$RUN/samples/$c" num_samples=2 \
     label=collection:$c sampling.temperature=0.8
 done

@@ -126,9 +126,9 @@ class ShardConfig:
     # Files whose order is mixed (seeded by `seed`) before they are tokenized, so that a shard
     # is not one collection after another: a source lists its files folder by folder, and the
     # loader's shuffle buffer (data.shuffle_buffer) mixes only neighbours. A window, not the
-    # whole listing, so a prepare task still never holds a huge source's listing. 1 (the
-    # default for now) keeps the listing's order: three end-to-end tests were tuned to it.
-    shuffle_window: int = 1
+    # whole listing, so a prepare task still never holds a huge source's listing (its
+    # entries are names, not music). 1 keeps the listing's order.
+    shuffle_window: int = 100_000
 
     def __post_init__(self):
         require(

@@ -109,19 +109,63 @@ def collection_labels(collection: str) -> dict[str, str]:
     return labels
 
 
-def parse_spec(source: str) -> list[str] | None:
-    """``music21:bach+palestrina`` -> ["bach", "palestrina"]; ``music21:all`` -> None.
+@dataclass(frozen=True)
+class CorpusSpec:
+    """The collections a ``music21:`` source names: ``music21:bach+palestrina`` (those),
+    ``music21:all`` (every one), ``music21:all-palestrina`` (every one but those after ``all-``,
+    joined by ``-``: a base to fine-tune on the ones left out)."""
 
-    ``+`` joins names because a comma on Hydra's command line means a list or a sweep."""
-    spec = source.removeprefix("music21:").replace(",", "+")
-    names = [n.strip() for n in spec.split("+") if n.strip()]
-    if not names:
-        raise ValueError(f"source={source}: name at least one collection, e.g. music21:bach")
-    return None if names == ["all"] else names
+    collections: tuple[str, ...] | None  # None: all
+    excluded: str = ""  # '-'-joined names, matched against the known ones (some contain '-')
+
+    @classmethod
+    def parse(cls, source: str) -> "CorpusSpec":
+        # ``+`` joins names because a comma on Hydra's command line means a list or a sweep.
+        spec = source.removeprefix("music21:").replace(",", "+")
+        if spec.startswith("all-"):
+            return cls(None, spec.removeprefix("all-"))
+        names = tuple(n.strip() for n in spec.split("+") if n.strip())
+        if not names:
+            raise ValueError(f"source={source}: name at least one collection, e.g. music21:bach")
+        return cls(None if names == ("all",) else names)
+
+    def select(self, known: list[str]) -> set[str]:
+        """The collections of ``known`` this spec takes; a name not known is refused."""
+        if self.collections is not None:
+            unknown = sorted(set(self.collections) - set(known))
+            source = "+".join(self.collections)
+        else:
+            excluded, unknown = _split_known(self.excluded, known)
+            source = f"all-{self.excluded}"
+        if unknown:
+            raise ValueError(
+                f"source=music21:{source}: unknown collection(s) {unknown}; "
+                f"known: {', '.join(known)} (or music21:all, music21:all-<name>-<name>)"
+            )
+        if self.collections is not None:
+            return set(self.collections)
+        return set(known) - set(excluded)
 
 
-def list_works(collections: list[str] | None) -> list[CorpusWork]:
-    """The works of the named collections (all when None), in sorted order. A song book's
+def _split_known(joined: str, known: list[str]) -> tuple[list[str], list[str]]:
+    """``palestrina-nottingham-dataset`` -> (["palestrina", "nottingham-dataset"], []): the
+    longest known name at each place; what matches none comes back as unknown."""
+    names, unknown, rest = [], [], joined
+    while rest:
+        match = max(
+            (k for k in known if rest == k or rest.startswith(k + "-")), key=len, default=None
+        )
+        if match is None:
+            head, _, rest = rest.partition("-")
+            unknown.append(head)
+            continue
+        names.append(match)
+        rest = rest[len(match) + 1 :]
+    return names, unknown
+
+
+def list_works(spec: CorpusSpec) -> list[CorpusWork]:
+    """The works of the collections ``spec`` names, in sorted order. A song book's
     whole-book entry is left out where its tunes are listed one by one: it repeats them, and
     music21 cannot export it."""
     from music21 import corpus
@@ -141,15 +185,8 @@ def list_works(collections: list[str] | None) -> list[CorpusWork]:
     }
     numbered = {w.source_path for w in works if w.number is not None}
     works = {w for w in works if w.number is not None or w.source_path not in numbered}
-    known = sorted({w.collection for w in works})
-    if collections is not None:
-        unknown = sorted(set(collections) - set(known))
-        if unknown:
-            raise ValueError(
-                f"source=music21:{'+'.join(collections)}: unknown collection(s) {unknown}; "
-                f"known: {', '.join(known)} (or music21:all)"
-            )
-        works = {w for w in works if w.collection in collections}
+    chosen = spec.select(sorted({w.collection for w in works}))
+    works = {w for w in works if w.collection in chosen}
     return sorted(works, key=lambda w: (w.source_path, int(w.number or 0)))
 
 

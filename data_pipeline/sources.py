@@ -92,7 +92,7 @@ def _source_files(source: str, root: str, levels: list[str]) -> Iterator[SourceF
 
 def _music21(cfg: PrepareConfig) -> SourceListing:
     collection_labels = music21_corpus.collection_labels
-    works = music21_corpus.list_works(music21_corpus.parse_spec(cfg.source))
+    works = music21_corpus.list_works(music21_corpus.CorpusSpec.parse(cfg.source))
     if cfg.max_files is not None:
         works = works[: cfg.max_files]
     root = music21_corpus.cache_root(cfg.cache_dir)

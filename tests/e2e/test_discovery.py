@@ -13,6 +13,8 @@ from support.apps import prepare_train_export, run_module, train_env
 
 from mtrain.evaluation.search_index import PieceIndex
 
+# At lr 3e-3 the loss falls by about 0.5 in 40 steps; at 1e-3 by 0.27-0.37, depending on the
+# order prepare wrote the pieces in.
 STEPS, HALF = 40, 20
 # Pieces and language-model steps: the fewest that keep two balanced label kinds with 3 folds
 # and a model the contrastive stage can start from (it need not make music).
@@ -35,7 +37,7 @@ def contrastive(root: Path, steps: int) -> None:
         "trainer.eval_every=0",
         "trainer.micro_batch_size=8",
         "trainer.global_batch_tokens=1024",
-        "optim.lr=1e-3",
+        "optim.lr=3e-3",
         "optim.warmup_steps=5",
         "logger.mode=disabled",
         env=train_env(),

@@ -17,7 +17,7 @@ from data_pipeline.abc_tunes import (
 )
 from data_pipeline.config import LabelConfig, LimitsConfig
 from data_pipeline.errors import ConfigError
-from data_pipeline.music21_corpus import convert_work, list_works
+from data_pipeline.music21_corpus import CorpusSpec, convert_work, list_works
 from data_pipeline.piece import Rejection, check_and_measure
 
 BOOK = """\
@@ -179,7 +179,7 @@ def test_the_repeat_bound_is_validated():
 
 
 def test_a_converted_score_keeps_the_labels_its_score_states(tmp_path):
-    work = next(w for w in list_works(["bach"]) if w.source_path == "bach/bwv10.7.mxl")
+    work = next(w for w in list_works(CorpusSpec(("bach",))) if w.source_path == "bach/bwv10.7.mxl")
     midi = convert_work((work, str(tmp_path / "w.mid"), 120.0))
     labels = json.loads((tmp_path / "w.json").read_text())
     # Read from the score before the export moves its meters and keys to a conductor track.
