@@ -143,6 +143,9 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", default=["attn,mlp"],
                         help="LoRA's finetune.targets, one set per contender")  # fmt: skip
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16])
+    parser.add_argument(
+        "--with-embedding", action="store_true", help="each LoRA also with train_embedding=true"
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[25, 100])
     parser.add_argument("--test-pieces", type=int, default=150)
     args = parser.parse_args()
@@ -182,7 +185,11 @@ def main() -> None:
     methods = {"full": ("full", [])}
     for targets in args.targets:
         for rank in args.ranks:
-            methods[f"lora r={rank} {targets.replace(',', '+')}"] = ("lora", lora(rank, targets))
+            name = f"lora r={rank} {targets.replace(',', '+')}"
+            methods[name] = ("lora", lora(rank, targets))
+            if args.with_embedding:
+                methods[f"{name} +embedding"] = (
+                    "lora", [*lora(rank, targets), "finetune.train_embedding=true"])  # fmt: skip
     stopping = [f"trainer.eval_every={args.eval_every}", "trainer.eval_batches=20",
                 f"trainer.early_stop_patience={args.patience}",
                 f"trainer.save_every={args.steps}", "optim.warmup_steps=10"]  # fmt: skip

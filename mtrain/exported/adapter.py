@@ -20,12 +20,12 @@ from mtrain.exported.transformers_format import hf_architecture, neox_by_head
 from mtrain.model import GPT, GPTConfig
 from mtrain.runs.run_dir import RunDir
 from mtrain.training.adapters import (
-    ADAPTER_MARK,
     ADAPTER_NAME,
     FinetuneConfig,
     FinetuneMethod,
     add_adapters,
     lora_config,
+    trained_weights,
 )
 
 # The export's adapter directory, in PEFT's layout.
@@ -93,7 +93,7 @@ def merged(base: GPT, adapters: dict[str, torch.Tensor], spec: AdapterRun) -> GP
         for param in base.parameters():
             param.copy_(param.to(spec.base_dtype).float())
     model = add_adapters(base, spec.finetune, seed=0)
-    adapters = {name: t for name, t in adapters.items() if ADAPTER_MARK in name}
+    adapters = trained_weights(adapters, spec.finetune)
     missing = set(adapters) - {n for n, _ in model.named_parameters()}
     if missing:
         raise RuntimeError(f"the checkpoint's adapters do not fit the model: {sorted(missing)}")
@@ -198,7 +198,9 @@ def write_peft_adapter(
 
     parent, child = tokenizers
     weight = model.wte.weight.detach()
-    new_rows = {i: weight[i] for i in range(parent.vocab_size, child.vocab_size)}
+    # The rows the base lacks, or every row where the run trained the embedding.
+    first = 0 if spec.finetune.train_embedding else parent.vocab_size
+    new_rows = {i: weight[i] for i in range(first, child.vocab_size)}
     tensors, config = peft_adapter(model.config, spec, adapters, new_rows)
     output.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(output))
@@ -207,7 +209,7 @@ def write_peft_adapter(
     with torch.no_grad():  # held as the run held it (a bf16 run trained over a bf16 base)
         for param in base.parameters():
             param.copy_(param.to(spec.base_dtype).float())
-    if new_rows:
+    if child.vocab_size > parent.vocab_size:
         base.resize_token_embeddings(child.vocab_size, mean_resizing=False)
     peft_model = PeftModel.from_pretrained(base, str(output)).eval()
     return check_hf_logits(

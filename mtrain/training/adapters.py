@@ -16,6 +16,9 @@ ADAPTER_NAME = "default"
 ADAPTER_MARK = "lora_"
 # What a target names: one linear layer of every block, or a kind of them.
 KINDS = ("attn", "mlp")
+# The token embedding (tied to the output layer where the model ties them), which
+# ``finetune.train_embedding`` trains beside the adapters.
+EMBEDDING = "wte.weight"
 
 
 class FinetuneMethod(Enum):
@@ -33,6 +36,11 @@ class FinetuneConfig:
     # Linear layers of every block that get an adapter: attn.qkv, attn.proj, mlp.up, mlp.down,
     # mlp.gate (llama blocks), or attn / mlp for every one of that kind.
     targets: list[str] = field(default_factory=lambda: ["attn", "mlp"])
+    # Train the token embedding too (and so the output layer tied to it): a new label's row,
+    # and the rows of tokens the base hardly saw (an instrument new to it), which adapters on
+    # the blocks cannot move. Vocabulary x width more parameters: small beside a model of
+    # width 768 or more, large beside a narrow one.
+    train_embedding: bool = False
 
     def __post_init__(self):
         require(
@@ -107,16 +115,18 @@ def add_adapters(model: torch.nn.Module, cfg: FinetuneConfig, seed: int) -> torc
         torch.manual_seed(seed)
         inject_adapter_in_model(lora_config(cfg, model.config), model, adapter_name=ADAPTER_NAME)
     for name, param in model.named_parameters():
-        param.requires_grad = ADAPTER_MARK in name
+        param.requires_grad = trains(name, cfg)
     # Checkpoints keep what trains: DeepSpeed drops the frozen parameters by name, but not a
     # tied alias of one (lm_head.weight is wte.weight), which would be saved whole.
-    model.register_state_dict_post_hook(_adapters_only)
+    trained = {name for name, param in model.named_parameters() if param.requires_grad}
+    model.register_state_dict_post_hook(_keeping(trained))
     trainable, total = trainable_share(model)
     log.info(
-        "LoRA r=%d alpha=%g on %s: %d of %d parameters trainable (%.2f%%), the base frozen",
+        "LoRA r=%d alpha=%g on %s%s: %d of %d parameters trainable (%.2f%%), the rest frozen",
         cfg.rank,
         cfg.alpha,
         ", ".join(target_layers(cfg, model.config)),
+        " and the token embedding" if cfg.train_embedding else "",
         trainable,
         total,
         100 * trainable / total,
@@ -124,9 +134,25 @@ def add_adapters(model: torch.nn.Module, cfg: FinetuneConfig, seed: int) -> torc
     return model
 
 
-def _adapters_only(_module, state: dict, _prefix: str, _metadata) -> None:
-    for key in [k for k in state if ADAPTER_MARK not in k]:
-        del state[key]
+def _keeping(names: set[str]):
+    """A state-dict hook that keeps the entries of ``names`` alone."""
+
+    def hook(_module, state: dict, prefix: str, _metadata) -> None:
+        for key in [k for k in state if k[len(prefix) :] not in names]:
+            del state[key]
+
+    return hook
+
+
+def trained_weights(state: dict[str, torch.Tensor], cfg: FinetuneConfig) -> dict:
+    """The entries of an adapter run's checkpoint ``state`` that it trained."""
+    return {name: t for name, t in state.items() if trains(name, cfg)}
+
+
+def trains(name: str, cfg: FinetuneConfig) -> bool:
+    """Whether the parameter ``name`` trains under adapters: an adapter's, or the embedding
+    where ``finetune.train_embedding`` asks for it."""
+    return ADAPTER_MARK in name or (cfg.train_embedding and name == EMBEDDING)
 
 
 def trainable_share(model: torch.nn.Module) -> tuple[int, int]:

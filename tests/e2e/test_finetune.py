@@ -1,7 +1,7 @@
 """Fine-tuning the tiny exported model on a folder of one's own: prepared with the model's
 tokenizer (a new label token), trained in full (ZeRO-0) and with LoRA adapters (ZeRO-0, and
-ZeRO-3 killed with kill -9 and resumed), exported merged and as a PEFT adapter, generating
-with the new label."""
+ZeRO-3 killed with kill -9 and resumed; with the embedding trained too under ZeRO-3), exported
+merged and as a PEFT adapter, generating with the new label."""
 
 import json
 import os
@@ -169,3 +169,33 @@ def test_lora_export_merges_and_its_peft_adapter_loads_onto_the_base(
         adapted = peft_model(input_ids=inputs).logits
     assert torch.allclose(adapted, merged, atol=1e-4)
     assert (merged[:, :1, :known] - before[:, :1]).abs().max() > 1e-2  # adapters changed it
+
+
+def test_lora_with_the_embedding_trains_the_new_labels_row_and_exports_it(
+    own_folder, tiny_model, tmp_path
+):
+    run_dir = tmp_path / "lora-embedding"
+    args = finetune_args(
+        own_folder,
+        run_dir,
+        tiny_model["export"],
+        "deepspeed.zero_stage=3",
+        "finetune=lora",
+        "finetune.train_embedding=true",
+    )
+    code, out = run(args)
+    assert code == 0, out[-4000:]
+    assert "and the token embedding" in out
+    export = tmp_path / "export"
+    run_module("mtrain.export", f"checkpoint={run_dir}", f"output={export}")
+    model, meta = load_exported(export)
+    assert meta["adapter"]["peft_logits_max_abs_diff"] < 1e-4  # every row as trainable tokens
+    base, _ = load_exported(tiny_model["export"])
+    known = base.config.vocab_size
+    moved = (model.wte.weight[:known] - base.wte.weight).abs().amax(dim=1)
+    assert (moved > 0).float().mean() > 0.5  # the base's rows trained too
+    # The new label's row left the mean of the collection rows it started from.
+    parent = MusicTokenizer.load(str(tiny_model["export"] / "tokenizer"))
+    rows = [parent.label_offset + i for i, name in enumerate(parent.labels)]  # all collection=
+    start = base.wte.weight[rows].mean(dim=0)
+    assert (model.wte.weight[known] - start).abs().max() > 1e-3

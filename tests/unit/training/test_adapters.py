@@ -83,6 +83,20 @@ def test_adapters_train_alone_and_the_state_dict_holds_them_alone():
     assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
 
 
+def test_the_embedding_trains_beside_the_adapters_when_asked():
+    model = GPT(GPTConfig(vocab_size=50, n_layer=2, n_head=2, d_model=32, max_seq_len=16))
+    lora = FinetuneConfig(method=FinetuneMethod.lora, rank=4, targets=["attn"])
+    add_adapters(model, dataclasses.replace(lora, train_embedding=True), seed=0)
+    trainable, _ = trainable_share(model)
+    assert trainable == 2 * 4 * ((32 + 96) + (32 + 32)) + 50 * 32  # the tied output, once
+    state = model.state_dict()
+    assert "wte.weight" in state and "lm_head.weight" not in state
+    assert all("lora_" in k for k in state if k != "wte.weight")
+    loss = model(torch.randint(50, (2, 8)), targets=torch.randint(50, (2, 8))).loss
+    loss.backward()
+    assert model.wte.weight.grad is not None and model.blocks[0].mlp.up.weight.grad is None
+
+
 def test_tokenizer_from_must_name_an_artifact(tmp_path):
     with pytest.raises(InputError, match="is not an exported model, a dataset or a tokenizer"):
         artifact_of(str(tmp_path))
