@@ -135,10 +135,10 @@ def add_adapters(model: torch.nn.Module, cfg: FinetuneConfig, seed: int) -> torc
 
 
 def _keeping(names: set[str]):
-    """A state-dict hook that keeps the entries of ``names`` alone."""
+    """A state-dict hook that keeps, of the module's own entries, those of ``names`` alone."""
 
     def hook(_module, state: dict, prefix: str, _metadata) -> None:
-        for key in [k for k in state if k[len(prefix) :] not in names]:
+        for key in [k for k in state if k.startswith(prefix) and k[len(prefix) :] not in names]:
             del state[key]
 
     return hook
