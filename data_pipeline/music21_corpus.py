@@ -131,20 +131,18 @@ class CorpusSpec:
 
     def select(self, known: list[str]) -> set[str]:
         """The collections of ``known`` this spec takes; a name not known is refused."""
-        if self.collections is not None:
-            unknown = sorted(set(self.collections) - set(known))
-            source = "+".join(self.collections)
-        else:
+        if self.collections is None:
             excluded, unknown = _split_known(self.excluded, known)
-            source = f"all-{self.excluded}"
+            chosen, source = set(known) - set(excluded), f"all-{self.excluded}"
+        else:
+            unknown = sorted(set(self.collections) - set(known))
+            chosen, source = set(self.collections), "+".join(self.collections)
         if unknown:
             raise ValueError(
                 f"source=music21:{source}: unknown collection(s) {unknown}; "
                 f"known: {', '.join(known)} (or music21:all, music21:all-<name>-<name>)"
             )
-        if self.collections is not None:
-            return set(self.collections)
-        return set(known) - set(excluded)
+        return chosen
 
 
 def _split_known(joined: str, known: list[str]) -> tuple[list[str], list[str]]:
