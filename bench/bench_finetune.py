@@ -96,15 +96,19 @@ def lora(rank: int, targets: str) -> list[str]:
 
 
 def shares() -> None:
-    """LoRA's trainable share and checkpoint share (adapters + their two Adam moments against
-    every weight + its fp32 master and moments) on the model sizes a cluster runs."""
+    """LoRA's trainable share on the model sizes a cluster runs (and the reference's)."""
     import dataclasses
 
     import torch
     import yaml
 
     from mtrain.model import GPT, GPTConfig
-    from mtrain.training.adapters import FinetuneConfig, FinetuneMethod, add_adapters
+    from mtrain.training.adapters import (
+        FinetuneConfig,
+        FinetuneMethod,
+        add_adapters,
+        trainable_share,
+    )
 
     print("| model | targets | r | trainable | share |\n| --- | --- | --- | --- | --- |")
     for name in ("scaling", "small_20m", "gpt_125m", "gpt_350m", "gpt_760m"):
@@ -118,9 +122,7 @@ def shares() -> None:
                 with torch.device("meta"):
                     model = GPT(config)
                 cfg = FinetuneConfig(FinetuneMethod.lora, rank, 2 * rank, targets=targets)
-                add_adapters(model, cfg, seed=0)
-                n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-                total = sum(p.numel() for p in model.parameters())
+                n, total = trainable_share(add_adapters(model, cfg, seed=0))
                 print(f"| {name} | {'+'.join(targets)} | {rank} | {n:,} | {100 * n / total:.2f}% |")
 
 
