@@ -12,7 +12,7 @@ from support.midi_factory import write_bad_files, write_piece
 
 from data_pipeline.reader import load_card
 
-COMMON = ("shards.max_pieces=8", "split.val=0.15", "split.test=0.15", "shards.shuffle_window=1000")
+COMMON = ("shards.max_pieces=8", "split.val=0.15", "split.test=0.15")
 
 
 @pytest.fixture(scope="module")
