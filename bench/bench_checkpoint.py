@@ -39,7 +39,7 @@ def command(dataset: str, run_dir: Path, model: str, background: bool, args) -> 
             f"trainer.max_steps={args.steps}", f"trainer.save_every={args.save_every}",
             "trainer.eval_every=0", "trainer.log_every=1", "optim.warmup_steps=1",
             "data.num_workers=1", "deepspeed.timeout_s=1800", "logger.mode=disabled",
-            f"trainer.save_in_background={'auto' if background else 'off'}",
+            f"trainer.save_in_background={args.background if background else 'off'}",
             *args.extra]  # fmt: skip
 
 
@@ -88,6 +88,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--save-every", type=int, default=2)
     parser.add_argument("--guard-gb", type=float, default=12.0)
+    parser.add_argument("--background", choices=["auto", "staged", "live"], default="auto",
+                        help="the background mode measured against the synchronous save")
     parser.add_argument("extra", nargs="*", help="more overrides of mtrain.train")
     args = parser.parse_args()
     print(f"bf16, ZeRO-3, 2 ranks, seq {SEQ_LEN}, micro batch 1; {ENV_NOTE}")

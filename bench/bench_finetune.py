@@ -12,7 +12,8 @@ learning rate of its list is tried: the one with the lowest validation loss is t
 reported, so that no method is judged at another's learning rate. Reported per contender: bits
 per note on unseen pieces of the held-out collection (with its label where the model has one),
 on the base's own test split (forgetting), trainable parameters, checkpoint size (DeepSpeed's
-files), peak RSS of the training process and its wall time. ``--shares`` prints instead the
+files), peak RSS of the training process and its wall time; LoRA with each
+``--embedding-rows`` setting. ``--shares`` prints instead the
 trainable share of LoRA on the cluster's model sizes (built on the meta device).
 
     python bench/bench_finetune.py --midi ~/.cache/mtrain/music21-10.5.1 --held-out palestrina \
@@ -145,9 +146,8 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", default=["attn,mlp"],
                         help="LoRA's finetune.targets, one set per contender")  # fmt: skip
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16])
-    parser.add_argument(
-        "--with-embedding", action="store_true", help="each LoRA also with train_embedding=true"
-    )
+    parser.add_argument("--embedding-rows", nargs="+", default=["none", "unlearned"],
+                        help="finetune.embedding_rows, one LoRA contender each")  # fmt: skip
     parser.add_argument("--sizes", type=int, nargs="+", default=[25, 100])
     parser.add_argument("--test-pieces", type=int, default=150)
     args = parser.parse_args()
@@ -188,10 +188,11 @@ def main() -> None:
     for targets in args.targets:
         for rank in args.ranks:
             name = f"lora r={rank} {targets.replace(',', '+')}"
-            methods[name] = ("lora", lora(rank, targets))
-            if args.with_embedding:
-                methods[f"{name} +embedding"] = (
-                    "lora", [*lora(rank, targets), "finetune.train_embedding=true"])  # fmt: skip
+            for rows in args.embedding_rows:
+                # (The names of runs made before the setting existed: none, and all.)
+                suffix = {"none": "", "all": " +embedding"}.get(rows, f" +{rows} rows")
+                methods[name + suffix] = (
+                    "lora", [*lora(rank, targets), f"finetune.embedding_rows={rows}"])  # fmt: skip
     stopping = [f"trainer.eval_every={args.eval_every}", "trainer.eval_batches=20",
                 f"trainer.early_stop_patience={args.patience}",
                 f"trainer.save_every={args.steps}", "optim.warmup_steps=10"]  # fmt: skip

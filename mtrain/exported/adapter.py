@@ -21,10 +21,12 @@ from mtrain.model import GPT, GPTConfig
 from mtrain.runs.run_dir import RunDir
 from mtrain.training.adapters import (
     ADAPTER_NAME,
+    EmbeddingRows,
     FinetuneConfig,
     FinetuneMethod,
     add_adapters,
     lora_config,
+    plain_weights,
     trained_weights,
 )
 
@@ -43,9 +45,14 @@ def base_digest(weights_file: Path) -> str:
     return digest.hexdigest()
 
 
-def record_base(run: RunDir, init_from: str, weights_file: Path) -> None:
-    """Names the base of an adapter run in its run directory (its checkpoints lack it)."""
-    record = {"init_from": str(Path(init_from).resolve()), "sha256": base_digest(weights_file)}
+def record_base(run: RunDir, init_from: str, weights_file: Path, rows: list[int]) -> None:
+    """Names the base of an adapter run in its run directory (its checkpoints lack it), with
+    the embedding rows it trains (chosen once, from the base and the data)."""
+    record = {
+        "init_from": str(Path(init_from).resolve()),
+        "sha256": base_digest(weights_file),
+        "embedding_rows": rows,
+    }
     run.adapter_base.write_text(json.dumps(record))
 
 
@@ -70,6 +77,14 @@ class AdapterRun(NamedTuple):
     init_from: str
     finetune: FinetuneConfig
     base_dtype: torch.dtype
+    rows: list[int]  # the embedding rows trained (TrainedRows), where chosen rows train
+
+
+def recorded_rows(run: RunDir) -> list[int] | None:
+    """The embedding rows an adapter run chose at its start; None before it has."""
+    if not run.adapter_base.exists():
+        return None
+    return json.loads(run.adapter_base.read_text()).get("embedding_rows", [])
 
 
 def adapter_run(run: RunDir) -> AdapterRun | None:
@@ -78,9 +93,11 @@ def adapter_run(run: RunDir) -> AdapterRun | None:
         return None
     config = OmegaConf.load(run.train_config)
     section = OmegaConf.to_container(config.finetune)
-    finetune = FinetuneConfig(**{**section, "method": FinetuneMethod(section["method"])})
+    section["method"] = FinetuneMethod(section["method"])
+    section["embedding_rows"] = EmbeddingRows(section.get("embedding_rows", "none"))
     init_from = json.loads(run.adapter_base.read_text())["init_from"]
-    return AdapterRun(init_from, finetune, PRECISION_DTYPES[config.deepspeed.precision])
+    dtype = PRECISION_DTYPES[config.deepspeed.precision]
+    return AdapterRun(init_from, FinetuneConfig(**section), dtype, recorded_rows(run))
 
 
 def merged(base: GPT, adapters: dict[str, torch.Tensor], spec: AdapterRun) -> GPT:
@@ -92,7 +109,7 @@ def merged(base: GPT, adapters: dict[str, torch.Tensor], spec: AdapterRun) -> GP
     with torch.no_grad():
         for param in base.parameters():
             param.copy_(param.to(spec.base_dtype).float())
-    model = add_adapters(base, spec.finetune, seed=0)
+    model = add_adapters(base, spec.finetune, seed=0, rows=spec.rows)
     adapters = trained_weights(adapters, spec.finetune)
     missing = set(adapters) - {n for n, _ in model.named_parameters()}
     if missing:
@@ -103,9 +120,11 @@ def merged(base: GPT, adapters: dict[str, torch.Tensor], spec: AdapterRun) -> GP
             layer.merge(adapter_names=[ADAPTER_NAME])
             owner, attr = name.rsplit(".", 1)
             setattr(model.get_submodule(owner), attr, layer.get_base_layer())
-    # A plain GPT again, without the adapter model's state-dict hook.
+    # A plain GPT again, without the adapter model's state-dict hook, its trained rows
+    # written into the embedding.
     plain = GPT(base.config)
-    missing, unexpected = plain.load_state_dict(dict(model.named_parameters()), strict=False)
+    weights = plain_weights(model, dict(model.named_parameters()))
+    missing, unexpected = plain.load_state_dict(weights, strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise RuntimeError(f"merged weights: missing {missing}, unexpected {unexpected}")
     return plain.eval()
@@ -145,14 +164,24 @@ HF_LAYERS: dict[str, tuple[str, str, dict[str, tuple[list[str], Rows]]]] = {
 }  # fmt: skip
 
 
+# Per transformers class: the output layer's name, where it is not tied to the embedding.
+HF_OUTPUT = {"GPT2LMHeadModel": "lm_head", "GPTNeoXForCausalLM": "embed_out",
+             "LlamaForCausalLM": "lm_head"}  # fmt: skip
+
+
 def peft_adapter(
-    cfg: GPTConfig, spec: AdapterRun, adapters: dict[str, torch.Tensor], new_rows: dict
+    cfg: GPTConfig,
+    spec: AdapterRun,
+    adapters: dict[str, torch.Tensor],
+    new_rows: dict,
+    output_rows: dict | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """(adapter_model.safetensors' tensors, adapter_config.json's LoraConfig) for the
     transformers copy of the base. A fused qkv's update maps onto separate q, k, v layers as
-    the same A with B's rows split. ``new_rows`` (token id -> row) are the rows of label tokens
-    the base lacks, stored as PEFT's trainable tokens of the embedding (tied to the output
-    layer where the model ties them): the base's vocabulary is grown to hold them first."""
+    the same A with B's rows split. ``new_rows`` (token id -> row) are the embedding rows the
+    base lacks or the run trained, stored as PEFT's trainable tokens of the embedding (tied to
+    the output layer where the model ties them; ``output_rows``, the same ids of an untied
+    output layer, as its own): the base's vocabulary is grown to hold them first."""
     prefix, embedding, layers = HF_LAYERS[hf_architecture(cfg)]
     tensors, targets = {}, set()
     for name, layer in layers.items():
@@ -172,11 +201,17 @@ def peft_adapter(
     config.fan_in_fan_out = hf_architecture(cfg) == "GPT2LMHeadModel"  # Conv1D: [in, out]
     config.task_type = "CAUSAL_LM"
     config.base_model_name_or_path = str(Path(spec.init_from).resolve() / "hf")
-    if new_rows:
-        ids = sorted(new_rows)
-        config.trainable_token_indices = {embedding.split(".")[-1]: ids}
-        delta = torch.stack([new_rows[i] for i in ids]).float().contiguous()
-        tensors[f"base_model.model.{embedding}.token_adapter.trainable_tokens_delta"] = delta
+    layers = {embedding: new_rows}
+    if output_rows:
+        layers[HF_OUTPUT[hf_architecture(cfg)]] = output_rows
+    for layer, rows in layers.items():
+        if not rows:
+            continue
+        ids = sorted(rows)
+        indices = config.trainable_token_indices or {}
+        config.trainable_token_indices = {**indices, layer.split(".")[-1]: ids}
+        delta = torch.stack([rows[i] for i in ids]).float().contiguous()
+        tensors[f"base_model.model.{layer}.token_adapter.trainable_tokens_delta"] = delta
     return tensors, config
 
 
@@ -198,10 +233,17 @@ def write_peft_adapter(
 
     parent, child = tokenizers
     weight = model.wte.weight.detach()
-    # The rows the base lacks, or every row where the run trained the embedding.
-    first = 0 if spec.finetune.train_embedding else parent.vocab_size
-    new_rows = {i: weight[i] for i in range(first, child.vocab_size)}
-    tensors, config = peft_adapter(model.config, spec, adapters, new_rows)
+    # The rows the base lacks and those the run trained, or every row where it trained the
+    # whole embedding.
+    if spec.finetune.embedding_rows == EmbeddingRows.all:
+        ids = set(range(child.vocab_size))
+    else:
+        ids = set(range(parent.vocab_size, child.vocab_size)) | set(spec.rows)
+    new_rows = {i: weight[i] for i in sorted(ids)}
+    head_rows = None
+    if not model.config.tie_embeddings:  # an untied output layer: its rows of the same ids
+        head_rows = {i: model.lm_head.weight.detach()[i] for i in sorted(ids)}
+    tensors, config = peft_adapter(model.config, spec, adapters, new_rows, head_rows)
     output.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(output))
     save_file(tensors, str(output / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -15,19 +15,22 @@ import torch
 
 from data_pipeline.app import config_dict
 from data_pipeline.launch import Placement
+from data_pipeline.reader import split_shares
 from mtrain.data.loader import StreamingData
 from mtrain.distributed import collectives, heartbeats
-from mtrain.exported.adapter import check_base, record_base
+from mtrain.exported.adapter import check_base, record_base, recorded_rows
 from mtrain.exported.loading import load_weights
 from mtrain.exported.model_dir import WEIGHTS
+from mtrain.model import GPT
 from mtrain.runs.run_dir import RunDir
 from mtrain.runs.tracking import Tracker
-from mtrain.training.adapters import add_adapters
+from mtrain.training.adapters import EmbeddingRows, add_adapters
 from mtrain.training.checkpointer import Checkpointer
 from mtrain.training.config import TrainConfig, batch_sizes
 from mtrain.training.contrastive import CONTRASTIVE, contrastive_batch_loss
 from mtrain.training.engine import as_float, batch_loss, build_engine, engine_config, new_model
 from mtrain.training.grad_sync import OverlappedAllReduce, take_gradient_reduction
+from mtrain.training.memory_plan import NoInitialValues
 from mtrain.training.monitor import StepTimer, ThroughputMonitor
 from mtrain.training.resume import check_resumable
 from mtrain.training.samples import TrainingSamples
@@ -45,6 +48,7 @@ from mtrain.training.step_components import (
     Validator,
     drop_metrics_after,
 )
+from mtrain.training.token_rows import choose_rows
 
 log = logging.getLogger(__name__)
 
@@ -267,9 +271,10 @@ class Trainer:
         if cfg.init_from:  # fine-tuning: the exported weights replace the fresh ones
             load_weights(model, cfg.init_from, self.data.tokenizer)
         if cfg.finetune.adapters:
-            add_adapters(model, cfg.finetune, t.seed)
+            rows = self._embedding_rows(device)
+            add_adapters(model, cfg.finetune, t.seed, rows)
             if main and not self.resuming:
-                record_base(self.run_dir, cfg.init_from, Path(cfg.init_from) / WEIGHTS)
+                record_base(self.run_dir, cfg.init_from, Path(cfg.init_from) / WEIGHTS, rows)
         engine, self.scheduler = build_engine(cfg, model, ds_config, self.place.rank)
         self.stepper = OptimizerStep(
             engine,
@@ -302,6 +307,25 @@ class Trainer:
             Preemption(checkpointer, t.preempt_exit_code),
             checkpointer,
         ], tracker
+
+    def _embedding_rows(self, device: torch.device) -> list[int]:
+        """The embedding rows an adapter run trains: those it recorded when it started, else
+        chosen by rank 0 (the base scores the training data) and shared with every rank."""
+        cfg = self.cfg
+        if cfg.finetune.embedding_rows in (EmbeddingRows.none, EmbeddingRows.all):
+            return []
+        if self.resuming and (recorded := recorded_rows(self.run_dir)) is not None:
+            return recorded
+        rows = None
+        if self.place.is_main:
+            data = self.data
+            pieces = data.reader.pieces(split_shares(data.cfg.path, "train", data.card))
+            with NoInitialValues():  # the base's weights fill it
+                scorer = GPT(cfg.model).to(device)
+            rows = choose_rows(cfg.finetune.embedding_rows, cfg.init_from, scorer,
+                               data.tokenizer, pieces)  # fmt: skip
+            del scorer
+        return collectives.from_rank_0(rows)
 
     def _log_batch_sizes(self) -> None:
         sizes = self.batch_sizes

@@ -1,6 +1,7 @@
 """Fine-tuning the tiny exported model on a folder of one's own: prepared with the model's
 tokenizer (a new label token), trained in full (ZeRO-0) and with LoRA adapters (ZeRO-0, and
-ZeRO-3 killed with kill -9 and resumed; with the embedding trained too under ZeRO-3), exported
+ZeRO-3 killed with kill -9 and resumed, the new label's row trained beside them; with the
+whole embedding trained too under ZeRO-3), exported
 merged and as a PEFT adapter, generating with the new label."""
 
 import json
@@ -169,9 +170,19 @@ def test_lora_export_merges_and_its_peft_adapter_loads_onto_the_base(
         adapted = peft_model(input_ids=inputs).logits
     assert torch.allclose(adapted, merged, atol=1e-4)
     assert (merged[:, :1, :known] - before[:, :1]).abs().max() > 1e-2  # adapters changed it
+    # The default trains the new label's row (and the tokens the base has not learned): those
+    # rows moved, every other row is the base's.
+    rows = json.loads((lora_straight / "adapter_base.json").read_text())["embedding_rows"]
+    assert known in rows
+    others = [i for i in range(known) if i not in rows]
+    assert torch.equal(model.wte.weight[others], base.wte.weight[others])
+    parent = MusicTokenizer.load(str(tiny_model["export"] / "tokenizer"))
+    labels = [parent.label_offset + i for i, _ in enumerate(parent.labels)]  # all collection=
+    start = base.wte.weight[labels].mean(dim=0)
+    assert (model.wte.weight[known] - start).abs().max() > 1e-3
 
 
-def test_lora_with_the_embedding_trains_the_new_labels_row_and_exports_it(
+def test_lora_with_the_whole_embedding_trains_every_row_and_exports_it(
     own_folder, tiny_model, tmp_path
 ):
     run_dir = tmp_path / "lora-embedding"
@@ -181,7 +192,7 @@ def test_lora_with_the_embedding_trains_the_new_labels_row_and_exports_it(
         tiny_model["export"],
         "deepspeed.zero_stage=3",
         "finetune=lora",
-        "finetune.train_embedding=true",
+        "finetune.embedding_rows=all",
     )
     code, out = run(args)
     assert code == 0, out[-4000:]

@@ -25,18 +25,24 @@ SHAPES = {
 }
 
 
+# Embedding rows trained beside the adapters: a special token's, a musical one's, the last.
+ROWS = [2, 10, 60]
+
+
 def adapted(shape: dict, lora: FinetuneConfig) -> tuple[GPT, GPT, dict]:
-    """(base, the base with trained-looking adapters, the adapters' tensors)."""
+    """(base, the base with trained-looking adapters and rows, the trained tensors)."""
     cfg = GPTConfig(vocab_size=61, n_layer=2, n_head=4, d_model=32, max_seq_len=32, **shape)
     torch.manual_seed(0)
     base = GPT(cfg)
     model = GPT(cfg)
     model.load_state_dict(base.state_dict())
-    add_adapters(model, lora, seed=1)
+    add_adapters(model, lora, seed=1, rows=ROWS)
     with torch.no_grad():  # B starts at zero: give it values a wrong mapping would show
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.3)
+            if name.endswith(".rows"):  # and rows moved from the base's
+                p.add_(torch.randn_like(p))
     adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return base, model, adapters
 
@@ -47,8 +53,14 @@ def test_the_peft_adapter_on_the_transformers_base_gives_the_merged_logits(arch,
     base, model, adapters = adapted(SHAPES[arch], lora)
     inputs = torch.randint(61, (2, 16), generator=torch.Generator().manual_seed(0))
     save_hf(base, tmp_path / "base" / "hf", inputs)
-    spec = AdapterRun(str(tmp_path / "base"), lora, torch.float32)
+    spec = AdapterRun(str(tmp_path / "base"), lora, torch.float32, ROWS)
     plain = merged(copy.deepcopy(base), adapters, spec)
+    # The trained rows in the merged embedding (and output layer), every other row the base's.
+    others = [i for i in range(61) if i not in ROWS]
+    assert torch.equal(plain.wte.weight[others], base.wte.weight[others])
+    torch.testing.assert_close(plain.wte.weight[ROWS], adapters["wte.rows"])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(inputs).logits, model.eval()(inputs).logits)
     # Not the base any more, and PEFT's merge agrees with the adapter model's own sum.
     assert (plain(inputs).logits - base(inputs).logits).abs().max() > 0.1
     with torch.no_grad():
@@ -69,7 +81,7 @@ def test_a_wrong_adapter_mapping_is_refused(tmp_path, monkeypatch):
     base, _, adapters = adapted({}, lora)
     inputs = torch.randint(61, (2, 16), generator=torch.Generator().manual_seed(0))
     save_hf(base, tmp_path / "base" / "hf", inputs)
-    spec = AdapterRun(str(tmp_path / "base"), lora, torch.float32)
+    spec = AdapterRun(str(tmp_path / "base"), lora, torch.float32, ROWS)
     plain = merged(copy.deepcopy(base), adapters, spec)
     layers = adapter.HF_LAYERS["GPTNeoXForCausalLM"][2]  # forget NeoX's order of heads:
     monkeypatch.setitem(layers, "attn.qkv", (["attention.query_key_value"], adapter._same))
@@ -119,7 +131,7 @@ def test_an_adapter_run_refuses_another_base(tmp_path):
     run = RunDir(tmp_path / "run")
     run.root.mkdir()
     (tmp_path / "base.safetensors").write_bytes(b"weights one")
-    record_base(run, str(tmp_path), tmp_path / "base.safetensors")
+    record_base(run, str(tmp_path), tmp_path / "base.safetensors", [])
     check_base(run, str(tmp_path), tmp_path / "base.safetensors")  # the same: fine
     (tmp_path / "base.safetensors").write_bytes(b"weights two")
     with pytest.raises(InputError, match="is not the base the adapters") as err:

@@ -16,6 +16,7 @@ from data_pipeline.tokenizer import artifact_of
 from mtrain import train as train_app  # noqa: F401  (registers the train schema with Hydra)
 from mtrain.model import GPT, GPTConfig
 from mtrain.training.adapters import (
+    EmbeddingRows,
     FinetuneConfig,
     FinetuneMethod,
     add_adapters,
@@ -86,7 +87,7 @@ def test_adapters_train_alone_and_the_state_dict_holds_them_alone():
 def test_the_embedding_trains_beside_the_adapters_when_asked():
     model = GPT(GPTConfig(vocab_size=50, n_layer=2, n_head=2, d_model=32, max_seq_len=16))
     lora = FinetuneConfig(method=FinetuneMethod.lora, rank=4, targets=["attn"])
-    add_adapters(model, dataclasses.replace(lora, train_embedding=True), seed=0)
+    add_adapters(model, dataclasses.replace(lora, embedding_rows=EmbeddingRows.all), seed=0)
     trainable, _ = trainable_share(model)
     assert trainable == 2 * 4 * ((32 + 96) + (32 + 32)) + 50 * 32  # the tied output, once
     state = model.state_dict()
@@ -95,6 +96,35 @@ def test_the_embedding_trains_beside_the_adapters_when_asked():
     loss = model(torch.randint(50, (2, 8)), targets=torch.randint(50, (2, 8))).loss
     loss.backward()
     assert model.wte.weight.grad is not None and model.blocks[0].mlp.up.weight.grad is None
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_chosen_rows_train_alone_in_the_embedding_and_the_output_layer(tied):
+    cfg = GPTConfig(vocab_size=50, n_layer=2, n_head=2, d_model=32, max_seq_len=16,
+                    tie_embeddings=tied)  # fmt: skip
+    torch.manual_seed(0)
+    base = GPT(cfg)
+    model = GPT(cfg)
+    model.load_state_dict(base.state_dict())
+    lora = FinetuneConfig(method=FinetuneMethod.lora, rank=4, targets=["attn"])
+    add_adapters(model, lora, seed=0, rows=[7, 3, 49])
+    trainable, _ = trainable_share(model)
+    rows = 3 * 32 * (1 if tied else 2)  # the tied output layer's rows are the embedding's
+    assert trainable == 2 * 4 * ((32 + 96) + (32 + 32)) + rows
+    # Before training, the same model: the rows start as the base's.
+    inputs, targets = torch.randint(50, (2, 8)), torch.randint(50, (2, 8))
+    inputs[0, :3] = torch.tensor([3, 7, 49])  # the embedding's rows are read
+    torch.testing.assert_close(model(inputs).logits, base(inputs).logits)
+    state = model.state_dict()
+    assert ("wte.rows" in state) and (("lm_head.rows" in state) != tied)
+    assert not {"wte.weight", "lm_head.weight", "wte.ids"} & state.keys()
+    model(inputs, targets=targets).loss.backward()
+    assert model.wte.weight.grad is None and model.wte.rows.grad.abs().sum() > 0
+    with torch.no_grad():  # a step on the rows moves those rows of the logits' weights alone
+        model.wte.rows.add_(1.0)
+        merged = model.lm_head.merged() if tied else model.wte.merged()
+    moved = (merged - base.wte.weight).abs().amax(dim=1).nonzero().flatten().tolist()
+    assert moved == [3, 7, 49]
 
 
 def test_tokenizer_from_must_name_an_artifact(tmp_path):
