@@ -88,8 +88,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--save-every", type=int, default=2)
     parser.add_argument("--guard-gb", type=float, default=12.0)
-    parser.add_argument("--background", choices=["auto", "staged", "live"], default="auto",
-                        help="the background mode measured against the synchronous save")
+    parser.add_argument(
+        "--background",
+        choices=["auto", "staged", "live"],
+        default="auto",
+        help="the background mode measured against the synchronous save",
+    )
     parser.add_argument("extra", nargs="*", help="more overrides of mtrain.train")
     args = parser.parse_args()
     print(f"bf16, ZeRO-3, 2 ranks, seq {SEQ_LEN}, micro batch 1; {ENV_NOTE}")

@@ -188,11 +188,11 @@ def main() -> None:
     for targets in args.targets:
         for rank in args.ranks:
             name = f"lora r={rank} {targets.replace(',', '+')}"
-            for rows in args.embedding_rows:
+            for which in args.embedding_rows:
                 # (The names of runs made before the setting existed: none, and all.)
-                suffix = {"none": "", "all": " +embedding"}.get(rows, f" +{rows} rows")
+                suffix = {"none": "", "all": " +embedding"}.get(which, f" +{which} rows")
                 methods[name + suffix] = (
-                    "lora", [*lora(rank, targets), f"finetune.embedding_rows={rows}"])  # fmt: skip
+                    "lora", [*lora(rank, targets), f"finetune.embedding_rows={which}"])  # fmt: skip
     stopping = [f"trainer.eval_every={args.eval_every}", "trainer.eval_batches=20",
                 f"trainer.early_stop_patience={args.patience}",
                 f"trainer.save_every={args.steps}", "optim.warmup_steps=10"]  # fmt: skip
