@@ -110,8 +110,12 @@ def merged(base: GPT, adapters: dict[str, torch.Tensor], spec: AdapterRun) -> GP
         for param in base.parameters():
             param.copy_(param.to(spec.base_dtype).float())
     model = add_adapters(base, spec.finetune, seed=0, rows=spec.rows)
-    adapters = trained_weights(adapters, spec.finetune)
-    missing = set(adapters) - {n for n, _ in model.named_parameters()}
+    names = {n for n, _ in model.named_parameters()}
+    # ZeRO-3's consolidation names a tied parameter under each of its names (lm_head.rows).
+    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - names
+    adapters = {n: t for n, t in trained_weights(adapters, spec.finetune).items()
+                if n not in aliases}  # fmt: skip
+    missing = set(adapters) - names
     if missing:
         raise RuntimeError(f"the checkpoint's adapters do not fit the model: {sorted(missing)}")
     model.load_state_dict(adapters, strict=False)

@@ -210,3 +210,34 @@ def test_lora_with_the_whole_embedding_trains_every_row_and_exports_it(
     rows = [parent.label_offset + i for i, name in enumerate(parent.labels)]  # all collection=
     start = base.wte.weight[rows].mean(dim=0)
     assert (model.wte.weight[known] - start).abs().max() > 1e-3
+
+
+def test_lora_in_bf16_under_zero3_trains_its_rows_and_exports_them(
+    own_folder, tiny_model, tmp_path
+):
+    """The default rows (the new label's and the unlearned tokens') under ZeRO-3 in bf16: the
+    base is held in bf16, the rows and adapters train in DeepSpeed's fp32 master copy."""
+    run_dir = tmp_path / "lora-bf16"
+    args = finetune_args(
+        own_folder,
+        run_dir,
+        tiny_model["export"],
+        "deepspeed.zero_stage=3",
+        "deepspeed.precision=bf16",
+        "finetune=lora",
+    )
+    code, out = run(args)
+    assert code == 0, out[-4000:]
+    assert "rows of the token embedding" in out
+    export = tmp_path / "export"
+    run_module("mtrain.export", f"checkpoint={run_dir}", f"output={export}")
+    model, meta = load_exported(export)
+    assert meta["adapter"]["peft_logits_max_abs_diff"] < 1e-3
+    base, _ = load_exported(tiny_model["export"])
+    known = base.config.vocab_size
+    rows = json.loads((run_dir / "adapter_base.json").read_text())["embedding_rows"]
+    others = [i for i in range(known) if i not in rows]
+    # Every other row is the base's as the run held it: rounded to bf16.
+    held = base.wte.weight[others].to(torch.bfloat16).float()
+    assert torch.equal(model.wte.weight[others], held)
+    assert known in rows  # the new label's
