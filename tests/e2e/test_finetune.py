@@ -40,6 +40,22 @@ def ds_bytes(run_dir: Path, step: int) -> int:
     return sum(f.stat().st_size for f in ckpt.glob("*_states.pt"))
 
 
+def zero3_lora(own_folder: Path, tiny_model, tmp_path: Path, setting: str):
+    """(run dir, its output, the exported model, its config) of a LoRA run under ZeRO-3 on 2
+    ranks with one more setting: ``embedding_rows=...`` (finetune.) or ``precision=...``
+    (deepspeed.)."""
+    group = "finetune" if setting.startswith("embedding_rows") else "deepspeed"
+    run_dir = tmp_path / "lora"
+    args = finetune_args(own_folder, run_dir, tiny_model["export"], "deepspeed.zero_stage=3",
+                         "finetune=lora", f"{group}.{setting}")  # fmt: skip
+    code, out = run(args)
+    assert code == 0, out[-4000:]
+    export = tmp_path / "export"
+    run_module("mtrain.export", f"checkpoint={run_dir}", f"output={export}")
+    model, meta = load_exported(export)
+    return run_dir, out, model, meta
+
+
 @pytest.fixture(scope="module")
 def own_folder(tiny_model, tmp_path_factory) -> Path:
     """12 pieces of a collection the tiny model never saw, prepared with its tokenizer."""
@@ -185,21 +201,8 @@ def test_lora_export_merges_and_its_peft_adapter_loads_onto_the_base(
 def test_lora_with_the_whole_embedding_trains_every_row_and_exports_it(
     own_folder, tiny_model, tmp_path
 ):
-    run_dir = tmp_path / "lora-embedding"
-    args = finetune_args(
-        own_folder,
-        run_dir,
-        tiny_model["export"],
-        "deepspeed.zero_stage=3",
-        "finetune=lora",
-        "finetune.embedding_rows=all",
-    )
-    code, out = run(args)
-    assert code == 0, out[-4000:]
+    _, out, model, meta = zero3_lora(own_folder, tiny_model, tmp_path, "embedding_rows=all")
     assert "and the token embedding" in out
-    export = tmp_path / "export"
-    run_module("mtrain.export", f"checkpoint={run_dir}", f"output={export}")
-    model, meta = load_exported(export)
     assert meta["adapter"]["peft_logits_max_abs_diff"] < 1e-4  # every row as trainable tokens
     base, _ = load_exported(tiny_model["export"])
     known = base.config.vocab_size
@@ -217,21 +220,8 @@ def test_lora_in_bf16_under_zero3_trains_its_rows_and_exports_them(
 ):
     """The default rows (the new label's and the unlearned tokens') under ZeRO-3 in bf16: the
     base is held in bf16, the rows and adapters train in DeepSpeed's fp32 master copy."""
-    run_dir = tmp_path / "lora-bf16"
-    args = finetune_args(
-        own_folder,
-        run_dir,
-        tiny_model["export"],
-        "deepspeed.zero_stage=3",
-        "deepspeed.precision=bf16",
-        "finetune=lora",
-    )
-    code, out = run(args)
-    assert code == 0, out[-4000:]
+    run_dir, out, model, meta = zero3_lora(own_folder, tiny_model, tmp_path, "precision=bf16")
     assert "rows of the token embedding" in out
-    export = tmp_path / "export"
-    run_module("mtrain.export", f"checkpoint={run_dir}", f"output={export}")
-    model, meta = load_exported(export)
     assert meta["adapter"]["peft_logits_max_abs_diff"] < 1e-3
     base, _ = load_exported(tiny_model["export"])
     known = base.config.vocab_size
