@@ -121,6 +121,21 @@ class Tally:
 
 
 @torch.no_grad()
+def window_nats(
+    model: GPT, batch: list[tuple[np.ndarray, np.ndarray]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(nats per target, the targets, which of them are scored) of a batch of ``windows``, on
+    the CPU (tallies index them with numpy)."""
+    inputs = torch.from_numpy(np.stack([w[0] for w in batch]))
+    targets = torch.from_numpy(np.stack([w[1] for w in batch]))
+    logits = model.eval()(inputs.to(model.device)).logits.float()
+    nll = F.cross_entropy(
+        logits.transpose(1, 2), targets.to(model.device), ignore_index=IGNORE, reduction="none"
+    ).cpu()
+    return nll, targets, targets != IGNORE
+
+
+@torch.no_grad()
 def evaluate_pieces(
     model: GPT, tokenizer: MusicTokenizer, pieces: Iterable[StoredPiece], batch_size: int = 8
 ) -> dict:
@@ -130,16 +145,9 @@ def evaluate_pieces(
     tally = Tally()
     # Windows waiting for a batch, each with the collection tally of its piece.
     pending: list[tuple[np.ndarray, np.ndarray, Tally]] = []
-    device = model.device
 
     def flush():
-        inputs = torch.from_numpy(np.stack([w[0] for w in pending]))
-        targets = torch.from_numpy(np.stack([w[1] for w in pending]))
-        logits = model.eval()(inputs.to(device)).logits.float()
-        nll = F.cross_entropy(
-            logits.transpose(1, 2), targets.to(device), ignore_index=IGNORE, reduction="none"
-        ).cpu()  # the tally by token type indexes with numpy
-        scored = targets != IGNORE
+        nll, targets, scored = window_nats(model, [(w[0], w[1]) for w in pending])
         tally.add_tokens(nll[scored].sum().item(), int(scored.sum()))
         tally.add_types(nll[scored].numpy(), kinds[targets[scored].numpy()])
         row_nats, row_tokens = (nll * scored).sum(1), scored.sum(1)

@@ -14,12 +14,11 @@ from itertools import islice
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from data_pipeline.reader import StoredPiece
 from data_pipeline.tokenizer import MusicTokenizer
-from mtrain.evaluation.likelihood import IGNORE, windows
-from mtrain.model import GPT
+from mtrain.evaluation.likelihood import window_nats, windows
+from mtrain.model import GPT, GPTConfig
 
 log = logging.getLogger(__name__)
 # Windows of the training split the base reads to find its unlearned tokens: enough for a
@@ -38,15 +37,8 @@ def surprise_by_token(
     ``SCORED_WINDOWS`` windows of ``pieces``, each piece read as training reads it."""
     vocab = model.config.vocab_size
     nats, counts = np.zeros(vocab), np.zeros(vocab, dtype=np.int64)
-    length = model.config.max_seq_len
-    model.eval()
-    for batch in _batches(_windows(tokenizer, pieces, length), batch_size):
-        inputs = torch.from_numpy(np.stack([w[0] for w in batch]))
-        targets = torch.from_numpy(np.stack([w[1] for w in batch]))
-        logits = model(inputs.to(model.device)).logits.float()
-        nll = F.cross_entropy(logits.transpose(1, 2), targets.to(model.device),
-                              ignore_index=IGNORE, reduction="none").cpu()  # fmt: skip
-        scored = targets != IGNORE
+    for batch in _batches(_windows(tokenizer, pieces, model.config.max_seq_len), batch_size):
+        nll, targets, scored = window_nats(model, batch)
         np.add.at(nats, targets[scored].numpy(), nll[scored].double().numpy())
         np.add.at(counts, targets[scored].numpy(), 1)
     return nats, counts
@@ -83,18 +75,26 @@ def describe(tokenizer: MusicTokenizer, ids: Iterable[int]) -> str:
 
 
 def choose_rows(
-    mode, init_from: str, model: GPT, tokenizer: MusicTokenizer, pieces: Iterable[StoredPiece]
+    mode,
+    init_from: str,
+    shape: GPTConfig,
+    tokenizer: MusicTokenizer,
+    pieces: Iterable[StoredPiece],
+    device: torch.device,
 ) -> list[int]:
     """The rows ``finetune.embedding_rows=mode`` trains (``new`` or ``unlearned``) over the
-    base ``init_from``: ``model`` is a plain GPT of the run's shape, on the run's device,
-    filled here with the base's weights (grown for the new labels) to score ``pieces``."""
+    base ``init_from``. For ``unlearned`` a plain GPT of the run's ``shape`` on ``device``,
+    filled with the base's weights (grown for the new labels), scores ``pieces``."""
     from mtrain.exported.loading import exported_tokenizer, load_weights
     from mtrain.training.adapters import EmbeddingRows
+    from mtrain.training.memory_plan import NoInitialValues
 
     parent = exported_tokenizer(init_from)
     rows = new_label_rows(parent.vocab_size, tokenizer.vocab_size)
     if mode != EmbeddingRows.unlearned:
         return rows
+    with NoInitialValues():  # the base's weights fill it
+        model = GPT(shape).to(device)
     load_weights(model, init_from, tokenizer)
     nats, counts = surprise_by_token(model, tokenizer, pieces)
     unlearned = unlearned_tokens(nats, counts, model.config.vocab_size)

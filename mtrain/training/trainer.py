@@ -21,7 +21,6 @@ from mtrain.distributed import collectives, heartbeats
 from mtrain.exported.adapter import check_base, record_base, recorded_rows
 from mtrain.exported.loading import load_weights
 from mtrain.exported.model_dir import WEIGHTS
-from mtrain.model import GPT
 from mtrain.runs.run_dir import RunDir
 from mtrain.runs.tracking import Tracker
 from mtrain.training.adapters import EmbeddingRows, add_adapters
@@ -30,7 +29,6 @@ from mtrain.training.config import TrainConfig, batch_sizes
 from mtrain.training.contrastive import CONTRASTIVE, contrastive_batch_loss
 from mtrain.training.engine import as_float, batch_loss, build_engine, engine_config, new_model
 from mtrain.training.grad_sync import OverlappedAllReduce, take_gradient_reduction
-from mtrain.training.memory_plan import NoInitialValues
 from mtrain.training.monitor import StepTimer, ThroughputMonitor
 from mtrain.training.resume import check_resumable
 from mtrain.training.samples import TrainingSamples
@@ -320,11 +318,8 @@ class Trainer:
         if self.place.is_main:
             data = self.data
             pieces = data.reader.pieces(split_shares(data.cfg.path, "train", data.card))
-            with NoInitialValues():  # the base's weights fill it
-                scorer = GPT(cfg.model).to(device)
-            rows = choose_rows(cfg.finetune.embedding_rows, cfg.init_from, scorer,
-                               data.tokenizer, pieces)  # fmt: skip
-            del scorer
+            rows = choose_rows(cfg.finetune.embedding_rows, cfg.init_from, cfg.model,
+                               data.tokenizer, pieces, device)  # fmt: skip
         return collectives.from_rank_0(rows)
 
     def _log_batch_sizes(self) -> None:
