@@ -1,10 +1,13 @@
 """Bar controls: how often a generated bar meets the value asked of it (MidiTok's computation
-on the generated bar), against how often the same bars meet it unasked, in the same run.
+on the generated bar), held by the sampling mask (the default), left to the model alone, and
+unasked (the baseline), in the same run.
 
 For each attribute ``--checkpoint`` was trained to control, the values at the 10th, 50th and
 90th percentiles of the bars of ``--data``'s ``--split`` (distinct values; a flag: 0 and 1)
 are asked of bars 2 to 1 + ``--bars-per-piece`` of pieces composed from BOS, until ``--bars``
-bars per value; the baseline composes the same pieces (same seeds) asking nothing.
+bars per value; every mode composes the same pieces (same seeds). Beside each: the CPU time,
+and the nats per token the model gives the music drawn (mask and controls aside): what holding
+a value costs in the model's own judgement.
 
     python bench/bench_controls.py --checkpoint runs/controls/export --data data/bach
 """
@@ -16,13 +19,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from data_pipeline.bar_controls import ATTRIBUTES, bar_values
 from data_pipeline.reader import ShardReader, load_card, split_shares
+from mtrain.evaluation.likelihood import IGNORE
 from mtrain.exported.loading import load_for_inference
 from mtrain.generation.compose import DEFAULT_MIN_P, compose
 from mtrain.generation.controls import ControlPlan, outcomes, parse_controls
 from mtrain.generation.sampling import SamplingConfig
+
+MODES = ("held", "asked", "unasked")
 
 
 def order(value: str) -> float:
@@ -48,6 +55,27 @@ def asked_values(tokenizer, data: str, split: str, names: list[str]) -> dict[str
     return picked
 
 
+@torch.no_grad()
+def nats_per_token(model, pieces, skip: set[int]) -> float:
+    """The model's mean loss on the tokens it drew (prompt and control tokens aside)."""
+    length = model.config.max_seq_len
+    total, count = 0.0, 0
+    for piece in pieces:
+        ids = np.array(piece.ids[: length + 1], dtype=np.int64)
+        targets = ids[1:].copy()
+        targets[: piece.prompt_tokens - 1] = IGNORE
+        targets[np.isin(targets, list(skip))] = IGNORE
+        logits = model.eval()(torch.from_numpy(ids[None, :-1]).to(model.device)).logits
+        nll = torch.nn.functional.cross_entropy(
+            logits[0].float(),
+            torch.from_numpy(targets).to(model.device),
+            ignore_index=IGNORE,
+            reduction="sum",
+        )
+        total, count = total + float(nll), count + int((targets != IGNORE).sum())
+    return total / max(1, count)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True)
@@ -70,14 +98,18 @@ def main():
     sampling = SamplingConfig(
         temperature=args.temperature, min_p=DEFAULT_MIN_P, max_new_tokens=args.max_new_tokens
     )
-    rows = []
+    rows, controls_ids = [], set(index.values())
     for name in names:
         for value in values[name]:
             text = f"2-{last}:{name}={value}"
             asked = parse_controls(text)
-            plan = ControlPlan.of(tokenizer, text)
             row = {"attribute": name, "value": value, "controls": text}
-            for mode, controls in (("asked", plan), ("unasked", None)):
+            plans = {
+                "held": ControlPlan.of(tokenizer, text),
+                "asked": ControlPlan.of(tokenizer, text, held=False),
+                "unasked": None,
+            }
+            for mode, controls in plans.items():
                 started = time.process_time()
                 composed = compose(
                     model,
@@ -99,22 +131,22 @@ def main():
                     "no_value": sum(o.got is None for o in found),
                     "repairs": sum(p.repairs for p in composed),
                     "cpu_s": round(time.process_time() - started, 1),
+                    "nats_per_token": round(nats_per_token(model, composed, controls_ids), 4),
                 }
             rows.append(row)
             print(json.dumps(row), flush=True)
     print()
-    print("| attribute | asked value | met when asked | met unasked (baseline) |")
-    print("| --- | --- | --- | --- |")
+    print("| attribute | asked value | held by the mask | the model alone | unasked (baseline) |")
+    print("| --- | --- | --- | --- | --- |")
     for row in rows:
         cells = []
-        for mode in ("asked", "unasked"):
+        for mode in MODES:
             m = row[mode]
-            valued = m["bars"] - m["no_value"]
             cells.append(
-                f"{m['met']}/{m['bars']} ({m['share']:.0%}; "
-                f"{m['met'] / max(1, valued):.0%} of the {valued} with a value)"
+                f"{m['met']}/{m['bars']} ({m['share']:.0%}); {m['nats_per_token']:.2f} nats/token, "
+                f"{m['cpu_s']} CPU s"
             )
-        print(f"| {row['attribute']} | {row['value']} | {cells[0]} | {cells[1]} |")
+        print(f"| {row['attribute']} | {row['value']} | {' | '.join(cells)} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

@@ -11,6 +11,7 @@ import torch
 from data_pipeline.bar_controls import ATTRIBUTES, attributes_named, bar_values
 from data_pipeline.errors import ConfigError
 from data_pipeline.tokenizer import MusicTokenizer
+from mtrain.generation.bar_guard import BarGuard
 
 CONTROLS_FORMAT = (
     "BARS:ATTRIBUTE=VALUE items joined by commas, bars counted from 1 (e.g. "
@@ -42,9 +43,13 @@ class ControlPlan:
     """The control ids to place before each asked bar, in the order training put them."""
 
     by_bar: dict[int, list[int]]
+    asked: dict[int, dict[str, str]]  # parse_controls's reading of the request
+    # Whether sampling also masks what would break an asked value (``bar_guard``), or leaves
+    # meeting it to the model, which reads the controls (the bench's baseline for the model).
+    held: bool = True
 
     @classmethod
-    def of(cls, tokenizer: MusicTokenizer, text: str) -> "ControlPlan":
+    def of(cls, tokenizer: MusicTokenizer, text: str, held: bool = True) -> "ControlPlan":
         """``text`` as model ids, once every attribute and value is known to the model."""
         index = tokenizer.control_index
         if not index:
@@ -54,8 +59,8 @@ class ControlPlan:
             )
         trained = [a for a in ATTRIBUTES.values() if set(a.tokens) <= set(index)]
         by_name = {a.name: a for a in trained}
-        by_bar = {}
-        for bar, values in sorted(parse_controls(text).items()):
+        by_bar, asked = {}, parse_controls(text)
+        for bar, values in sorted(asked.items()):
             for name, value in values.items():
                 attribute = by_name.get(name)
                 if attribute is None:
@@ -69,7 +74,7 @@ class ControlPlan:
                         f"{', '.join(attribute.values)}"
                     )
             by_bar[bar] = [index[a.token(values[a.name])] for a in trained if a.name in values]
-        return cls(by_bar)
+        return cls(by_bar, asked, held)
 
     @property
     def ids(self) -> set[int]:
@@ -85,7 +90,8 @@ class Steering:
     grammar's mask: where the next bar is asked and may open, its first control replaces the
     Bar, with the probability the model gives to ending the bar there (a Bar, or any control:
     what training put at a bar's end); after a control only the next one, after the last only
-    a Bar. Until the last asked bar opens, the piece may not end."""
+    a Bar. Until the last asked bar opens, the piece may not end. A plan ``held`` also masks,
+    first, what would break the asked values (``bar_guard.BarGuard``)."""
 
     def __init__(
         self, plan: ControlPlan, tokenizer: MusicTokenizer, bar_openers: list[int], rows: int
@@ -96,8 +102,11 @@ class Steering:
         self.opener_set, self.control_set = set(bar_openers), plan.ids
         self.bars = [0] * rows  # bar openers read
         self.placed = [0] * rows  # controls read since
+        self.guard = BarGuard(tokenizer, plan.asked, rows) if plan.held else None
 
     def read(self, row: int, model_id: int) -> None:
+        if self.guard is not None:
+            self.guard.read(row, model_id)
         if model_id in self.control_set:
             self.placed[row] += 1
         elif model_id in self.opener_set:
@@ -113,6 +122,8 @@ class Steering:
             mask, asked = allowed[row], self.plan.by_bar.get(self.bars[row] + 1, [])
             before = mask.clone()
             placed = self.placed[row]
+            if self.guard is not None:
+                self.guard.narrow(row, self.bars[row], mask, ended=placed > 0)
             if placed:
                 may_open = mask[openers].clone()
                 mask[:] = False

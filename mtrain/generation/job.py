@@ -76,6 +76,10 @@ class GenerateConfig:
     # (quoted on the command line: 'controls="..."'); each asked control token is placed
     # before its bar by the sampling grammar.
     controls: str | None = None
+    # Hold the asked values at sampling time (MIDI-GPT's constraint): a note, an onset or a
+    # duration that would break one is masked, and so is ending an asked bar before it holds
+    # what was asked. false leaves meeting them to the model, which reads the controls.
+    hold_controls: bool = True
     # Length limits on each whole piece (prompt included) besides sampling.max_new_tokens.
     max_bars: int | None = None
     max_seconds: float | None = None
@@ -189,7 +193,11 @@ def controls_met(cfg: GenerateConfig, piece) -> dict:
 def generate_samples(cfg: GenerateConfig, overrides: list[str] = ()) -> dict:
     model, meta, tokenizer, model_dir = load_for_inference(cfg.checkpoint, cfg.device)
     labels = parse_labels(cfg.label)
-    plan = None if cfg.controls is None else ControlPlan.of(tokenizer, cfg.controls)
+    plan = (
+        None
+        if cfg.controls is None
+        else ControlPlan.of(tokenizer, cfg.controls, held=cfg.hold_controls)
+    )
     if cfg.infill:
         check_infillable(tokenizer, f"infill={cfg.infill}", meta)
         validate_labels(tokenizer, labels)
