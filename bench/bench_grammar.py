@@ -10,8 +10,9 @@ sampling without it, in the same run.
    random logits over REMI's vocabulary, 400 steps, a fresh table (states built as met).
 3. Cost: milliseconds per new token at batch ``--batch`` for the ``--model`` shape (seeded
    random weights, REMI vocabulary), ``--cost-tokens`` new tokens per run, masked vs
-   unmasked, ``--repeats`` runs each, interleaved, best kept. Every state's mask is worked out
-   the first time it is met, inside the timed run (a fresh table each run).
+   unmasked, and masked with bar controls held on every bar (``bar_guard``), ``--repeats``
+   runs each, interleaved, best kept. Every state's mask is worked out the first time it is
+   met, inside the timed run (a fresh table each run).
 
     python bench/bench_grammar.py --checkpoint runs/barely/export
 """
@@ -27,8 +28,10 @@ from omegaconf import OmegaConf
 
 from data_pipeline.config import TokenizerConfig
 from data_pipeline.tokenizer import MusicTokenizer, build_base_tokenizer
+from mtrain.data.controls import AttributeControlsConfig, with_controls
 from mtrain.exported.loading import load_for_inference
 from mtrain.generation.compose import compose
+from mtrain.generation.controls import ControlPlan, Steering
 from mtrain.generation.decoding import decode
 from mtrain.generation.grammar import Cursor, piece_grammar
 from mtrain.generation.sampling import SamplingConfig
@@ -84,18 +87,34 @@ def mask_alone(steps: int = 400) -> dict:
 
 
 def cost(args) -> dict:
-    tokenizer = MusicTokenizer(build_base_tokenizer(TokenizerConfig()), [])
+    plain = MusicTokenizer(build_base_tokenizer(TokenizerConfig()), [])
+    # The same vocabulary with bar-control tokens, for the third contender: the grammar with
+    # asked controls held on every bar (``bar_guard``) besides it.
+    controls = AttributeControlsConfig(attributes=["note_density", "polyphony_max"])
+    tokenizer = with_controls(plain, controls)
+    plan = ControlPlan.of(tokenizer, "1-64:note_density=8,1-64:polyphony_max=2")
     shape = OmegaConf.to_container(OmegaConf.load(REPO / "conf/model" / f"{args.model}.yaml"))
     torch.manual_seed(0)
     model = GPT(GPTConfig(**{**shape, "vocab_size": tokenizer.vocab_size})).eval()
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=args.cost_tokens)
-    best = {"unmasked": float("inf"), "masked": float("inf")}
+    best = {"unmasked": float("inf"), "masked": float("inf"), "masked_held_controls": float("inf")}
+    banned = list(tokenizer.control_index.values())
     for repeat in range(args.repeats):
         for name in best:
-            grammar = piece_grammar(tokenizer) if name == "masked" else None
+            grammar = piece_grammar(tokenizer) if name != "unmasked" else None
+            steering = None
+            if name == "masked_held_controls":
+                steering = Steering(plan, tokenizer, grammar.bar_openers, args.batch)
             seeded = dataclasses.replace(sampling, seed=repeat)
             started = time.perf_counter()
-            rows = decode(model, [[tokenizer.bos_id]] * args.batch, seeded, grammar=grammar)
+            rows = decode(
+                model,
+                [[tokenizer.bos_id]] * args.batch,
+                seeded,
+                banned_ids=[] if steering else banned,
+                grammar=grammar,
+                steering=steering,
+            )
             elapsed = time.perf_counter() - started
             new = sum(len(r.tokens) for r in rows) / args.batch
             best[name] = min(best[name], 1000 * elapsed / new)
@@ -104,6 +123,7 @@ def cost(args) -> dict:
         "batch": args.batch,
         "ms_per_token": best,
         "mask_overhead": best["masked"] / best["unmasked"] - 1,
+        "held_controls_overhead": best["masked_held_controls"] / best["unmasked"] - 1,
     }
 
 
