@@ -76,6 +76,11 @@ class DataConfig:
     num_workers: int = 2
     # Pieces shuffled together; 1 reads them in (shuffled) shard order.
     shuffle_buffer: int = 1000
+    # Packed windows each stream holds and hands out in a seeded random order; 1 hands them
+    # out as packed. Packed in order, a step's windows continue the pieces of the step before:
+    # with few streams (one rank) the model then learns less a step and its loss spikes at
+    # the peak learning rate (bench/README.md, "One rank learned less a step").
+    window_shuffle: int = 64
     seed: int = 0
     # Largest pitch transposition in semitones; 0 turns it off. Drums are never transposed.
     transpose_range: int = 5
@@ -102,6 +107,7 @@ class DataConfig:
             [
                 (self.num_workers >= 0, "num_workers", "must be at least 0"),
                 (self.shuffle_buffer >= 1, "shuffle_buffer", "must be at least 1"),
+                (self.window_shuffle >= 1, "window_shuffle", "must be at least 1 (1: off)"),
                 (self.transpose_range >= 0, "transpose_range", "must be at least 0 (0: off)"),
                 (self.velocity_shift >= 0, "velocity_shift", "must be at least 0 (0: off)"),
                 (
@@ -168,6 +174,24 @@ def _stream_states(loader: dict, workers: int) -> list[dict | None]:
     return [(snapshots.get(f"worker_{w}") or {}).get("dataset_state") for w in range(workers)]
 
 
+def held_windows(state: dict, seq_len: int) -> list[np.ndarray]:
+    """The windows a stream's state holds (``TrainStream.state_dict``), each seq_len + 1."""
+    held = np.frombuffer(state.get("held", b""), dtype=np.int64)
+    return list(held.reshape(-1, seq_len + 1).copy())
+
+
+def unpacked(at: dict, seq_len: int) -> list[int]:
+    """A stream's tokens not yet trained on, as one run for another stream's packer: its held
+    windows, then its carry. Each window's first token is only the input of its second (the
+    previous window's target), and so is the carry's first: those are dropped after the first
+    window, so that no token is a target twice (the next token reads another context there)."""
+    held = [window.tolist() for window in held_windows(at, seq_len)]
+    if not held:
+        return list(at["carry"])
+    tokens = held[0] + [t for window in held[1:] for t in window[1:]]
+    return tokens + list(at["carry"])[1:]
+
+
 def inputs_and_targets(windows: list[np.ndarray] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Collates windows of seq_len + 1 tokens into (inputs, targets), each [batch, seq_len];
     windows a loader worker stacked already are used as they came."""
@@ -203,6 +227,9 @@ class TrainStream(IterableDataset):
             self.pairs = ViewPairs(tokenizer, augment, views.view_tokens)
         self.epoch = self.block = self.done = 0
         self.packer = SequencePacker(seq_len)
+        self.held: list[np.ndarray] = []  # packed windows not handed out yet
+        self.handed = 0  # windows handed out from the held ones: the draw's counter
+        self.stream = 0
         self.dealing = Dealing(shards, cfg.seed, cfg.shuffle_buffer, {})
         # The old streams' unpacked tokens, for a dealing on another number of streams.
         self.handover: list[list[int]] = []
@@ -215,17 +242,25 @@ class TrainStream(IterableDataset):
             "done": self.done,
             # A list, not an array: checkpoints load with torch.load(weights_only=True).
             "carry": self.packer.carry.tolist(),
+            # Bytes: a state goes through the worker's queue with every batch, and bytes
+            # pickle as one copy (a list of ints costs a conversion per token, a tensor a
+            # file-descriptor handshake); torch.load(weights_only=True) reads them too.
+            "held": np.stack(self.held).tobytes() if self.held else b"",
+            "handed": self.handed,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.block, self.done = state["epoch"], state["block"], state["done"]
         self.packer = SequencePacker(self.seq_len, state["carry"])
+        self.held = held_windows(state, self.seq_len)
+        self.handed = state.get("handed", 0)
         self.restored = True
 
     def __iter__(self) -> Iterator[np.ndarray]:
         worker = get_worker_info()
         workers, worker_id = (1, 0) if worker is None else (worker.num_workers, worker.id)
         stream, num_streams = self.rank * workers + worker_id, self.world_size * workers
+        self.stream = stream
         size = self.cfg.shuffle_buffer
         if not self.restored:
             carry = handed_over(self.handover, stream, num_streams)
@@ -238,7 +273,7 @@ class TrainStream(IterableDataset):
                 for i in order[self.done :]:
                     self.done += 1
                     if pieces[i] is not None:
-                        yield from self._items(pieces[i])
+                        yield from self._shuffled(self._items(pieces[i]))
                 self.block, self.done = self.block + 1, 0
             self.epoch, self.block = self.epoch + 1, 0
             if self.reader.damaged >= {s.url for s in self.shards}:
@@ -260,6 +295,23 @@ class TrainStream(IterableDataset):
         if self.pairs is not None:
             return iter([self.pairs(piece.tokens, self._rng(piece))])
         return self.packer.add(self._document(piece))
+
+    def _shuffled(self, windows: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        """``windows`` through the held ones: each new window takes the place of one drawn
+        from them (seeded by the stream and the draw's count), which is handed out."""
+        size = self.cfg.window_shuffle if self.pairs is None else 1
+        for window in windows:
+            if size == 1:
+                yield window
+            elif len(self.held) < size:
+                self.held.append(window)
+            else:
+                draw = np.random.default_rng([self.cfg.seed, self.stream, self.handed])
+                slot = int(draw.integers(size))
+                out, self.held[slot] = self.held[slot], window
+                # Moved on before the yield, as the packer does: a state saved now is exact.
+                self.handed += 1
+                yield out
 
     def _rng(self, piece: StoredPiece) -> np.random.Generator:
         # Seeded by the piece, not the stream: the same piece gets the same augmentation
@@ -410,7 +462,8 @@ class StreamingData:
                 if epoch <= at["epoch"]
             ]
             consumed[epoch] = as_ranges(np.concatenate(parts))
-        carries = [list(at["carry"]) for _, _, at, _ in sorted(streams, key=lambda s: s[0])]
+        ordered = sorted(streams, key=lambda s: s[0])
+        carries = [unpacked(at, self.seq_len) for _, _, at, _ in ordered]
         return DataPosition(consumed, carries)
 
     def _dealt(self) -> dict:

@@ -6,7 +6,7 @@ import logging
 import shutil
 import signal
 import tarfile
-from itertools import islice
+from itertools import islice, pairwise
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,14 @@ from data_pipeline.reader import (
 from data_pipeline.tokenizer import MusicTokenizer
 from mtrain.data.augmentation import Augmenter
 from mtrain.data.dealing import stream_shares
-from mtrain.data.loader import DataConfig, StreamingData
+from mtrain.data.loader import (
+    DataConfig,
+    StreamingData,
+    _stream_states,
+    held_windows,
+    unpacked,
+)
+from mtrain.data.packing import SequencePacker
 from mtrain.data.views import PAD as PAD_VIEW
 from mtrain.data.views import ViewSpec
 
@@ -68,8 +75,9 @@ def pieces(dataset) -> dict[tuple, tuple[str, str]]:
 
 
 def config(ds: Path, **overrides) -> DataConfig:
-    """A small loader with augmentation off, so documents can be matched to pieces."""
-    settings = dict(num_workers=0, shuffle_buffer=4, transpose_range=0)
+    """A small loader with augmentation off and windows handed out as packed, so documents
+    can be matched to pieces."""
+    settings = dict(num_workers=0, shuffle_buffer=4, transpose_range=0, window_shuffle=1)
     return DataConfig(path=str(ds), **{**settings, **overrides})
 
 
@@ -364,7 +372,9 @@ def test_more_streams_than_a_shared_shard_can_feed_are_refused(dataset):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_continues_with_the_batches_of_an_uninterrupted_run(dataset, tmp_path, num_workers):
-    settings = dict(seq_len=128, num_workers=num_workers, transpose_range=5, velocity_shift=1)
+    settings = dict(
+        seq_len=128, num_workers=num_workers, transpose_range=5, velocity_shift=1, window_shuffle=8
+    )
     run = data(dataset, **settings)
     batches = run.train_batches()
     take(batches, 11)
@@ -479,3 +489,34 @@ def test_the_contrastive_loader_gives_two_windows_of_one_piece_and_resumes_exact
 def contains(doc: tuple, window: list[int]) -> bool:
     n = len(window)
     return any(list(doc[i : i + n]) == window for i in range(len(doc) - n + 1))
+
+
+def test_held_windows_are_handed_out_shuffled_and_none_is_lost(dataset):
+    """With window_shuffle=k, the windows handed out and those held are exactly the windows
+    packed in order, each once; consecutive ones mostly do not follow in packing order."""
+    n, k, seq_len = 60, 8, 256
+    packed = [w for inputs, _ in train(dataset, n + k, micro_batch_size=1) for w in inputs.tolist()]
+    run = data(dataset, micro_batch_size=1, window_shuffle=k)
+    shuffled = [w for inputs, _ in take(run.train_batches(), n) for w in inputs.tolist()]
+    state = _stream_states(run.state_dict()["loader"], 1)[0]
+    held = [w[:-1].tolist() for w in held_windows(state, seq_len)]  # as inputs
+    key = {tuple(w): place for place, w in enumerate(packed)}
+    places = [key[tuple(w)] for w in shuffled + held]
+    assert sorted(places) == list(range(n + k))
+    in_order = sum(b == a + 1 for a, b in pairwise(places[:n]))
+    assert in_order < n // 4, places
+
+
+def test_a_stream_handed_over_keeps_each_target_once():
+    """``unpacked``: a stream's held windows and carry, packed again by another stream, give
+    every token not yet a target exactly once as a target."""
+    length = 4
+    packer = SequencePacker(length)
+    windows = list(packer.add(np.arange(1, 40)))
+    handed, held = [windows[0], windows[2], windows[5]], [windows[4], windows[1], windows[3]]
+    handed += windows[6:]
+    at = {"carry": packer.carry.tolist(), "held": np.stack(held).tobytes()}
+    again = SequencePacker(length)
+    repacked = list(again.add(np.array(unpacked(at, length))))
+    targets = [t for w in handed + repacked for t in w[1:]] + again.carry[1:].tolist()
+    assert sorted(targets) == list(range(2, 40))
