@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -21,8 +22,8 @@ from mtrain.runs.run_dir import RunDir, model_shape
 from mtrain.training.compute_budget import plan
 from mtrain.training.config import TrainerConfig
 
-# A run whose training loss climbs this far above its first step's has diverged, even where
-# every value stayed finite.
+# A run whose final validation loss is this far above its training loss at its best has
+# diverged, even where every value stayed finite (a spike the run recovers from is none).
 DIVERGED_RISE = 1.5
 
 
@@ -109,11 +110,6 @@ def read_point(run: RunDir) -> SweepPoint | SetAside:
     if bad:
         return SetAside(where, f"diverged: non-finite loss at step {bad[0]}")
     train = [r["train/loss"] for r in rows if "train/loss" in r]
-    if train and max(train) > DIVERGED_RISE * train[0]:
-        return SetAside(
-            where,
-            f"diverged: training loss rose to {max(train):.3f} from {train[0]:.3f} at the start",
-        )
     if last < found.steps:
         return SetAside(where, f"unfinished: step {last} of {found.steps}")
     final = next(
@@ -125,8 +121,28 @@ def read_point(run: RunDir) -> SweepPoint | SetAside:
         return SetAside(
             where, f"diverged: final validation loss {final:.3f} is no lower than at the start"
         )
+    best = best_tenth(train)
+    if best is not None and final > DIVERGED_RISE * best:
+        return SetAside(
+            where,
+            f"diverged: final validation loss {final:.3f} is {final / best:.1f}x the training "
+            f"loss of its best tenth of the run ({best:.3f})",
+        )
     return SweepPoint(
         where, model.depth, budget, found.params, found.tokens, found.flops, final, found.steps
+    )
+
+
+def best_tenth(train: list[float]) -> float | None:
+    """The lowest mean training loss over a tenth of the run (None without any). Means over
+    tenths, and the check against the validation loss, because one stream's training loss
+    climbs for hundreds of steps on a long piece unlike the rest (a sweep reads one stream),
+    while the model is fine."""
+    if not train:
+        return None
+    tenth = max(1, len(train) // 10)
+    return min(
+        float(np.mean(train[i : i + tenth])) for i in range(0, len(train) - tenth + 1, tenth)
     )
 
 

@@ -53,7 +53,7 @@ def test_a_finished_run_is_a_point_with_its_n_d_and_c(tmp_path):
     ("losses", "val", "reason"),
     [
         (lambda n: [5.0, math.nan] + [2.0] * (n - 2), 1.5, "diverged: non-finite loss at step 2"),
-        (lambda n: [5.0] * (n // 2) + [9.0] * (n - n // 2), 1.5, "diverged: training loss rose"),
+        (lambda n: [5.0] + [1.0] * (n // 2) + [2.5] * (n - n // 2 - 1), 2.4, "diverged: final val"),
         (lambda n: [5.0] * n, 6.0, "diverged: final validation loss 6.000 is no lower"),
         (lambda n: [5.0] * (n - 3), 1.5, "unfinished: step"),
         (lambda n: [5.0] * n, None, "no validation loss at its last step"),
@@ -68,6 +68,14 @@ def test_bad_runs_are_set_aside_with_the_reason(tmp_path, losses, val, reason):
     (aside,) = sweep.set_aside
     assert Path(aside.run_dir).name == "bad"
     assert aside.reason.startswith(reason)
+
+
+def test_a_spike_the_run_recovers_from_is_no_divergence(tmp_path):
+    n = steps()
+    spiked = [5.0] + [2.0] * (n // 2) + [9.0] * max(1, n // 20)
+    write_run(tmp_path / "spiked", spiked + [1.8] * (n - len(spiked)))
+    (point,) = read_sweep(tmp_path).points
+    assert Path(point.run_dir).name == "spiked"
 
 
 def test_a_run_without_a_budget_is_no_point(tmp_path):
