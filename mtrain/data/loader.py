@@ -176,7 +176,7 @@ def _stream_states(loader: dict, workers: int) -> list[dict | None]:
 
 def held_windows(state: dict, seq_len: int) -> list[np.ndarray]:
     """The windows a stream's state holds (``TrainStream.state_dict``), each seq_len + 1."""
-    held = np.frombuffer(state.get("held", b""), dtype=np.int64)
+    held = np.frombuffer(state.get("held") or b"", dtype=np.int64)
     return list(held.reshape(-1, seq_len + 1).copy())
 
 
@@ -244,8 +244,9 @@ class TrainStream(IterableDataset):
             "carry": self.packer.carry.tolist(),
             # Bytes: a state goes through the worker's queue with every batch, and bytes
             # pickle as one copy (a list of ints costs a conversion per token, a tensor a
-            # file-descriptor handshake); torch.load(weights_only=True) reads them too.
-            "held": np.stack(self.held).tobytes() if self.held else b"",
+            # file-descriptor handshake); torch.load(weights_only=True) reads them too, but
+            # not empty bytes (pickled as a call of ``bytes``): None holds no window.
+            "held": np.stack(self.held).tobytes() if self.held else None,
             "handed": self.handed,
         }
 

@@ -370,10 +370,16 @@ def test_more_streams_than_a_shared_shard_can_feed_are_refused(dataset):
         data(dataset, num_workers=2, world_size=16)
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_continues_with_the_batches_of_an_uninterrupted_run(dataset, tmp_path, num_workers):
+@pytest.mark.parametrize(("num_workers", "window_shuffle"), [(0, 8), (2, 8), (0, 1)])
+def test_resume_continues_with_the_batches_of_an_uninterrupted_run(
+    dataset, tmp_path, num_workers, window_shuffle
+):
     settings = dict(
-        seq_len=128, num_workers=num_workers, transpose_range=5, velocity_shift=1, window_shuffle=8
+        seq_len=128,
+        num_workers=num_workers,
+        transpose_range=5,
+        velocity_shift=1,
+        window_shuffle=window_shuffle,
     )
     run = data(dataset, **settings)
     batches = run.train_batches()
