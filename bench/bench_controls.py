@@ -23,7 +23,7 @@ import torch
 
 from data_pipeline.bar_controls import ATTRIBUTES, bar_values
 from data_pipeline.reader import ShardReader, load_card, split_shares
-from mtrain.evaluation.likelihood import IGNORE
+from mtrain.evaluation.likelihood import IGNORE, window_nats
 from mtrain.exported.loading import load_for_inference
 from mtrain.generation.compose import DEFAULT_MIN_P, compose
 from mtrain.generation.controls import ControlPlan, outcomes, parse_controls
@@ -65,14 +65,8 @@ def nats_per_token(model, pieces, skip: set[int]) -> float:
         targets = ids[1:].copy()
         targets[: piece.prompt_tokens - 1] = IGNORE
         targets[np.isin(targets, list(skip))] = IGNORE
-        logits = model.eval()(torch.from_numpy(ids[None, :-1]).to(model.device)).logits
-        nll = torch.nn.functional.cross_entropy(
-            logits[0].float(),
-            torch.from_numpy(targets).to(model.device),
-            ignore_index=IGNORE,
-            reduction="sum",
-        )
-        total, count = total + float(nll), count + int((targets != IGNORE).sum())
+        nll, _, scored = window_nats(model, [(ids[:-1], targets)])
+        total, count = total + float(nll[scored].sum()), count + int(scored.sum())
     return total / max(1, count)
 
 
