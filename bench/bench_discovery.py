@@ -17,7 +17,8 @@ Given a dataset (``--data``, e.g. ``music21:all`` prepared) and an exported lang
    model time) and the faiss index's build time and query latency on the real pieces
    (``bench/bench_search.py --index``).
 4. ``synthetic``: ``bench/bench_search.py --synthetic N`` at the model's width (exact and
-   HNSW, which ``search_index`` picks past ``APPROXIMATE_FROM`` pieces).
+   HNSW, which ``search_index`` picks past ``APPROXIMATE_FROM`` pieces): random vectors, and
+   (after stage 3) vectors drawn like stage 3's real embeddings (``--like``).
 
 A stage whose output is there is not run again (delete its directory to redo it). Run it
 niced on a shared machine::
@@ -42,9 +43,8 @@ STAGES = ("lm", "contrastive", "index", "synthetic")
 # The short contrastive run that measures a step's CPU seconds: its first steps (start-up,
 # the first batches) are left out of the rate.
 CALIBRATION_STEPS, CALIBRATION_SKIP = 8, 3
-# Contrastive training: pieces per step (two views each, of max_seq_len tokens) and the rate
-# the README's example uses.
-CONTRASTIVE_PIECES, CONTRASTIVE_LR = 16, 3e-4
+# Contrastive training: the rate the README's example uses.
+CONTRASTIVE_LR = 3e-4
 # The probe and retrieval scores' features, in report order (mtrain.evaluation.pooling).
 SYMBOLIC = ("handcrafted", "pitch_classes")
 GOAL_POINTS, GOAL_TASKS = 0.10, 3
@@ -111,11 +111,12 @@ def train_contrastive(args, root: Path, steps: int) -> Path:
         f"trainer.save_every={steps}",
         "trainer.eval_every=0",
         "trainer.log_every=10",
-        f"trainer.micro_batch_size={CONTRASTIVE_PIECES}",
-        f"trainer.global_batch_tokens={CONTRASTIVE_PIECES * 2 * seq}",
+        f"trainer.micro_batch_size={args.pieces_per_step}",
+        f"trainer.global_batch_tokens={args.pieces_per_step * 2 * seq}",
         f"optim.lr={CONTRASTIVE_LR}",
         f"optim.warmup_steps={max(1, steps // 20)}",
         "logger.mode=disabled",
+        *args.train_override,
     )
     return root
 
@@ -144,7 +145,7 @@ def contrastive(args) -> dict:
         "cpu_s": round(rows[-1]["cpu_time"] - rows[0]["cpu_time"], 1),
         "loss_first_tenth": sum(r["train/loss"] for r in first) / len(first),
         "loss_last_tenth": sum(r["train/loss"] for r in last) / len(last),
-        "pieces_per_step": CONTRASTIVE_PIECES,
+        "pieces_per_step": args.pieces_per_step,
     }
     result = embed(args, args.out / "contrastive", export, f"sample={args.pieces}")
     return {**result, "training": training, "export": str(export)}
@@ -177,11 +178,19 @@ def index_stage(args, checkpoint: Path) -> dict:
 
 
 def synthetic_stage(args, dim: int) -> dict:
-    log = args.out / f"synthetic_{args.synthetic}.log"
-    text = log.read_text() if log.exists() else ""
-    if "hnsw efSearch" not in text:
-        text = search_bench(log, "--synthetic", str(args.synthetic), "--dim", str(dim))
-    return {"vectors": args.synthetic, "dim": dim, "lines": text.strip().splitlines()}
+    """Random vectors (the worst case), and vectors drawn like stage 3's real embeddings."""
+    kinds = {"random": ("--dim", str(dim))}
+    real = args.out / "index_all" / "embeddings.npy"
+    if real.exists():
+        kinds["like the corpus"] = ("--like", str(real))
+    runs = {}
+    for kind, options in kinds.items():
+        log = args.out / f"synthetic_{args.synthetic}{'_like' if '--like' in options else ''}.log"
+        text = log.read_text() if log.exists() else ""
+        if "hnsw efSearch" not in text:
+            text = search_bench(log, "--synthetic", str(args.synthetic), *options)
+        runs[kind] = text.strip().splitlines()
+    return {"vectors": args.synthetic, "dim": dim, "runs": runs}
 
 
 # ---- the report ------------------------------------------------------------------------------
@@ -287,8 +296,9 @@ def markdown(result: dict) -> str:
         ]
     if "synthetic" in result:
         s = result["synthetic"]
-        lines += ["", f"## Search: {s['vectors']} synthetic vectors, dim {s['dim']}", ""]
-        lines += [f"    {line}" for line in s["lines"]]
+        for kind, run in s["runs"].items():
+            lines += ["", f"## Search: {s['vectors']} synthetic vectors, {kind}", ""]
+            lines += [f"    {line}" for line in run]
     return "\n".join(lines) + "\n"
 
 
@@ -300,6 +310,18 @@ def main() -> None:
     parser.add_argument("--pieces", type=int, default=2000, help="the probes' random sample")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--contrastive-cpu-s", type=float, default=600.0)
+    parser.add_argument(
+        "--pieces-per-step",
+        type=int,
+        default=16,
+        help="contrastive pieces a step, two views each: each view's negatives are the others",
+    )
+    parser.add_argument(
+        "--train-override",
+        action="append",
+        default=[],
+        help="an override of the contrastive run (e.g. contrastive.projection=128); repeatable",
+    )
     parser.add_argument("--index-pieces", type=int, help="a sample for stage 3 (default: all)")
     parser.add_argument("--synthetic", type=int, default=1_000_000)
     parser.add_argument("--workers", type=int, default=2, help="handcrafted feature processes")

@@ -3,12 +3,19 @@
 ``--synthetic N``: N random unit vectors of ``--dim`` dimensions; the exact index (IndexFlatIP)
 and HNSW are both built and queried with ``--queries`` held-out random vectors one at a time
 (what a user's query is), and HNSW's recall@10 is counted against the exact answers. Random
-vectors have no cluster structure: the hardest case for HNSW's recall.
+vectors have no cluster structure: the hardest case for HNSW's recall (in 128 dimensions every
+random vector is nearly as far from a query as its nearest neighbour).
+
+``--like EMBEDDINGS.npy`` (with ``--synthetic N``): the N vectors, and the queries, drawn instead
+from a Gaussian mixture fitted (scikit-learn) to real piece embeddings as the index holds them
+(unit length, centred, unit length again): a collection shaped like real music's, at a size no
+corpus here has.
 
 ``--index DIR``: an index written by ``mtrain.embed``; rebuilt from its stored vectors (the
 build time) and queried with its own pieces one at a time (each should find itself first).
 
     python bench/bench_search.py --synthetic 1000000 --dim 96 [--queries 200]
+    python bench/bench_search.py --synthetic 1000000 --like runs/embed_out/embeddings.npy
     python bench/bench_search.py --index runs/embed_out
 """
 
@@ -29,6 +36,8 @@ from mtrain.evaluation.search_index import (
 )
 
 K = 10
+# The mixture's components: about as many as the collections and styles of a corpus.
+MIXTURE_COMPONENTS = 32
 
 
 def latency(index: faiss.Index, queries: np.ndarray) -> tuple[float, np.ndarray]:
@@ -42,11 +51,35 @@ def latency(index: faiss.Index, queries: np.ndarray) -> tuple[float, np.ndarray]
     return 1e3 * statistics.median(times), np.stack(found)
 
 
-def synthetic(n: int, dim: int, queries: int) -> None:
+def random_vectors(n: int, dim: int, queries: int) -> tuple[np.ndarray, np.ndarray, str]:
     rng = np.random.default_rng(0)
     vectors = unit(rng.standard_normal((n, dim), dtype=np.float32))
     asked = unit(rng.standard_normal((queries, dim), dtype=np.float32))
-    print(f"{n} random unit vectors, dim {dim}, {queries} single-vector queries, k={K}")
+    return vectors, asked, "random unit vectors"
+
+
+def vectors_like(real: Path, n: int, queries: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """N vectors and the queries drawn from a Gaussian mixture fitted to ``real`` embeddings
+    as PieceIndex prepares them."""
+    from sklearn.mixture import GaussianMixture
+
+    pieces = unit(np.load(real))
+    prepared = unit(pieces - pieces.mean(axis=0))
+    started = time.perf_counter()
+    mixture = GaussianMixture(MIXTURE_COMPONENTS, covariance_type="full", random_state=0)
+    mixture.fit(prepared)
+    drawn, _ = mixture.sample(n + queries)
+    drawn = unit(np.random.default_rng(0).permutation(drawn))
+    print(
+        f"mixture of {MIXTURE_COMPONENTS} Gaussians fitted to {len(pieces)} embeddings of {real} "
+        f"in {time.perf_counter() - started:.1f} s"
+    )
+    return drawn[:n], drawn[n:], "vectors drawn from it"
+
+
+def synthetic(vectors: np.ndarray, asked: np.ndarray, what: str) -> None:
+    (n, dim), queries = vectors.shape, len(asked)
+    print(f"{n} {what}, dim {dim}, {queries} single-vector queries, k={K}")
     started = time.perf_counter()
     exact = faiss.IndexFlatIP(dim)
     exact.add(vectors)
@@ -91,10 +124,13 @@ def main() -> None:
     parser.add_argument("--synthetic", type=int)
     parser.add_argument("--dim", type=int, default=96)
     parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--like", type=Path, help="real embeddings (.npy) to draw vectors like")
     parser.add_argument("--index", type=Path)
     args = parser.parse_args()
-    if args.synthetic:
-        synthetic(args.synthetic, args.dim, args.queries)
+    if args.synthetic and args.like:
+        synthetic(*vectors_like(args.like, args.synthetic, args.queries))
+    elif args.synthetic:
+        synthetic(*random_vectors(args.synthetic, args.dim, args.queries))
     if args.index:
         real(args.index)
 

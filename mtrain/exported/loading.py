@@ -17,7 +17,7 @@ from mtrain.exported.vocab_growth import added_labels, grown_rows
 from mtrain.exported.writing import exported_model_dir
 from mtrain.model import GPT, GPTConfig
 from mtrain.runs.run_dir import model_shape
-from mtrain.training.contrastive import TEMPERATURE
+from mtrain.training.contrastive import objective_parameter
 
 
 class ModelAndData(NamedTuple):
@@ -128,9 +128,10 @@ def load_weights(model: GPT, path: str | Path, tokenizer: MusicTokenizer) -> Non
     added_labels(str(path), parent, tokenizer)
     weights = grown_rows(source.state_dict(), parent, tokenizer)
     if not any(hasattr(p, "ds_id") for p in model.parameters()):
-        # A training objective's own parameters (the contrastive temperature) start fresh.
+        # A training objective's own parameters (the contrastive temperature and head) start
+        # fresh.
         missing, unexpected = model.load_state_dict(weights, strict=False)
-        if unexpected or set(missing) - {TEMPERATURE}:
+        if unexpected or any(not objective_parameter(name) for name in missing):
             raise ValueError(
                 f"init_from={path} holds another model shape than this run's model "
                 f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
@@ -140,7 +141,9 @@ def load_weights(model: GPT, path: str | Path, tokenizer: MusicTokenizer) -> Non
     import torch.distributed as dist
 
     shapes = {
-        name: tuple(p.ds_shape) for name, p in model.named_parameters() if name != TEMPERATURE
+        name: tuple(p.ds_shape)
+        for name, p in model.named_parameters()
+        if not objective_parameter(name)
     }
     theirs = {name: tuple(weights[name].shape) for name in shapes if name in weights}
     if shapes != theirs:
@@ -154,7 +157,7 @@ def load_weights(model: GPT, path: str | Path, tokenizer: MusicTokenizer) -> Non
     writer = dist.get_rank() == 0
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name == TEMPERATURE:
+            if objective_parameter(name):
                 continue
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
                 if writer:

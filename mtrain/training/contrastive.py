@@ -1,6 +1,7 @@
 """The contrastive objective (``objective=contrastive``): a language model's mean-pooled states
 trained so that two views of one piece (``mtrain.data.views``) are nearer to each other than to
-the other pieces of the batch (InfoNCE, SimCSE-style, with a learned temperature)."""
+the other pieces of the batch (InfoNCE, SimCSE-style, with a learned temperature), read through
+a projection head (SimCLR's) that is trained with the model but not exported."""
 
 import math
 from dataclasses import dataclass
@@ -18,9 +19,10 @@ from mtrain.model import GPT, GPTConfig, ModelOutput
 
 LM, CONTRASTIVE = "lm", "contrastive"
 OBJECTIVES = (LM, CONTRASTIVE)
-# The objective's own parameter: trained and checkpointed with the model, never exported (the
+# The objective's own parameters: trained and checkpointed with the model, never exported (the
 # export is the GPT that embeds).
 TEMPERATURE = "log_inverse_temperature"
+PROJECTION = "projection"  # the head's module name: its parameters are "projection.*"
 # CLIP's bound on the learned logit scale: beyond it one pair's similarity swamps the batch.
 MAX_LOGIT_SCALE = 100.0
 
@@ -36,6 +38,11 @@ class ContrastiveConfig:
     # Each view's own shifts, in bins, on top of data.transpose_range (0: off).
     velocity_shift: int = 2
     tempo_shift: int = 2
+    # The head the loss reads: the pooled state through Linear-GELU-Linear to this many
+    # dimensions (0: the loss reads the pooled state itself). What the views teach the loss to
+    # ignore (the key, under transposed views) is dropped in the head, and the pooled state the
+    # export embeds with keeps more of it (Chen et al. 2020, SimCLR, section 4.2).
+    projection: int = 0
 
     def __post_init__(self):
         require(
@@ -50,6 +57,7 @@ class ContrastiveConfig:
                 ),
                 (self.velocity_shift >= 0, "velocity_shift", "must be at least 0 (0: off)"),
                 (self.tempo_shift >= 0, "tempo_shift", "must be at least 0 (0: off)"),
+                (self.projection >= 0, "projection", "must be at least 0 (0: no head)"),
             ],
         )
 
@@ -96,18 +104,31 @@ class ContrastiveGPT(GPT):
         # One element, not a 0-dim tensor: DeepSpeed flattens parameters by viewing them.
         start = torch.full((1,), math.log(1 / objective.temperature))
         setattr(self, TEMPERATURE, nn.Parameter(start))
+        if objective.projection:
+            width = config.d_model
+            head = nn.Sequential(
+                nn.Linear(width, width), nn.GELU(), nn.Linear(width, objective.projection)
+            )
+            setattr(self, PROJECTION, head)
 
     def forward(self, idx, targets=None, kv_cache=None) -> ModelOutput:
         if targets is not None or kv_cache is not None:
             return super().forward(idx, targets, kv_cache)
         pooled = mean_pooled(self, idx, self.pooled_layer)
-        return ModelOutput(pooled, info_nce(pooled, getattr(self, TEMPERATURE)))
+        head = getattr(self, PROJECTION, None)
+        compared = pooled if head is None else head(pooled)
+        return ModelOutput(pooled, info_nce(compared, getattr(self, TEMPERATURE)))
+
+
+def objective_parameter(name: str) -> bool:
+    """Whether a parameter (by name) is the contrastive objective's own, not the GPT's."""
+    return name == TEMPERATURE or name.startswith(PROJECTION + ".")
 
 
 def language_model_weights(weights: dict) -> dict:
     """The weights a GPT holds, from a model trained with an objective of its own (the
-    temperature): what is exported and checked."""
-    return {name: w for name, w in weights.items() if name != TEMPERATURE}
+    temperature, the projection head): what is exported and checked."""
+    return {name: w for name, w in weights.items() if not objective_parameter(name)}
 
 
 def trained_embedding(train_config: Path) -> dict | None:

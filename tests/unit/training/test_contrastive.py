@@ -12,12 +12,14 @@ from mtrain.data.views import PAD
 from mtrain.model import GPT, GPTConfig
 from mtrain.training.config import TrainConfig, TrainerConfig
 from mtrain.training.contrastive import (
+    PROJECTION,
     TEMPERATURE,
     ContrastiveConfig,
     ContrastiveGPT,
     info_nce,
     language_model_weights,
     mean_pooled,
+    objective_parameter,
     twin_first_rate,
 )
 
@@ -93,3 +95,32 @@ def test_the_contrastive_objective_starts_from_an_exported_model_with_negatives(
         )
     with pytest.raises(ConfigError, match="objective"):
         TrainConfig(objective="simclr")
+
+
+def test_a_projection_head_trains_with_the_loss_and_stays_out_of_the_exported_weights():
+    rng = np.random.default_rng(0)
+    corpus = np.stack([rng.choice(np.arange(1, 40), 6, replace=False) for _ in range(16)])
+    torch.manual_seed(0)
+    model = ContrastiveGPT(SHAPE, ContrastiveConfig(projection=16))
+    head = [name for name, _ in model.named_parameters() if name.startswith(PROJECTION + ".")]
+    assert len(head) == 4  # two Linear layers' weights and biases
+    start = {name: p.detach().clone() for name, p in model.named_parameters() if name in head}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    unseen = views_of(corpus, seed=999)
+    losses = []
+    for step in range(60):
+        out = model(views_of(corpus, seed=step))
+        assert out.logits.shape == (32, SHAPE.d_model)  # the pooled state, not the head's output
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
+    assert all(not torch.equal(start[n], p) for n, p in model.named_parameters() if n in start)
+    with torch.no_grad():
+        assert twin_first_rate(mean_pooled(model.eval(), unseen, None)) >= 0.5
+    weights = language_model_weights(model.state_dict())
+    assert not any(objective_parameter(name) for name in weights)
+    GPT(SHAPE).load_state_dict(weights, strict=True)
+    with pytest.raises(ConfigError, match="projection"):
+        ContrastiveConfig(projection=-1)

@@ -20,6 +20,7 @@ from mtrain.exported.writing import CONFIG, WEIGHTS
 from mtrain.model import GPT, GPTConfig
 from mtrain.runs.run_dir import RunDir
 from mtrain.training.config import MOVED_KEYS, DeepSpeedConfig, Precision
+from mtrain.training.contrastive import ContrastiveConfig, ContrastiveGPT
 from mtrain.training.memory_plan import GiB, Layout, advice, estimate, judge
 from mtrain.training.resume import check_resumable
 
@@ -69,6 +70,10 @@ def test_an_export_that_recorded_the_knobs_with_its_shape_loads(tmp_path):
     fine_tuned = GPT(SHAPE)  # init_from= an old export, on data in its tokenizer's ids
     load_weights(fine_tuned, tmp_path, tokenizer)
     assert torch.equal(fine_tuned.wte.weight, model.wte.weight)
+    # A contrastive run starts from it too: its temperature and head are its own, left fresh.
+    embedder = ContrastiveGPT(SHAPE, ContrastiveConfig(projection=8))
+    load_weights(embedder, tmp_path, tokenizer)
+    assert torch.equal(embedder.wte.weight, model.wte.weight)
 
 
 def test_the_memory_plan_takes_the_knob_from_the_layout_and_advises_the_trainer_key():
