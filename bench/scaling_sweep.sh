@@ -8,6 +8,11 @@
 #   bench/scaling_sweep.sh                  # DATA=data/music21_all, SWEEP=runs/scaling
 #   DEPTHS="2 4 6" bench/scaling_sweep.sh & DEPTHS="3 5" bench/scaling_sweep.sh   # two cores
 #   DATA=data/bach SWEEP=runs/scaling-bach bench/scaling_sweep.sh
+#   SEEDS="1 2" BUDGETS=1e13 DEPTHS=3 SWEEP=runs/scaling/seeds bench/scaling_sweep.sh  # repeats
+#
+# SEEDS: repeats of each point, each under its own seed (the model's initialisation and the data's
+# order: trainer.seed and data.seed) in $SWEEP/d<depth>/seed<N>; the fit averages the runs of one
+# size and budget into one point.
 #
 # One multirun per depth because each size gets its own learning rate: LR at width LR_WIDTH,
 # scaled by the square root of LR_WIDTH / width (Adam's update per weight shrinks as the fan-in
@@ -41,15 +46,23 @@ start=$(date +%s)
 for depth in $DEPTHS; do
   lr=$("$PY" -c "print(f'{$LR * ($LR_WIDTH / ($ASPECT * $depth)) ** 0.5:.3g}')")
   echo "depth $depth: width $((ASPECT * depth)), lr $lr"
-  # The sweep's exit code says whether any point failed; the fit reports which and goes on.
-  nice -n "${NICE:-10}" "$PY" -m mtrain.train -m \
-    data.path="$DATA" run_dir="$SWEEP/d$depth" \
-    trainer.flops_budget="$BUDGETS" model=scaling model.aspect_ratio="$ASPECT" model.depth="$depth" \
-    deepspeed=cpu deepspeed.zero_stage=0 trainer.micro_batch_size=$((BATCH / 256)) \
-    trainer.global_batch_tokens="$BATCH" optim.lr="$lr" optim.warmup_fraction=0.05 \
-    trainer.eval_every=100000000 trainer.eval_batches="$EVAL_BATCHES" \
-    trainer.save_every=100000000 trainer.log_every=500 data.num_workers=0 \
-    logger.mode="$WANDB" || echo "some points of depth $depth failed (see above)"
+  for seed in ${SEEDS:-default}; do
+    if [ "$seed" = default ]; then
+      dir="$SWEEP/d$depth" seeding=()
+    else
+      dir="$SWEEP/d$depth/seed$seed" seeding=(trainer.seed="$seed" data.seed="$seed")
+    fi
+    # The sweep's exit code says whether any point failed; the fit reports which and goes on.
+    nice -n "${NICE:-10}" "$PY" -m mtrain.train -m \
+      data.path="$DATA" run_dir="$dir" \
+      trainer.flops_budget="$BUDGETS" model=scaling model.aspect_ratio="$ASPECT" \
+      model.depth="$depth" deepspeed=cpu deepspeed.zero_stage=0 \
+      trainer.micro_batch_size=$((BATCH / 256)) trainer.global_batch_tokens="$BATCH" \
+      optim.lr="$lr" optim.warmup_fraction=0.05 trainer.eval_every=100000000 \
+      trainer.eval_batches="$EVAL_BATCHES" trainer.save_every=100000000 trainer.log_every=500 \
+      data.num_workers=0 logger.mode="$WANDB" "${seeding[@]}" ||
+      echo "some points of depth $depth failed (see above)"
+  done
 done
 echo "sweep: $(( $(date +%s) - start )) s"
 [ -n "${NO_FIT:-}" ] || "$PY" -m mtrain.scaling sweep_dir="$SWEEP" output="$SWEEP/law" \

@@ -151,6 +151,13 @@ def scale(cfg: ScalingConfig, overrides: list[str]) -> dict:
     return report
 
 
+def point_loss(point: dict) -> str:
+    """A point's loss for law.md: with the spread of its runs when there are several."""
+    if point["runs"] == 1:
+        return f"{point['loss']:.4f}"
+    return f"{point['loss']:.4f} ± {point['loss_std']:.4f}"
+
+
 def set_aside_said(sweep: Sweep) -> str:
     return "; ".join(f"{Path(s.run_dir).name}: {s.reason}" for s in sweep.set_aside) or "none"
 
@@ -231,12 +238,12 @@ def markdown(report: dict) -> str:
         "",
         "## Points",
         "",
-        "| budget | depth | N | D | C | loss | predicted |",
-        "|---|---|---|---|---|---|---|",
+        "| budget | depth | N | D | C | loss (mean ± std over runs) | runs | predicted |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {p['budget']:.0e} | {p['depth'] or '-'} | {p['params']:,} | {p['tokens']:,} | "
-        f"{p['flops']:.3g} | {p['loss']:.4f} | {p['predicted']:.4f} |"
+        f"{p['flops']:.3g} | {point_loss(p)} | {p['runs']} | {p['predicted']:.4f} |"
         for p in sorted(report["points"], key=lambda p: (p["budget"], p["params"]))
     ]
     if report["set_aside"]:

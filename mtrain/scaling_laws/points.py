@@ -8,7 +8,7 @@ plus the output projection), D the tokens trained, C the FLOPs spent on them.
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +35,10 @@ class SweepPoint:
     params: int  # N
     tokens: int  # D
     flops: float  # C, within half a step of the budget
-    loss: float  # the validation loss after the last step
+    loss: float  # the validation loss after the last step (the mean over ``runs``)
     steps: int  # optimizer steps taken
+    runs: int = 1  # runs of this size on this budget (repeats under other seeds), averaged
+    loss_std: float = 0.0  # the spread of their losses (population std; 0 for one run)
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,8 @@ def run_dirs(root: Path) -> list[Path]:
 def read_sweep(root: str | Path, min_steps: int = 0) -> Sweep:
     """Every point under ``root``; an absent, empty or foreign folder is refused in one line
     naming what is missing. A point of fewer than ``min_steps`` optimizer steps is set aside:
-    its loss says more about the warmup than about the size."""
+    its loss says more about the warmup than about the size. Runs of one size on one budget
+    are one point (``repeats_averaged``)."""
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"sweep_dir={root} is not a directory")
@@ -84,7 +87,28 @@ def read_sweep(root: str | Path, min_steps: int = 0) -> Sweep:
                 found.run_dir, f"{found.steps} steps, fewer than min_steps={min_steps}"
             )
         (points if isinstance(found, SweepPoint) else set_aside).append(found)
-    return Sweep(points, set_aside)
+    return Sweep(repeats_averaged(points), set_aside)
+
+
+def repeats_averaged(points: list[SweepPoint]) -> list[SweepPoint]:
+    """Runs of the same N and D on one budget (repeats under other seeds) as one point at their
+    mean loss: the law is fitted to, and the held-out check compares with, a size's expected
+    loss, not the luckiest of its draws. The point keeps the first run's directory."""
+    repeats: dict[tuple, list[SweepPoint]] = {}
+    for point in points:
+        repeats.setdefault((point.budget, point.params, point.tokens), []).append(point)
+    averaged = []
+    for runs in repeats.values():
+        found = [p.loss for p in runs]
+        averaged.append(
+            replace(
+                runs[0],
+                loss=float(np.mean(found)),
+                runs=len(runs),
+                loss_std=float(np.std(found)),
+            )
+        )
+    return averaged
 
 
 def read_point(run: RunDir) -> SweepPoint | SetAside:

@@ -111,3 +111,17 @@ def test_a_point_of_too_few_steps_is_set_aside_when_asked(tmp_path):
     sweep = read_sweep(tmp_path, min_steps=steps() + 1)
     assert not sweep.points
     assert sweep.set_aside[0].reason == f"{steps()} steps, fewer than min_steps={steps() + 1}"
+
+
+def test_repeats_of_one_size_on_one_budget_are_one_point_at_their_mean(tmp_path):
+    for seed, val in (("seed1", 1.4), ("seed2", 1.6), ("seed3", 1.8)):
+        write_run(tmp_path / "d1" / seed, [5.0] + [2.0] * (steps() - 1), val=val)
+    write_run(tmp_path / "other_budget", [5.0] + [2.0] * (steps() - 1), flops_budget=2 * BUDGET)
+    sweep = read_sweep(tmp_path)
+    assert len(sweep.points) == 1 and len(sweep.set_aside) == 1  # the other budget: unfinished
+    (point,) = sweep.points
+    assert point.runs == 3
+    assert point.loss == pytest.approx(1.6)
+    assert point.loss_std == pytest.approx(math.sqrt(((0.2**2) * 2) / 3))
+    (single,) = read_sweep(tmp_path / "d1" / "seed1").points
+    assert (single.runs, single.loss, single.loss_std) == (1, 1.4, 0.0)
