@@ -10,6 +10,9 @@
 #   HELD_OUT=palestrina BUDGET=1.04e14 DATA=data/music21-nopal RUN=runs/reference-nopal \
 #     bench/reference_model.sh                 # the fine-tuning base (bench/bench_finetune.py):
 #                                              # every collection but one, its budget one pass
+#   DEPTH=4 BATCH=512 LR=1.41e-3 WARMUP=0.05 INFILL=0 RUN=runs/reference-law \
+#     bench/reference_model.sh                 # the shuffled grid's law's pick for this budget,
+#                                              # in the grid's recipe (bench/README.md)
 #
 # data.shuffle_buffer=16384 holds the whole training split (13,456 pieces): the run measured
 # here read shards written in listing order, before prepare mixed its files (shards.shuffle_window).
@@ -26,15 +29,22 @@ DATA=${DATA:-data/music21_all}
 RUN=${RUN:-runs/reference}
 HELD_OUT=${HELD_OUT:-}
 BUDGET=${BUDGET:-1.4e14}
+DEPTH=${DEPTH:-8}
+BATCH=${BATCH:-2048}  # tokens a step, over the 2 ranks
+LR=${LR:-1e-3}
+WARMUP=${WARMUP:-0.02}
+INFILL=${INFILL:-0.1}
 SOURCE=music21:all${HELD_OUT:+-$HELD_OUT}
 export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 WANDB_MODE=${WANDB_MODE:-offline}
 
 [ -f "$DATA/dataset.json" ] || "$PY" -m data_pipeline.prepare source="$SOURCE" output="$DATA"
 "$PY" -m torch.distributed.run --standalone --nproc-per-node=2 -m mtrain.train \
-  data.path="$DATA" run_dir="$RUN" model=scaling model.depth=8 model.aspect_ratio=16 \
-  deepspeed=cpu deepspeed.zero_stage=1 trainer.micro_batch_size=4 trainer.global_batch_tokens=2048 \
-  trainer.flops_budget="$BUDGET" optim.lr=1e-3 optim.warmup_fraction=0.02 data.infill_rate=0.1 \
-  trainer.eval_every=500 trainer.eval_batches=50 trainer.save_every=1000 trainer.log_every=100 \
+  data.path="$DATA" run_dir="$RUN" model=scaling model.depth="$DEPTH" model.aspect_ratio=16 \
+  deepspeed=cpu deepspeed.zero_stage=1 trainer.micro_batch_size=$((BATCH / 512)) \
+  trainer.global_batch_tokens="$BATCH" trainer.flops_budget="$BUDGET" optim.lr="$LR" \
+  optim.warmup_fraction="$WARMUP" data.infill_rate="$INFILL" \
+  trainer.eval_every=$((1024000 / BATCH)) trainer.eval_batches=$((102400 / BATCH)) \
+  trainer.save_every=$((2048000 / BATCH)) trainer.log_every=$((204800 / BATCH)) \
   trainer.sample_every=0 data.num_workers=0 data.shuffle_buffer=16384
 "$PY" -m mtrain.export checkpoint="$RUN" output="$RUN/export"
 export OMP_NUM_THREADS=2
